@@ -1,0 +1,84 @@
+"""The rank context: a communicator that is passed in, this rank's place in it, its cores."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "TF_NUM_INTRAOP_THREADS", "DP_INTRA_OP_PARALLELISM_THREADS")
+"""Environment variables that size a rank's thread pools (set before TF / numpy start them)."""
+
+
+def cores_of_this_rank(local_size: int) -> int:
+    """Cores this rank owns: its CPU binding if mpirun bound it, else the node's share."""
+    affinity = len(os.sched_getaffinity(0))
+    if affinity >= (os.cpu_count() or affinity):  # unbound: every rank sees the whole node
+        return max(1, affinity // max(1, local_size))
+    return max(1, affinity)
+
+
+def limit_threads(cores: int) -> None:
+    """Size every thread pool of this process to `cores` (no nested pools inside a rank)."""
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(cores)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    os.environ["DP_INTER_OP_PARALLELISM_THREADS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@dataclass
+class RankContext:
+    """Where this rank stands: its communicator, rank, size, node-local rank and cores.
+
+    Built from a communicator passed in (never a module-level COMM_WORLD), so any stage can run
+    on a split communicator.
+    """
+
+    comm: object
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    cores: int
+    started: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def from_comm(cls, comm, set_threads: bool = True) -> "RankContext":
+        """Build the context; with `set_threads`, size this rank's thread pools to its cores."""
+        from mpi4py import MPI
+
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local_rank, local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        cores = cores_of_this_rank(local_size)
+        if set_threads:
+            limit_threads(cores)
+        return cls(comm, comm.Get_rank(), comm.Get_size(), local_rank, local_size, cores)
+
+    @property
+    def is_root(self) -> bool:
+        """True on rank 0 of this context's communicator."""
+        return self.rank == 0
+
+    def block(self, n_items: int) -> range:
+        """This rank's contiguous share of `n_items` (sizes differ by at most one)."""
+        bounds = np.linspace(0, n_items, self.size + 1).round().astype(int)
+        return range(int(bounds[self.rank]), int(bounds[self.rank + 1]))
+
+    def round_robin(self, n_items: int) -> range:
+        """Items rank, rank + size, ... (for few, long tasks such as MD replicas)."""
+        return range(self.rank, n_items, self.size)
+
+    def log(self, message: str) -> None:
+        """Print a progress line from rank 0 only, stamped with the elapsed wall time."""
+        if self.is_root:
+            elapsed = time.monotonic() - self.started
+            print(f"[dynshift {elapsed:8.1f}s] {message}", flush=True)
+
+    def warn(self, message: str) -> None:
+        """Print a warning from this rank (any rank) to stderr."""
+        print(f"dynshift: warning (rank {self.rank}): {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,71 @@
+"""The stage driver: runs the manifest's stages in order, records each completion, resumes."""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+
+from engine.context import RankContext
+from engine.failure import fail_all_ranks
+from engine.store import STATUS_COMPLETE, STATUS_RUNNING, RunStore
+
+STAGE_MODULES = {
+    "probe": "jobs.probe",
+    "potential": "jobs.potential",
+    "md": "jobs.md",
+    "label": "jobs.label",
+    "train": "jobs.train",
+    "infer": "jobs.infer",
+    "analyze": "jobs.analyze",
+    "report": "jobs.report",
+}
+"""Each stage is one module of jobs/ with `run_stage(manifest, ctx, store) -> StageResult`."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage reports back: a few headline numbers, recorded in /stages/<name>."""
+
+    summary: dict = field(default_factory=dict)
+
+
+def stage_function(name: str):
+    """The `run_stage` function of stage `name` (imported only when that stage runs)."""
+    return importlib.import_module(STAGE_MODULES[name]).run_stage
+
+
+def record_run(store: RunStore, ctx: RankContext, manifest_text: str, versions: dict) -> None:
+    """Record this invocation in the store's root attributes and its run log (collective)."""
+    runs = store.attrs("/").get("invocations", [])
+    runs.append({"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "ranks": ctx.size})
+    store.set_attrs("/", manifest_yaml=manifest_text, versions=versions, ranks=ctx.size,
+                    invocations=runs, layout="dynshift-store/1")
+
+
+def run_stages(manifest, ctx: RankContext, store: RunStore, force: tuple[str, ...] = ()) -> None:
+    """Run every stage of the manifest in order, skipping those the store records complete."""
+    for name in manifest.stages:
+        if store.stage_status(name) == STATUS_COMPLETE and name not in force:
+            ctx.log(f"stage {name}: complete in the store, skipped")
+            continue
+        ctx.log(f"stage {name}: start")
+        store.mark_stage(name, STATUS_RUNNING, ranks=ctx.size)
+        start = time.monotonic()
+        try:
+            result = stage_function(name)(manifest, ctx, store)
+        except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
+            fail_all_ranks(ctx.comm, name, exc)
+            raise
+        elapsed = time.monotonic() - start
+        summary = result.summary if result is not None else {}
+        store.mark_stage(name, STATUS_COMPLETE, elapsed_s=round(elapsed, 3),
+                         summary=json.loads(json.dumps(summary, default=float)))
+        ctx.log(f"stage {name}: complete in {elapsed:.1f} s {_brief(summary)}")
+
+
+def _brief(summary: dict) -> str:
+    items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in summary.items() if isinstance(v, (int, float, str))]
+    return ("(" + ", ".join(items[:6]) + ")") if items else ""

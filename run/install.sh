@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Idempotent installer for dynshift: system MPI + parallel HDF5 (when root and apt exist),
+# a virtual environment .venv with deepmd-kit[cpu] (TensorFlow), dscribe, mpi4py, h5py built
+# against the MPI HDF5, and Horovod built with MPI + TensorFlow.  A second run takes seconds.
+#
+# On a cluster (no root): load modules that provide mpicc and a parallel HDF5 first, e.g.
+#   module load openmpi hdf5/parallel cmake gcc
+#   HDF5_DIR=$HDF5_ROOT bash run/install.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${DYNSHIFT_VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3}
+STAMP=$VENV/.dynshift-installed
+HOROVOD_VERSION=0.28.1
+say() { printf '[install] %s\n' "$*"; }
+
+# The stamp records the inputs of this install; if they are unchanged we are done.
+want_stamp="$(sha256sum run/install.sh setup.py | sha256sum | cut -c1-16)"
+if [[ -f $STAMP && "$(cat "$STAMP")" == "$want_stamp" ]]; then
+  exit 0
+fi
+
+# 1. System packages (only as root with apt; on clusters use modules instead).
+need_apt=0
+for cmd in mpicc mpirun pkg-config cmake g++; do command -v "$cmd" >/dev/null || need_apt=1; done
+[[ -f /usr/include/hdf5/openmpi/hdf5.h || -n "${HDF5_DIR:-}" ]] || need_apt=1
+if [[ $need_apt == 1 ]]; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    say "apt: openmpi, parallel hdf5, build tools"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev libhdf5-openmpi-dev \
+      pkg-config cmake g++ make >/dev/null
+  else
+    echo "install: need mpicc, mpirun, cmake, g++ and a parallel HDF5 (set HDF5_DIR);" \
+         "load your cluster's modules or run as root on Debian/Ubuntu" >&2
+    exit 1
+  fi
+fi
+if [[ -z "${HDF5_DIR:-}" && -d /usr/lib/x86_64-linux-gnu/hdf5/openmpi ]]; then
+  export HDF5_DIR=/usr/lib/x86_64-linux-gnu/hdf5/openmpi
+fi
+
+# 2. Virtual environment and the Python stack.
+[[ -x $VENV/bin/python ]] || { say "venv $VENV"; "$PY" -m venv "$VENV"; }
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip "setuptools>=70" wheel
+say "python packages (deepmd-kit[cpu] pins tensorflow-cpu)"
+$PIP install -q "deepmd-kit[cpu]" "dscribe>=2.1" "mpi4py>=3.1" "pydantic>=2.5" PyYAML "ase>=3.23" \
+  dpdata matplotlib pytest "Cython>=3" pkgconfig numpy cloudpickle psutil packaging
+
+# 3. h5py against the MPI HDF5.
+if ! "$VENV/bin/python" -c 'import h5py,sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then
+  say "h5py (MPI build, from source)"
+  CC=mpicc HDF5_MPI=ON $PIP install -q --no-build-isolation --no-binary=h5py --force-reinstall --no-deps h5py
+fi
+"$VENV/bin/python" -c 'import h5py; assert h5py.get_config().mpi, "h5py is not an MPI build"'
+
+# 4. Horovod with MPI + TensorFlow (drop the XLA source the TF wheel has no headers for).
+if ! "$VENV/bin/python" -c 'import horovod.tensorflow as h; assert h.mpi_built()' 2>/dev/null; then
+  say "horovod $HOROVOD_VERSION (build from sdist, ~3 min)"
+  work=$(mktemp -d)
+  (cd "$work" && $PIP download -q --no-deps --no-binary=:all: "horovod==$HOROVOD_VERSION" -d . \
+     && tar xzf horovod-$HOROVOD_VERSION.tar.gz)
+  sed -i '/xla_mpi_ops.cc/d' "$work/horovod-$HOROVOD_VERSION/horovod/tensorflow/CMakeLists.txt"
+  (cd "$work/horovod-$HOROVOD_VERSION" && \
+    HOROVOD_WITH_MPI=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 \
+    HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2 $PIP install -q --no-build-isolation --no-deps . )
+  rm -rf "$work"
+fi
+"$VENV/bin/python" -c 'import horovod.tensorflow as h; assert h.mpi_built(), "horovod lacks MPI"'
+
+# 5. dynshift itself (editable).
+$PIP install -q --no-deps --no-build-isolation -e .
+echo "$want_stamp" > "$STAMP"
+say "done: $VENV"

@@ -1,0 +1,30 @@
+"""The simulated systems: a structure and a supercell, shared by md, label, infer, analyze."""
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from schemas.base import Spec
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class SystemSpec(Spec):
+    """One system: a named structure that the md stage samples and later stages analyse."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name of the system; used as its group name in the store (letters, digits, `_.-`)."""
+    structure: str
+    """`builtin:<name>` (e.g. `builtin:p2-nmmo-p63mcm`, `builtin:p2-nmmo-p6322`,
+    `builtin:p2-nnmo-p63mcm`) or a path to any ASE-readable structure file (relative to the
+    manifest's folder)."""
+    supercell: tuple[int, int, int] = (1, 1, 1)
+    """Repetitions of the structure along a, b, c (for large-cell studies)."""
+    target_species: str = "Na"
+    """Chemical symbol of the observed nucleus (the SOAP centres and shifts)."""
+
+    @field_validator("supercell")
+    @classmethod
+    def _positive(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(value) < 1:
+            raise ValueError("every supercell multiple must be >= 1")
+        return value
