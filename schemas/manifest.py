@@ -1,6 +1,7 @@
 """The run manifest: one YAML file, validated here, that drives one `mpirun`."""
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Literal
 
@@ -92,13 +93,42 @@ class ManifestError(Exception):
         return "\n".join(lines)
 
 
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+           "less_than": "<"}
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """Field names of the model section at `loc` (for suggestions on a misspelt key)."""
+    model = Manifest
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        model = next((a for a in (annotation, *args) if hasattr(a, "model_fields")), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors(include_url=False):
         path = ".".join(str(p) for p in err["loc"]) or "(manifest)"
         message = err["msg"]
         if err["type"] == "extra_forbidden":
-            message = "unknown key (misspelt? see `dynshift validate --help`)"
+            known = _section_fields(err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            message = "unknown key" + (f" (did you mean {close[0]}?)" if close else
+                                       f" (known: {', '.join(known)})" if known else "")
+        elif err["type"] in _BOUNDS:
+            message = f"must be {_BOUNDS[err['type']]} {next(iter(err['ctx'].values()))}" \
+                      f" (got {err['input']!r})"
+        elif err["type"] == "missing":
+            message = "required, but missing"
         elif message.startswith("Value error, "):
             message = message[len("Value error, "):]
         lines.append(f"{path}: {message}")

@@ -1,0 +1,78 @@
+"""The stage driver: completion recorded in the store, resume skips complete stages."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+from mpi4py import MPI
+
+from engine import driver
+from engine.context import RankContext
+from engine.store import RunStore
+from schemas import parse_manifest
+
+
+@pytest.fixture
+def counting_stages(monkeypatch):
+    """Two stand-in stages; the second fails while `fail` is set."""
+    calls = {"probe": 0, "potential": 0, "fail": True}
+
+    def first(manifest, ctx, store):
+        calls["probe"] += 1
+        store.put("/probe/value", [1.0, 2.0])
+        return driver.StageResult({"value": 3.0})
+
+    def second(manifest, ctx, store):
+        calls["potential"] += 1
+        if calls["fail"]:
+            raise RuntimeError("stopped on purpose")
+        return driver.StageResult({})
+
+    for name, function in (("probe", first), ("potential", second)):
+        module = types.ModuleType(f"fake_{name}")
+        module.run_stage = function
+        monkeypatch.setitem(sys.modules, f"fake_{name}", module)
+        monkeypatch.setitem(driver.STAGE_MODULES, name, f"fake_{name}")
+    return calls
+
+
+def test_stopped_run_resumes_without_redoing_the_first_stage(tmp_path, counting_stages, capsys):
+    manifest = parse_manifest("stages: [probe, potential]")
+    ctx = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
+    path = tmp_path / "run.h5"
+    with RunStore(path, ctx) as store, pytest.raises(SystemExit) as stop:
+        driver.run_stages(manifest, ctx, store)
+    assert stop.value.code == 1
+    assert "stage 'potential' failed: RuntimeError: stopped on purpose" in capsys.readouterr().err
+    with RunStore(path, ctx, "r") as store:
+        assert store.stage_status("probe") == "complete"
+        assert store.stage_status("potential") == "running"
+        assert store.attrs("/stages/probe")["summary"] == {"value": 3.0}
+    counting_stages["fail"] = False
+    with RunStore(path, ctx) as store:
+        driver.run_stages(manifest, ctx, store)
+        assert store.stage_status("potential") == "complete"
+        assert list(store.read("/probe/value")) == [1.0, 2.0]
+    assert counting_stages["probe"] == 1 and counting_stages["potential"] == 2
+    with RunStore(path, ctx) as store:  # --redo runs a complete stage again
+        driver.run_stages(manifest, ctx, store, force=("probe",))
+    assert counting_stages["probe"] == 2 and counting_stages["potential"] == 2
+
+
+def test_input_errors_exit_with_status_2(tmp_path, monkeypatch, capsys):
+    from engine.failure import InputError
+
+    def bad(manifest, ctx, store):
+        raise InputError("frames.extxyz, frame 3: no fermi_contact_mhz")
+
+    module = types.ModuleType("fake_bad")
+    module.run_stage = bad
+    monkeypatch.setitem(sys.modules, "fake_bad", module)
+    monkeypatch.setitem(driver.STAGE_MODULES, "probe", "fake_bad")
+    ctx = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
+    with RunStore(tmp_path / "run.h5", ctx) as store, pytest.raises(SystemExit) as stop:
+        driver.run_stages(parse_manifest("stages: [probe]"), ctx, store)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "input error: frames.extxyz, frame 3" in err and "Traceback" not in err
