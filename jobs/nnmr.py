@@ -1,0 +1,391 @@
+"""The NN-NMR model: a Keras multilayer perceptron from a SOAP vector to a shift (ppm).
+
+Training is data-parallel with Horovod: every rank holds the same training rows, takes its
+1/size share of every global batch, the gradients are summed with ``hvd.allreduce`` (each
+rank's loss is already divided by the GLOBAL batch count) and the variables start from rank 0's
+by ``hvd.broadcast_variables``; so every rank ends with the same weights.
+
+Inference needs no TensorFlow: :class:`ShiftEnsemble` reads the fold models' plain arrays from
+a run store, folds the feature and target standardisation into the first and last layers, and
+predicts with float32 numpy GEMMs (the first layers of all models in one GEMM).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.context import RankContext
+
+FEATURE_SCALE_FLOOR = 1e-6
+"""Smallest feature standard deviation used for standardisation (constant features)."""
+
+
+@dataclass
+class FoldModel:
+    """One trained network as plain arrays, with the standardisation it was trained with.
+
+    Attributes
+    ----------
+    kernels, biases
+        Layer weights, input to output; the last layer has one output (standardised shift).
+    feature_mean, feature_scale
+        Per-feature mean and standard deviation subtracted / divided before the first layer.
+    target_mean_ppm, target_std_ppm
+        The network predicts (shift_ppm - target_mean_ppm) / target_std_ppm.
+    """
+
+    kernels: list[np.ndarray]
+    biases: list[np.ndarray]
+    feature_mean: np.ndarray
+    feature_scale: np.ndarray
+    target_mean_ppm: float
+    target_std_ppm: float
+    curves: dict = field(default_factory=dict)
+    best_epoch: int = 0
+    epochs_run: int = 0
+
+    def folded(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """float32 kernels and biases that take RAW features to shifts in ppm."""
+        kernels = [np.asarray(k, dtype=np.float64) for k in self.kernels]
+        biases = [np.asarray(b, dtype=np.float64) for b in self.biases]
+        scale = np.asarray(self.feature_scale, dtype=np.float64)
+        mean = np.asarray(self.feature_mean, dtype=np.float64)
+        biases[0] = biases[0] - (mean / scale) @ kernels[0]
+        kernels[0] = kernels[0] / scale[:, None]
+        kernels[-1] = kernels[-1] * self.target_std_ppm
+        biases[-1] = biases[-1] * self.target_std_ppm + self.target_mean_ppm
+        return ([k.astype(np.float32) for k in kernels], [b.astype(np.float32) for b in biases])
+
+    def predict_ppm(self, features: np.ndarray) -> np.ndarray:
+        """Shifts (ppm) of raw feature rows (numpy, float32)."""
+        return ShiftEnsemble([self.folded()], {}).predict(features)[0]
+
+
+# ---- Horovod ------------------------------------------------------------------------------
+_HOROVOD_COMM_SIZE: int | None = None
+
+
+def init_horovod(ctx: RankContext):
+    """Initialise Horovod on ``ctx.comm`` once per process; returns ``horovod.tensorflow``.
+
+    Also sizes TensorFlow's thread pools to the rank's cores.
+    """
+    global _HOROVOD_COMM_SIZE
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    if _HOROVOD_COMM_SIZE is None:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(ctx.cores)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # TF already started its pools
+            pass
+        hvd.init(comm=ctx.comm)
+        _HOROVOD_COMM_SIZE = hvd.size()
+    if hvd.size() != ctx.size or hvd.rank() != ctx.rank:
+        raise RuntimeError(f"horovod was initialised on a communicator of size {hvd.size()}; "
+                           f"this stage runs on one of size {ctx.size} (one per process)")
+    return hvd
+
+
+def build_model(n_features: int, spec, seed: int):
+    """The Keras network: hidden relu layers with L2 and dropout, one linear output.
+
+    Parameters
+    ----------
+    n_features
+        Length of a SOAP vector.
+    spec
+        A :class:`schemas.train.TrainSpec` (hidden_units, dropout, l2_lambda).
+    seed
+        Seed of the initial weights and the dropout masks.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    regulariser = keras.regularizers.L2(spec.l2_lambda) if spec.l2_lambda > 0 else None
+    layers = [keras.Input(shape=(n_features,))]
+    for units in spec.hidden_units:
+        layers.append(keras.layers.Dense(units, activation="relu",
+                                         kernel_regularizer=regulariser))
+        if spec.dropout > 0:
+            layers.append(keras.layers.Dropout(spec.dropout))
+    layers.append(keras.layers.Dense(1, kernel_regularizer=regulariser))
+    return keras.Sequential(layers)
+
+
+def feature_standardisation(x: np.ndarray, standardise: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale of training rows `x` (zeros / ones when not standardising)."""
+    if not standardise:
+        return (np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32))
+    mean = x.mean(axis=0, dtype=np.float64)
+    scale = np.sqrt(np.maximum(x.var(axis=0, dtype=np.float64), 0.0))
+    return mean.astype(np.float32), np.maximum(scale, FEATURE_SCALE_FLOOR).astype(np.float32)
+
+
+def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
+                y_val_ppm: np.ndarray, spec, ctx: RankContext, seed: int,
+                log_prefix: str = "train") -> FoldModel:
+    """Train one network data-parallel over the ranks of `ctx` (Horovod).
+
+    Parameters
+    ----------
+    x_train, y_train_ppm
+        Training rows (raw SOAP vectors) and their shifts (ppm), identical on every rank.
+    x_val, y_val_ppm
+        Validation rows for early stopping (other FRAMES than the training rows).
+    spec
+        A :class:`schemas.train.TrainSpec`.
+    ctx
+        The rank context; Horovod is initialised on ``ctx.comm``.
+    seed
+        Seed of the weights, dropout and batch order (identical on every rank).
+
+    Returns
+    -------
+    FoldModel
+        The best-validation weights (identical on every rank), standardisation and curves.
+    """
+    import tensorflow as tf
+
+    from mpi4py import MPI
+
+    hvd = init_horovod(ctx) if ctx.size > 1 else None
+    feature_mean, feature_scale = feature_standardisation(x_train, spec.standardise_features)
+    target_mean = float(np.mean(y_train_ppm))
+    target_std = float(np.std(y_train_ppm)) or 1.0
+
+    def standardise(x):
+        out = np.asarray(x, dtype=np.float32) - feature_mean
+        out /= feature_scale
+        return out
+
+    xs = standardise(x_train)
+    ys = ((np.asarray(y_train_ppm, np.float64) - target_mean) / target_std).astype(np.float32)
+    xv = standardise(x_val)
+    yv_ppm = np.asarray(y_val_ppm, dtype=np.float64)
+
+    model = build_model(xs.shape[1], spec, seed)
+    n_rows = len(xs)
+    steps_per_epoch = max(1, -(-n_rows // spec.batch_size))
+    import keras
+
+    schedule = keras.optimizers.schedules.InverseTimeDecay(
+        spec.learning_rate, decay_steps=spec.lr_decay_epochs * steps_per_epoch,
+        decay_rate=spec.lr_decay_rate)
+    optimizer = keras.optimizers.Adam(learning_rate=schedule)
+    optimizer.build(model.trainable_variables)
+    if hvd is not None:
+        hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)
+    size = ctx.size
+
+    @tf.function(reduce_retracing=True)
+    def train_step(xb, yb, n_global):
+        with tf.GradientTape() as tape:
+            pred = model(xb, training=True)[:, 0]
+            sse = tf.reduce_sum(tf.square(pred - yb))
+            penalty = tf.add_n(model.losses) if model.losses else tf.constant(0.0)
+            loss = sse / n_global + penalty / size
+        grads = tape.gradient(loss, model.trainable_variables)
+        if hvd is not None:
+            grads = hvd.grouped_allreduce(grads, op=hvd.Sum)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return sse
+
+    @tf.function(reduce_retracing=True)
+    def predict_step(xb):
+        return model(xb, training=False)[:, 0]
+
+    val_rows = ctx.block(len(xv))
+
+    def val_rmse_ppm() -> float:
+        local = 0.0
+        for start in range(val_rows.start, val_rows.stop, 4096):
+            stop = min(start + 4096, val_rows.stop)
+            pred = predict_step(tf.constant(xv[start:stop])).numpy() * target_std + target_mean
+            local += float(np.sum((pred - yv_ppm[start:stop]) ** 2))
+        total = ctx.comm.allreduce(local, op=MPI.SUM)
+        return float(np.sqrt(total / max(len(xv), 1)))
+
+    rng = np.random.default_rng(seed)
+    curves = {"train_mse_std": [], "val_rmse_ppm": [], "learning_rate": []}
+    best = (np.inf, 0, [v.numpy() for v in model.trainable_variables])
+    started = time.monotonic()
+    epoch = 0
+    for epoch in range(1, spec.epochs + 1):
+        order = rng.permutation(n_rows)
+        sse_local = 0.0
+        for step in range(steps_per_epoch):
+            batch = order[step * spec.batch_size:(step + 1) * spec.batch_size]
+            mine = np.sort(batch[ctx.rank::size])
+            sse_local += float(train_step(tf.constant(xs[mine]), tf.constant(ys[mine]),
+                                          tf.constant(float(len(batch)))))
+        train_mse = ctx.comm.allreduce(sse_local, op=MPI.SUM) / n_rows
+        rmse = val_rmse_ppm()
+        lr = float(schedule(optimizer.iterations))
+        curves["train_mse_std"].append(train_mse)
+        curves["val_rmse_ppm"].append(rmse)
+        curves["learning_rate"].append(lr)
+        if rmse < best[0]:
+            best = (rmse, epoch, [v.numpy() for v in model.trainable_variables])
+        if epoch % 10 == 0 or epoch == 1:
+            ctx.log(f"{log_prefix}: epoch {epoch}/{spec.epochs}, train mse {train_mse:.4f} "
+                    f"(std units), val rmse {rmse:.1f} ppm (best {best[0]:.1f} @ {best[1]}), "
+                    f"lr {lr:.2e}, {time.monotonic() - started:.0f} s")
+        if epoch - best[1] >= spec.patience_epochs:
+            break
+    weights = best[2]
+    return FoldModel(kernels=weights[0::2], biases=weights[1::2], feature_mean=feature_mean,
+                     feature_scale=feature_scale, target_mean_ppm=target_mean,
+                     target_std_ppm=target_std,
+                     curves={k: np.asarray(v) for k, v in curves.items()},
+                     best_epoch=best[1], epochs_run=epoch)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+def regression_metrics(y_true_ppm: np.ndarray, y_pred_ppm: np.ndarray) -> dict[str, float]:
+    """RMSE (ppm), MAE (ppm) and coefficient of determination R2 of predictions."""
+    y_true = np.asarray(y_true_ppm, dtype=np.float64)
+    error = np.asarray(y_pred_ppm, dtype=np.float64) - y_true
+    ss_tot = float(np.sum((y_true - y_true.mean()) ** 2))
+    return {"rmse_ppm": float(np.sqrt(np.mean(error ** 2))),
+            "mae_ppm": float(np.mean(np.abs(error))),
+            "r2": float(1.0 - np.sum(error ** 2) / ss_tot) if ss_tot > 0 else float("nan")}
+
+
+# ---- store I/O ------------------------------------------------------------------------------
+def write_fold_model(store, group: str, model: FoldModel, dtype: str = "float32",
+                     **attrs) -> None:
+    """Write a fold model's arrays under `group` (collective; every rank holds the same)."""
+    for i, (kernel, bias) in enumerate(zip(model.kernels, model.biases)):
+        store.put(f"{group}/kernel_{i}", np.asarray(kernel, dtype=dtype))
+        store.put(f"{group}/bias_{i}", np.asarray(bias, dtype=np.float32))
+    store.put(f"{group}/feature_mean", np.asarray(model.feature_mean, dtype=np.float32))
+    store.put(f"{group}/feature_scale", np.asarray(model.feature_scale, dtype=np.float32))
+    store.set_attrs(group, n_layers=len(model.kernels), target_mean_ppm=model.target_mean_ppm,
+                    target_std_ppm=model.target_std_ppm, best_epoch=model.best_epoch,
+                    epochs_run=model.epochs_run, weights_dtype=dtype, **attrs)
+
+
+def read_fold_model(store, group: str) -> FoldModel:
+    """Read a fold model written by :func:`write_fold_model` (any rank, no communication)."""
+    attrs = store.attrs(group)
+    n_layers = int(attrs["n_layers"])
+    return FoldModel(
+        kernels=[store.read(f"{group}/kernel_{i}") for i in range(n_layers)],
+        biases=[store.read(f"{group}/bias_{i}") for i in range(n_layers)],
+        feature_mean=store.read(f"{group}/feature_mean"),
+        feature_scale=store.read(f"{group}/feature_scale"),
+        target_mean_ppm=float(attrs["target_mean_ppm"]),
+        target_std_ppm=float(attrs["target_std_ppm"]),
+        best_epoch=int(attrs.get("best_epoch", 0)), epochs_run=int(attrs.get("epochs_run", 0)))
+
+
+class _H5Reader:
+    """The reading half of RunStore's interface over a plain read-only h5py file."""
+
+    def __init__(self, path: Path):
+        import h5py
+
+        from engine.store import _decode
+
+        self._decode = _decode
+        self.file = h5py.File(path, "r", locking=False)
+
+    def exists(self, name):
+        return name in self.file
+
+    def read(self, name, selection=()):
+        return self.file[name][selection]
+
+    def attrs(self, name="/"):
+        return {k: self._decode(v) for k, v in self.file[name].attrs.items()} \
+            if name in self.file else {}
+
+    def keys(self, name="/"):
+        return list(self.file[name].keys()) if name in self.file else []
+
+    def close(self):
+        self.file.close()
+
+
+class ShiftEnsemble:
+    """The fold models of a trained store, predicting shifts (ppm) in plain numpy.
+
+    Parameters
+    ----------
+    models
+        Per model, (kernels, biases) already folded to take raw features to ppm.
+    settings
+        ``{"soap": {...}, "species": [...], "centre": "Na", ...}`` (the /train attributes).
+    """
+
+    def __init__(self, models: list[tuple[list[np.ndarray], list[np.ndarray]]], settings: dict,
+                 chunk_rows: int = 8192):
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        self.settings = settings
+        self.chunk_rows = chunk_rows
+        self.n_models = len(models)
+        self._first_kernel = np.ascontiguousarray(
+            np.concatenate([m[0][0] for m in models], axis=1), dtype=np.float32)
+        self._first_bias = np.concatenate([m[1][0] for m in models]).astype(np.float32)
+        self._widths = [m[0][0].shape[1] for m in models]
+        self._rest = [([np.ascontiguousarray(k, np.float32) for k in m[0][1:]],
+                       [np.asarray(b, np.float32) for b in m[1][1:]]) for m in models]
+
+    @property
+    def n_features(self) -> int:
+        """Length of the SOAP vectors the models take."""
+        return self._first_kernel.shape[0]
+
+    @classmethod
+    def from_store(cls, store_or_path, group: str = "/train") -> "ShiftEnsemble":
+        """Load every fold model under ``<group>/folds`` of a RunStore or a store file path."""
+        reader = _H5Reader(Path(store_or_path)) if isinstance(store_or_path, (str, Path)) \
+            else store_or_path
+        try:
+            if not reader.exists(f"{group}/folds"):
+                from engine.failure import InputError
+
+                raise InputError(f"{getattr(reader, 'file', reader)}: no trained model "
+                                 f"(no {group}/folds); run the train stage first")
+            folds = sorted(reader.keys(f"{group}/folds"), key=int)
+            models = [read_fold_model(reader, f"{group}/folds/{k}").folded() for k in folds
+                      if reader.attrs(f"{group}/folds/{k}").get("complete", True)]
+            settings = reader.attrs(group)
+        finally:
+            if isinstance(store_or_path, (str, Path)):
+                reader.close()
+        return cls(models, settings)
+
+    def predict_all(self, features: np.ndarray) -> np.ndarray:
+        """Every model's shifts (ppm), shape (n_models, n_rows), float32."""
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.n_features:
+            raise ValueError(f"features of shape {features.shape}; the model takes "
+                             f"(n, {self.n_features})")
+        out = np.empty((self.n_models, len(features)), dtype=np.float32)
+        edges = np.cumsum([0] + self._widths)
+        for start in range(0, len(features), self.chunk_rows):
+            rows = features[start:start + self.chunk_rows]
+            hidden_all = rows @ self._first_kernel
+            hidden_all += self._first_bias
+            np.maximum(hidden_all, 0.0, out=hidden_all)
+            for m, (kernels, biases) in enumerate(self._rest):
+                hidden = hidden_all[:, edges[m]:edges[m + 1]]
+                for i, (kernel, bias) in enumerate(zip(kernels, biases)):
+                    hidden = hidden @ kernel
+                    hidden += bias
+                    if i < len(kernels) - 1:
+                        np.maximum(hidden, 0.0, out=hidden)
+                out[m, start:start + len(rows)] = hidden[:, 0]
+        return out
+
+    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ensemble mean shift (ppm) and spread (population std over models, ppm) per row."""
+        every = self.predict_all(features)
+        return every.mean(axis=0), every.std(axis=0)

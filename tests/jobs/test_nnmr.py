@@ -1,0 +1,100 @@
+"""The NN-NMR network: Keras training, the numpy ensemble, store round trips."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from engine.context import RankContext
+from engine.store import RunStore
+from jobs.nnmr import (FoldModel, ShiftEnsemble, build_model, read_fold_model,
+                       regression_metrics, train_model, write_fold_model)
+from schemas.train import TrainSpec
+
+TINY = dict(hidden_units=[32, 16], epochs=60, batch_size=64, patience_epochs=60,
+            learning_rate=3e-3, lr_decay_epochs=20)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return RankContext.from_comm(MPI.COMM_SELF)
+
+
+def synthetic(n_rows: int, seed: int, n_features: int = 20):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n_rows, n_features)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    w = np.linspace(-1.0, 1.0, n_features)
+    y = 1600.0 + 3000.0 * (x @ w) + 400.0 * np.sin(6 * x[:, 0])
+    return x, y
+
+
+def test_regression_metrics():
+    m = regression_metrics(np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 1.0, 2.0, 5.0]))
+    assert m["rmse_ppm"] == pytest.approx(1.0)
+    assert m["mae_ppm"] == pytest.approx(0.5)
+    assert m["r2"] == pytest.approx(1.0 - 4.0 / 5.0)
+
+
+def test_numpy_ensemble_matches_keras(ctx):
+    import keras
+
+    spec = TrainSpec(**TINY)
+    x, _ = synthetic(50, 1)
+    model = build_model(x.shape[1], spec, seed=3)
+    rng = np.random.default_rng(0)
+    weights = [w + rng.normal(0, 0.1, w.shape).astype(np.float32) for w in model.get_weights()]
+    model.set_weights(weights)
+    mean, scale = x.mean(0), x.std(0) + 0.01
+    fold = FoldModel(weights[0::2], weights[1::2], mean, scale, target_mean_ppm=1500.0,
+                     target_std_ppm=700.0)
+    keras_ppm = np.asarray(model((x - mean) / scale, training=False))[:, 0] * 700.0 + 1500.0
+    np.testing.assert_allclose(fold.predict_ppm(x), keras_ppm, rtol=1e-4, atol=1e-2)
+    ens = ShiftEnsemble([fold.folded(), fold.folded()], {}, chunk_rows=7)
+    mean_ppm, std_ppm = ens.predict(x)
+    np.testing.assert_allclose(mean_ppm, keras_ppm, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(std_ppm, 0.0, atol=1e-3)
+    with pytest.raises(ValueError, match="features of shape"):
+        ens.predict(x[:, :5])
+    assert keras.__version__  # the Keras 3 model was the reference
+
+
+def test_training_learns_a_smooth_function(ctx):
+    spec = TrainSpec(**TINY)
+    x, y = synthetic(1200, 2)
+    xv, yv = synthetic(300, 3)
+    model = train_model(x, y, xv, yv, spec, ctx, seed=5)
+    xt, yt = synthetic(300, 4)
+    metrics = regression_metrics(yt, model.predict_ppm(xt))
+    baseline = float(np.std(yt))
+    assert metrics["rmse_ppm"] < 0.25 * baseline, (metrics, baseline)
+    assert metrics["r2"] > 0.9
+    assert model.curves["val_rmse_ppm"].shape == (model.epochs_run,)
+    assert model.curves["val_rmse_ppm"][model.best_epoch - 1] == \
+        pytest.approx(model.curves["val_rmse_ppm"].min())
+    # inverse-time decay: lr(epoch 20) = lr0 / 2
+    assert model.curves["learning_rate"][19] == pytest.approx(spec.learning_rate / 2, rel=0.02)
+
+
+def test_store_round_trip_and_float16(ctx, tmp_path):
+    rng = np.random.default_rng(7)
+    shapes = [(20, 8), (8, 1)]
+    fold = FoldModel([rng.normal(size=s).astype(np.float32) for s in shapes],
+                     [rng.normal(size=s[1]).astype(np.float32) for s in shapes],
+                     rng.random(20).astype(np.float32), 1 + rng.random(20).astype(np.float32),
+                     1234.0, 567.0)
+    path = tmp_path / "s.h5"
+    with RunStore(path, ctx) as store:
+        write_fold_model(store, "/train/folds/0", fold, rmse_ppm=1.0, complete=True)
+        write_fold_model(store, "/train/folds/1", fold, dtype="float16", complete=True)
+        store.set_attrs("/train", soap={"n_max": 9}, centre="Na")
+        again = read_fold_model(store, "/train/folds/0")
+        assert store.read("/train/folds/1/kernel_0").dtype == np.float16
+    x = rng.random((30, 20)).astype(np.float32)
+    np.testing.assert_allclose(again.predict_ppm(x), fold.predict_ppm(x), rtol=1e-6)
+    ens = ShiftEnsemble.from_store(path)
+    assert ens.n_models == 2 and ens.settings["centre"] == "Na"
+    every = ens.predict_all(x)
+    np.testing.assert_allclose(every[0], fold.predict_ppm(x), rtol=1e-5)
+    np.testing.assert_allclose(every[1], every[0], rtol=1e-2, atol=2.0)  # float16 kernels
+    assert np.abs(every[1] - every[0]).max() > 0
