@@ -1,8 +1,94 @@
 """The label stage: sparse frames labelled by DFT (VASP) with retries and a failure budget."""
 from __future__ import annotations
 
-from schemas.base import Spec
+import re
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import Field, field_validator
+
+from schemas.base import InputPath, Spec
+
+IncarValue = Union[bool, int, float, str, list[Union[bool, int, float, str]]]
+"""A value of one INCAR tag: a scalar or a list (written space-separated)."""
+
+_INCAR_TAG = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+class VaspSpec(Spec):
+    """How to run VASP: the launch command (profile) and the input it is given (template)."""
+
+    command: list[str] = Field(default=["vasp_std"], min_length=1)
+    """The launch command as an argument list, run in each frame's work directory, e.g.
+    `["srun", "--exclusive", "-N", "1", "-n", "32", "vasp_std"]` (see docs/label.md for
+    mapping ranks x cores on Slurm). Never a shell string."""
+    walltime_s: float = Field(default=86400.0, gt=0)
+    """Wall-time limit of one VASP run (s); a run past it is killed (its whole process group)
+    and counts as a failed attempt ("timeout")."""
+    kill_grace_s: float = Field(default=10.0, ge=0)
+    """After SIGTERM on a time-out, seconds to wait before SIGKILL."""
+    env: dict[str, str] = {}
+    """Extra environment variables for the launch (e.g. `OMP_NUM_THREADS: "1"`)."""
+    potcar_dir: InputPath | None = None
+    """Folder of the user's POTCARs: `<potcar_dir>/<name>/POTCAR` (or `<potcar_dir>/<name>`
+    as a file) for each species' POTCAR name (relative to the manifest's folder). Required
+    for the vasp labeller."""
+    potcar: dict[str, str] = {}
+    """Species -> POTCAR name in `potcar_dir` (e.g. `{Na: Na_pv, Mg: Mg_pv, Mn: Mn_pv, O: O}`);
+    a species not listed uses its own symbol."""
+    kpoints: tuple[int, int, int] = (2, 2, 2)
+    """k-point mesh (KPOINTS, automatic)."""
+    kpoints_gamma: bool = True
+    """Gamma-centred mesh (else Monkhorst-Pack)."""
+    encut_ev: float = Field(default=400.0, gt=0)
+    """Plane-wave cutoff ENCUT (eV)."""
+    ediff_ev: float = Field(default=1e-5, gt=0)
+    """SCF convergence criterion EDIFF (eV)."""
+    nelm: int = Field(default=200, ge=1)
+    """Maximum SCF steps NELM; a run that does not converge within them is a failed attempt
+    ("unconverged")."""
+    nupdown: float | None = None
+    """NUPDOWN: fixed difference of up and down electrons (48 for the 88-atom P2-NMMO cell, all
+    Mn4+ spins aligned); not written when null."""
+    ngyromag: dict[str, float] = {}
+    """NGYROMAG per species (MHz/T); VASP's A_tot scales with it. Species not listed get the
+    shift section's `gyromagnetic_factor` (100 in the lin2022-nmmo preset), so A_tot and the
+    A -> shift conversion use one convention."""
+    incar: dict[str, IncarValue] = {}
+    """Further INCAR tags, or overrides of the defaults (upper-case tag -> value; booleans are
+    written .TRUE./.FALSE., lists space-separated), e.g. `{ALGO: All, NCORE: 4}`."""
+
+    @field_validator("incar")
+    @classmethod
+    def _tags(cls, value: dict[str, IncarValue]) -> dict[str, IncarValue]:
+        bad = [tag for tag in value if not _INCAR_TAG.match(tag)]
+        if bad:
+            raise ValueError(f"INCAR tags must be upper-case letters/digits/_: {bad}")
+        return value
 
 
 class LabelSpec(Spec):
     """Choose sparse frames from md trajectories and label them with a DFT code."""
+
+    selection: Literal["evenly", "every"] = "evenly"
+    """How frames are chosen per system: `evenly` takes `n_frames` evenly spaced over all saved
+    frames of all replicas; `every` takes every `every_k`-th saved frame of each replica."""
+    n_frames: int = Field(default=20, ge=1)
+    """Frames per system for `selection: evenly` (fewer if the trajectories hold fewer)."""
+    every_k: int = Field(default=10, ge=1)
+    """Stride in saved frames for `selection: every`."""
+    skip_saved: int = Field(default=0, ge=0)
+    """Saved frames to skip at the start of every replica (equilibration)."""
+    labeller: Literal["vasp"] = "vasp"
+    """The labeller that computes A_iso, energy and forces of a frame."""
+    vasp: VaspSpec = VaspSpec()
+    """Settings of the VASP labeller."""
+    work_dir: Path = Path("label-work")
+    """Root of the per-frame work directories `<work_dir>/<system>/r<replica>-f<frame>`
+    (relative to the working directory of `dynshift run`); keep it on a shared file system."""
+    max_attempts: int = Field(default=3, ge=1)
+    """Attempts per frame (first run + retries) before it is recorded as failed; raising it
+    and rerunning retries the failed frames."""
+    failure_budget: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Fraction of the selected frames that may fail for good; above it the stage fails (with
+    a summary) instead of completing."""
