@@ -1,8 +1,54 @@
 """The analyze stage: statistics by collective reductions."""
 from __future__ import annotations
 
+from pydantic import Field, model_validator
+
 from schemas.base import Spec
 
 
 class AnalyzeSpec(Spec):
     """Averages, histograms, xy maps, sites and diffusion of the predicted shifts."""
+
+    site_radius_a: float = Field(default=0.8, gt=0)
+    """A target nucleus belongs to a site when it lies within this distance (A) of the site's
+    centre in the xy plane (and in the site's interlayer slab); 0.8 A in Lin et al."""
+    framework_species: list[str] | None = None
+    """Chemical symbols of the cations of the transition-metal layers (e.g. [Mn, Mg]); null:
+    every species except the target species and the anions (O, F, S, Se, Te, Cl, Br, I, N,
+    P)."""
+    layer_gap_a: float = Field(default=1.0, gt=0)
+    """Framework cations of frame 0 whose z differ by less than this (A) form one layer."""
+    blocks_per_replica: int = Field(default=10, ge=2)
+    """Contiguous blocks in time per replica (or per file) for the block-averaging standard
+    error of the mean shifts."""
+    histogram_range_ppm: tuple[float, float] = (-1000.0, 4000.0)
+    """Fixed shift histogram range (ppm); samples outside are counted as under/overflow."""
+    histogram_bin_ppm: float = Field(default=25.0, gt=0)
+    """Shift histogram bin width (ppm)."""
+    map_bins: int = Field(default=60, ge=2)
+    """Bins of the xy maps along each of the cell vectors a and b (the map tiles the cell)."""
+    running_points: int = Field(default=100, ge=2)
+    """Time points (equal bins of simulated time) of the running averages."""
+    chunk_frames: int = Field(default=1024, ge=1)
+    """Frames read per chunk on each rank (memory per rank is flat in the frame count)."""
+    msd_lags: int = Field(default=40, ge=2)
+    """Lags (equally spaced, in frames) at which the in-plane mean squared displacement of
+    the target species is computed."""
+    msd_max_lag_fraction: float = Field(default=0.5, gt=0, le=1)
+    """Longest MSD lag as a fraction of the shortest replica's length."""
+    msd_fit_window_fs: tuple[float, float] | None = None
+    """Lag-time window (fs) of the straight-line fit MSD = 4 D t + b; null: from 20 % to 80 %
+    of the longest lag."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "AnalyzeSpec":
+        low, high = self.histogram_range_ppm
+        if not high > low:
+            raise ValueError("histogram_range_ppm must be (low, high) with high > low")
+        if (high - low) / self.histogram_bin_ppm > 100000:
+            raise ValueError("histogram_range_ppm / histogram_bin_ppm gives > 100000 bins")
+        if self.msd_fit_window_fs is not None:
+            start, end = self.msd_fit_window_fs
+            if not (end > start >= 0):
+                raise ValueError("msd_fit_window_fs must be (start, end) with end > start >= 0")
+        return self

@@ -1,8 +1,20 @@
 """The report stage: PNG figures and a Markdown summary from the store."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field
+
 from schemas.base import Spec
 
 
 class ReportSpec(Spec):
     """Figures and a summary table in the shape of the paper's Table 1."""
+
+    out_dir: Path | None = None
+    """Folder for the figures and summary.md; null: `<store stem>-report/` beside the store
+    (relative to the working directory of `dynshift run`)."""
+    dpi: int = Field(default=150, ge=50, le=600)
+    """Resolution of the PNG figures (dots per inch)."""
+    histogram_xlim_ppm: tuple[float, float] | None = None
+    """Shift axis range of the histogram figures (ppm); null: where the counts are."""

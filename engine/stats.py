@@ -1,0 +1,222 @@
+"""Statistics by collective reduction: per-rank partial sums, one Allreduce, the same answer
+at any rank count.
+
+Every statistic of the analyze stage is a sum over samples (a Na in a frame) binned by an
+integer key: a block of frames, a time bin, a histogram bin, an xy-map cell, a site class, a
+lag of the mean squared displacement. Each rank accumulates the frames of its own shard into a
+:class:`BinnedMoments` (count, sum, sum of squares per key, float64), then
+:func:`reduce_moments` adds every accumulator of every rank with ONE ``Allreduce``. The
+finishing functions (:func:`block_average`, :func:`running_average`, :func:`moments_mean_std`,
+:func:`fit_diffusion`) are pure numpy on the reduced sums, so results agree to floating-point
+rounding (the order of additions) at 1 and N ranks.
+
+This module is the one place where the statistics' MPI calls live.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+A2_PER_FS_IN_CM2_PER_S = 0.1
+"""1 A^2/fs = 1e-16 cm^2 / 1e-15 s = 0.1 cm^2/s."""
+
+
+class BinnedMoments:
+    """Count, sum and sum of squares of values binned by an integer key in [0, n_bins).
+
+    Parameters
+    ----------
+    shape
+        Number of keys, or the shape of the key space (``n_bins`` is its product; a flat key
+        is ``numpy.ravel_multi_index`` of it); :meth:`reshaped` returns arrays of this shape.
+    """
+
+    def __init__(self, shape: int | tuple[int, ...]):
+        self.shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        self.n_bins = int(np.prod(self.shape))
+        self.count = np.zeros(self.n_bins)
+        self.sum = np.zeros(self.n_bins)
+        self.sum_sq = np.zeros(self.n_bins)
+
+    def add(self, keys, values=None) -> None:
+        """Add samples with flat integer `keys`; `values` None counts only (a histogram).
+
+        Keys outside [0, n_bins) (e.g. -1 for "no bin") are ignored.
+        """
+        keys = np.asarray(keys, dtype=np.int64).ravel()
+        inside = (keys >= 0) & (keys < self.n_bins)
+        keys = keys[inside]
+        self.count += np.bincount(keys, minlength=self.n_bins)
+        if values is not None:
+            values = np.asarray(values, dtype=np.float64).ravel()[inside]
+            self.sum += np.bincount(keys, weights=values, minlength=self.n_bins)
+            self.sum_sq += np.bincount(keys, weights=values * values, minlength=self.n_bins)
+
+    def add_sums(self, count, total, total_sq=None) -> None:
+        """Add already-summed per-key counts, sums (and sums of squares) of shape `shape`."""
+        self.count += np.asarray(count, dtype=np.float64).ravel()
+        self.sum += np.asarray(total, dtype=np.float64).ravel()
+        if total_sq is not None:
+            self.sum_sq += np.asarray(total_sq, dtype=np.float64).ravel()
+
+    def reshaped(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(count, sum, sum_sq), each of shape `shape`."""
+        return (self.count.reshape(self.shape), self.sum.reshape(self.shape),
+                self.sum_sq.reshape(self.shape))
+
+
+def reduce_moments(ctx, *accumulators: BinnedMoments) -> None:
+    """Sum every accumulator over the ranks of ``ctx.comm`` in place (collective, ONE Allreduce).
+
+    Every rank must pass accumulators of the same shapes in the same order.
+    """
+    if not accumulators:
+        return
+    flat = np.concatenate([np.concatenate([a.count, a.sum, a.sum_sq]) for a in accumulators])
+    if ctx.size > 1:
+        from mpi4py import MPI
+
+        total = np.empty_like(flat)
+        ctx.comm.Allreduce(flat, total, op=MPI.SUM)
+    else:
+        total = flat
+    offset = 0
+    for acc in accumulators:
+        n = acc.n_bins
+        acc.count = total[offset:offset + n].copy()
+        acc.sum = total[offset + n:offset + 2 * n].copy()
+        acc.sum_sq = total[offset + 2 * n:offset + 3 * n].copy()
+        offset += 3 * n
+
+
+def allreduce_max(ctx, value: float) -> float:
+    """The largest `value` over the ranks of ``ctx.comm`` (collective)."""
+    if ctx.size == 1:
+        return float(value)
+    from mpi4py import MPI
+
+    return float(ctx.comm.allreduce(float(value), op=MPI.MAX))
+
+
+def moments_mean_std(count, total, total_sq) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation per key; NaN where the count is zero."""
+    count = np.asarray(count, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.where(count > 0, count, 1), np.nan)
+        variance = np.where(count > 0, total_sq / np.where(count > 0, count, 1) - mean ** 2,
+                            np.nan)
+    return mean, np.sqrt(np.clip(variance, 0.0, None))
+
+
+@dataclass(frozen=True)
+class BlockAverage:
+    """A mean with its block-averaging standard error."""
+
+    mean: float
+    """Mean over every sample (NaN without samples)."""
+    stderr: float
+    """Standard error of the mean: std of the block means (ddof=1) / sqrt(blocks); NaN with
+    fewer than two non-empty blocks."""
+    block_means: np.ndarray
+    """Mean of each block (NaN for an empty block)."""
+    n_blocks: int
+    """Blocks with at least one sample."""
+    n_samples: int
+    """Samples in all blocks."""
+
+
+def block_average(count, total) -> BlockAverage:
+    """Mean and block standard error from per-block sample counts and sums.
+
+    Parameters
+    ----------
+    count, total
+        Reduced per-block sample counts and sums (blocks: contiguous runs of frames in time,
+        per replica).
+    """
+    count = np.asarray(count, dtype=float)
+    total = np.asarray(total, dtype=float)
+    n = float(count.sum())
+    mean = float(total.sum() / n) if n > 0 else float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        block_means = np.where(count > 0, total / np.where(count > 0, count, 1), np.nan)
+    filled = block_means[count > 0]
+    stderr = (float(np.std(filled, ddof=1) / np.sqrt(len(filled))) if len(filled) > 1
+              else float("nan"))
+    return BlockAverage(mean, stderr, block_means, int(len(filled)), int(n))
+
+
+def running_average(count, total, axis: int = 0) -> np.ndarray:
+    """Cumulative mean along `axis` (time bins): sum up to bin i / count up to bin i.
+
+    NaN until the first sample.
+    """
+    cum_count = np.cumsum(np.asarray(count, dtype=float), axis=axis)
+    cum_total = np.cumsum(np.asarray(total, dtype=float), axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cum_count > 0, cum_total / np.where(cum_count > 0, cum_count, 1),
+                        np.nan)
+
+
+def bin_index(values, edges) -> np.ndarray:
+    """Histogram bin of each value for fixed `edges` (n_bins + 1, increasing): 0..n_bins-1,
+    -1 below the first edge, n_bins at or above the last edge (the last bin is half-open,
+    as in numpy.histogram except that its right edge is excluded)."""
+    edges = np.asarray(edges, dtype=float)
+    index = np.searchsorted(edges, np.asarray(values, dtype=float), side="right") - 1
+    index[np.asarray(values) >= edges[-1]] = len(edges) - 1
+    return index
+
+
+def grid_index(frac_a, frac_b, n_a: int, n_b: int) -> np.ndarray:
+    """Flat cell index of fractional coordinates (wrapped into [0, 1)) on an n_a x n_b grid."""
+    ia = np.floor(np.mod(frac_a, 1.0) * n_a).astype(np.int64) % n_a
+    ib = np.floor(np.mod(frac_b, 1.0) * n_b).astype(np.int64) % n_b
+    return ia * n_b + ib
+
+
+@dataclass(frozen=True)
+class DiffusionFit:
+    """A tracer diffusion coefficient from a straight-line fit of the MSD."""
+
+    d_cm2_s: float
+    """D (cm^2/s): slope / (2 * dimensions)."""
+    slope_a2_fs: float
+    """Fitted MSD slope (A^2/fs)."""
+    intercept_a2: float
+    """Fitted MSD intercept (A^2)."""
+    window_fs: tuple[float, float]
+    """Lag-time window of the fit (fs)."""
+    n_points: int
+    """Lags inside the window."""
+
+
+def fit_diffusion(lag_fs, msd_a2, window_fs: tuple[float, float],
+                  dimensions: int = 2) -> DiffusionFit:
+    """Tracer D from MSD(t) = 2 d D t + b fitted by least squares inside `window_fs`.
+
+    Parameters
+    ----------
+    lag_fs, msd_a2
+        Lag times (fs) and mean squared displacements (A^2).
+    window_fs
+        (start, end) of the fit in lag time (fs), inclusive.
+    dimensions
+        2 for the in-plane MSD of a layered material.
+
+    Returns
+    -------
+    DiffusionFit
+        NaN coefficients when fewer than two finite lags fall inside the window.
+    """
+    lag_fs = np.asarray(lag_fs, dtype=float)
+    msd_a2 = np.asarray(msd_a2, dtype=float)
+    inside = (lag_fs >= window_fs[0]) & (lag_fs <= window_fs[1]) & np.isfinite(msd_a2)
+    if inside.sum() < 2:
+        return DiffusionFit(float("nan"), float("nan"), float("nan"),
+                            (float(window_fs[0]), float(window_fs[1])), int(inside.sum()))
+    slope, intercept = np.polyfit(lag_fs[inside], msd_a2[inside], 1)
+    d_a2_fs = slope / (2.0 * dimensions)
+    return DiffusionFit(float(d_a2_fs * A2_PER_FS_IN_CM2_PER_S), float(slope), float(intercept),
+                        (float(window_fs[0]), float(window_fs[1])), int(inside.sum()))

@@ -1,0 +1,453 @@
+"""The analyze stage: every statistic of the predicted shifts by collective reduction.
+
+Per system, the frames of ``/infer/<system>`` are sharded over the ranks in contiguous blocks
+(``ctx.block``) and read in chunks; each rank accumulates per-key partial sums
+(:class:`engine.stats.BinnedMoments`) and ONE Allreduce adds them. Results (layout:
+docs/analyze.md) go to ``/analyze/<system>``:
+
+- the dynamic averaged shift with a block-averaging standard error (blocks in time, per
+  replica) and its running average vs simulated time, total, per site class and per nucleus;
+- shift histograms, total and per site class, on fixed bin edges;
+- xy maps per interlayer slab: mean shift, its standard deviation and the Na density;
+- sites found from the framework of frame 0 (:mod:`jobs.sites`): occupation fractions and
+  site-centred mean shifts;
+- the in-plane tracer diffusion coefficient from the MSD of unwrapped positions (md sources).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.context import RankContext
+from engine.driver import StageResult
+from engine.failure import InputError
+from engine.progress import Progress
+from engine.stats import (BinnedMoments, bin_index, block_average, fit_diffusion, grid_index,
+                          moments_mean_std, reduce_moments, running_average)
+from engine.store import RunStore
+from jobs.sites import SiteSet, assign_sites, find_sites
+from schemas.analyze import AnalyzeSpec
+from schemas.system import SystemSpec
+
+INFER_GROUP = "/infer"
+"""Where the infer stage writes per-system shifts (its layout: docs/infer.md)."""
+ANALYZE_GROUP = "/analyze"
+"""Where this stage writes (layout: docs/analyze.md)."""
+DRIFT_DATASET = "framework_drift_a"
+"""Optional (n_frames, 3) dataset of the source group: mean displacement of the framework
+cations from frame 0 (A), subtracted from the target positions before site assignment."""
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The frames' places in time: replica segments, blocks and running-average bins."""
+
+    is_md: bool
+    """True for md trajectories (replica >= 0 and finite times): time axis in fs, MSD."""
+    time: np.ndarray
+    """(n_frames,) time of each frame: fs for md, the frame index for a file."""
+    segment: np.ndarray
+    """(n_frames,) replica segment of each frame (contiguous frames of one replica)."""
+    segment_bounds: list[tuple[int, int]]
+    """(start, stop) frame range of each segment."""
+    block: np.ndarray
+    """(n_frames,) global block index (segment * blocks_per_replica + block in segment)."""
+    n_blocks: int
+    """Blocks in all (segments x blocks_per_replica)."""
+    time_bin: np.ndarray
+    """(n_frames,) running-average time bin."""
+    time_points: np.ndarray
+    """(running_points,) right edge of each time bin (fs, or frame index)."""
+
+
+def frame_timeline(time_fs, replica, spec: AnalyzeSpec) -> Timeline:
+    """Segments, blocks and time bins of the frames from their time (fs) and replica ids.
+
+    A segment is a run of consecutive frames with one replica id and increasing time; a file
+    source (replica -1) is one segment, timed by frame index.
+    """
+    time_fs = np.asarray(time_fs, dtype=float)
+    replica = np.asarray(replica, dtype=np.int64)
+    n = len(time_fs)
+    is_md = bool(n and np.all(replica >= 0) and np.all(np.isfinite(time_fs)))
+    time = time_fs if is_md else np.arange(n, dtype=float)
+    new_segment = np.zeros(n, dtype=bool)
+    if n:
+        new_segment[0] = True
+        new_segment[1:] = (replica[1:] != replica[:-1]) | (np.diff(time) <= 0)
+    starts = np.flatnonzero(new_segment)
+    stops = np.append(starts[1:], n)
+    segment = np.cumsum(new_segment) - 1
+    per = spec.blocks_per_replica
+    block = np.empty(n, dtype=np.int64)
+    for s, (a, b) in enumerate(zip(starts, stops)):
+        block[a:b] = s * per + (np.arange(b - a) * per) // (b - a)
+    t_min, t_max = (float(time.min()), float(time.max())) if n else (0.0, 1.0)
+    if t_max <= t_min:
+        t_max = t_min + 1.0
+    edges = np.linspace(t_min, t_max, spec.running_points + 1)
+    time_bin = np.clip(np.searchsorted(edges, time, side="right") - 1, 0,
+                       spec.running_points - 1)
+    return Timeline(is_md, time, segment, list(zip(starts.tolist(), stops.tolist())), block,
+                    len(starts) * per, time_bin, edges[1:])
+
+
+@dataclass(frozen=True)
+class SystemAnalysis:
+    """Headline numbers of one system (the full results are in the store)."""
+
+    mean_shift_ppm: float
+    mean_shift_stderr_ppm: float
+    class_names: tuple[str, ...]
+    occupation: np.ndarray
+    site_shift_ppm: np.ndarray
+    d_cm2_s: float
+
+
+def _read_sites(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, store: RunStore,
+                source: str) -> SiteSet:
+    """Sites of frame 0, found on rank 0 and broadcast (one error message, not one per rank)."""
+    found = None
+    if ctx.is_root:
+        try:
+            found = find_sites(store.read(f"{source}/frame0_numbers"),
+                               store.read(f"{source}/frame0_positions_a"),
+                               store.read(f"{source}/cell_a", 0), system.target_species,
+                               spec.framework_species, spec.site_radius_a, spec.layer_gap_a)
+        except InputError as exc:
+            found = InputError(f"system {system.name} ({source}): {exc}")
+    found = ctx.comm.bcast(found, root=0) if ctx.size > 1 else found
+    if isinstance(found, InputError):
+        raise found
+    return found
+
+
+def _check_source(system: SystemSpec, store: RunStore, source: str) -> tuple[int, int]:
+    needed = ("shift_ppm", "centre_positions_a", "cell_a", "time_fs", "replica",
+              "frame0_numbers", "frame0_positions_a")
+    missing = [name for name in needed if not store.exists(f"{source}/{name}")]
+    if missing:
+        raise InputError(f"system {system.name}: the store has no {source}/"
+                         f"{{{', '.join(missing)}}}; run the infer stage first")
+    n_frames, n_centres = store.shape(f"{source}/shift_ppm")
+    if n_frames == 0:
+        raise InputError(f"system {system.name}: {source}/shift_ppm holds no frames")
+    for name, shape in (("centre_positions_a", (n_frames, n_centres, 3)),
+                        ("cell_a", (n_frames, 3, 3)), ("time_fs", (n_frames,)),
+                        ("replica", (n_frames,))):
+        if store.shape(f"{source}/{name}") != shape:
+            raise InputError(f"system {system.name}: {source}/{name} has shape "
+                             f"{store.shape(f'{source}/{name}')}, expected {shape}")
+    return n_frames, n_centres
+
+
+def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, store: RunStore,
+                   source: str | None = None, target: str | None = None) -> SystemAnalysis:
+    """Analyse the shifts of one system: read `source`, reduce, write `target` (collective).
+
+    Parameters
+    ----------
+    spec
+        The analyze settings.
+    system
+        The system (its name and target species).
+    ctx, store
+        Rank context and run store (every rank of ``ctx`` calls this).
+    source, target
+        Groups to read and write; default ``/infer/<name>`` and ``/analyze/<name>``.
+
+    Returns
+    -------
+    SystemAnalysis
+        Headline numbers (identical on every rank).
+    """
+    source = source or f"{INFER_GROUP}/{system.name}"
+    target = target or f"{ANALYZE_GROUP}/{system.name}"
+    n_frames, n_centres = _check_source(system, store, source)
+    sites = _read_sites(spec, system, ctx, store, source)
+    timeline = frame_timeline(store.read(f"{source}/time_fs"), store.read(f"{source}/replica"),
+                              spec)
+    has_drift = store.exists(f"{source}/{DRIFT_DATASET}")
+    has_std = store.exists(f"{source}/shift_std_ppm")
+    if not has_drift:
+        ctx.log(f"analyze {system.name}: no {source}/{DRIFT_DATASET}; sites assume a framework "
+                "that does not drift")
+    n_classes, n_sites = sites.n_classes, len(sites.centres_frac)
+    n_slabs, n_map, n_points = len(sites.layer_z_frac), spec.map_bins, spec.running_points
+    low, high = spec.histogram_range_ppm
+    n_hist = int(np.ceil((high - low) / spec.histogram_bin_ppm - 1e-9))
+    edges_ppm = low + spec.histogram_bin_ppm * np.arange(n_hist + 1)
+
+    blocks = BinnedMoments(timeline.n_blocks)
+    class_blocks = BinnedMoments((timeline.n_blocks, n_classes))
+    running = BinnedMoments(n_points)
+    class_running = BinnedMoments((n_points, n_classes))
+    centre_running = BinnedMoments((n_points, n_centres))
+    histogram = BinnedMoments((n_classes, n_hist + 2))  # column 0: below, last: above
+    maps = BinnedMoments((n_slabs, n_map, n_map))
+    site_counts = BinnedMoments(n_sites)
+    ensemble_std = BinnedMoments(n_classes)
+    accumulators = (blocks, class_blocks, running, class_running, centre_running, histogram,
+                    maps, site_counts, ensemble_std)
+
+    mine = ctx.block(n_frames)
+    progress = Progress(ctx, f"analyze {system.name}", len(mine))
+    centre_ids = np.arange(n_centres)
+    for start in range(mine.start, mine.stop, spec.chunk_frames):
+        stop = min(start + spec.chunk_frames, mine.stop)
+        frames = slice(start, stop)
+        shift = store.read(f"{source}/shift_ppm", frames).astype(np.float64)
+        positions = store.read(f"{source}/centre_positions_a", frames).astype(np.float64)
+        cells = store.read(f"{source}/cell_a", frames).astype(np.float64)
+        if has_drift:
+            positions = positions - store.read(f"{source}/{DRIFT_DATASET}", frames)[:, None, :]
+        where = assign_sites(positions, cells, sites)
+        valid = np.isfinite(shift)
+        values = np.where(valid, shift, 0.0)
+        frame_block = timeline.block[frames][:, None]
+        frame_bin = timeline.time_bin[frames][:, None]
+
+        def keys(flat):  # flat keys of valid samples only (-1 is ignored by add)
+            return np.where(valid, flat, -1)
+
+        blocks.add(keys(np.broadcast_to(frame_block, shift.shape)), values)
+        class_blocks.add(keys(frame_block * n_classes + where.site_class), values)
+        running.add(keys(np.broadcast_to(frame_bin, shift.shape)), values)
+        class_running.add(keys(frame_bin * n_classes + where.site_class), values)
+        centre_running.add(keys(frame_bin * n_centres + centre_ids[None, :]), values)
+        hist_bin = bin_index(values, edges_ppm) + 1  # 0: below the range
+        histogram.add(keys(where.site_class * (n_hist + 2) + hist_bin))
+        cell_key = grid_index(where.frac[..., 0], where.frac[..., 1], n_map, n_map)
+        maps.add(keys(where.slab * n_map * n_map + cell_key), values)
+        site_counts.add(keys(where.site))
+        if has_std:
+            spread = store.read(f"{source}/shift_std_ppm", frames).astype(np.float64)
+            ensemble_std.add(keys(where.site_class), np.where(valid, spread, 0.0))
+        progress.update(stop - start)
+    progress.finish()
+    reduce_moments(ctx, *accumulators)
+
+    # ---- finish (pure numpy on identical reduced sums, every rank) ------------------------
+    overall = block_average(blocks.count, blocks.sum)
+    n_samples = max(overall.n_samples, 1)
+    block_count, block_sum, block_sum_sq = class_blocks.reshaped()
+    class_count, class_sum, class_sum_sq = (block_count.sum(0), block_sum.sum(0),
+                                            block_sum_sq.sum(0))
+    class_mean, class_std = moments_mean_std(class_count, class_sum, class_sum_sq)
+    class_stderr = np.array([block_average(block_count[:, k], block_sum[:, k]).stderr
+                             for k in range(n_classes)])
+    occupation = class_count / n_samples
+    model_std = (moments_mean_std(*ensemble_std.reshaped())[0] if has_std
+                 else np.full(n_classes, np.nan))
+
+    store.require_group(target)
+    store.put(f"{target}/blocks/mean_shift_ppm", overall.block_means, unit="ppm",
+              doc="mean shift of each time block (segment-major)")
+    _put_sites(store, target, sites, site_counts.count / n_frames, occupation, class_count,
+               class_mean, class_std, class_stderr, model_std)
+    hist_count = histogram.count.reshape(n_classes, n_hist + 2)
+    store.put(f"{target}/histogram/edges_ppm", edges_ppm, unit="ppm")
+    store.put(f"{target}/histogram/counts", hist_count[:, 1:-1], unit="samples",
+              doc="rows: site classes (sites/class_names)")
+    store.put(f"{target}/histogram/total_counts", hist_count[:, 1:-1].sum(0), unit="samples")
+    store.set_attrs(f"{target}/histogram", below=int(hist_count[:, 0].sum()),
+                    above=int(hist_count[:, -1].sum()), class_names=list(sites.class_names))
+    axis = "time_fs" if timeline.is_md else "frame_index"
+    store.put(f"{target}/running/{axis}", timeline.time_points,
+              unit="fs" if timeline.is_md else "frame")
+    store.put(f"{target}/running/mean_shift_ppm", running_average(running.count, running.sum),
+              unit="ppm")
+    count, total, _ = class_running.reshaped()
+    store.put(f"{target}/running/class_shift_ppm", running_average(count, total), unit="ppm",
+              doc="columns: site classes (sites/class_names)")
+    count, total, _ = centre_running.reshaped()
+    store.put(f"{target}/running/centre_shift_ppm", running_average(count, total), unit="ppm",
+              doc="columns: target nuclei (their running time average)")
+    map_count, map_sum, map_sum_sq = maps.reshaped()
+    map_mean, map_std = moments_mean_std(map_count, map_sum, map_sum_sq)
+    cell0 = store.read(f"{source}/cell_a", 0).astype(float)
+    bin_area_a2 = abs(np.linalg.det(cell0[:2, :2])) / n_map ** 2
+    store.put(f"{target}/maps/mean_shift_ppm", map_mean, unit="ppm")
+    store.put(f"{target}/maps/std_shift_ppm", map_std, unit="ppm")
+    store.put(f"{target}/maps/density_per_a2", map_count / (n_frames * bin_area_a2),
+              unit="1/A^2")
+    store.put(f"{target}/maps/count", map_count, unit="samples")
+    store.set_attrs(f"{target}/maps", cell_a=cell0.tolist(),
+                    slab_z_frac=_slab_mid(sites.layer_z_frac).tolist(),
+                    doc="(slab, bin along a, bin along b); fractional bins of the frame-0 cell")
+
+    diffusion = None
+    if timeline.is_md:
+        diffusion = _diffusion(spec, ctx, store, source, target, timeline, has_drift, n_centres)
+    d_cm2_s = diffusion.d_cm2_s if diffusion is not None else float("nan")
+    store.set_attrs(target, source=source, kind="md" if timeline.is_md else "file",
+                    n_frames=n_frames, n_centres=n_centres,
+                    n_segments=len(timeline.segment_bounds),
+                    mean_shift_ppm=overall.mean, mean_shift_stderr_ppm=overall.stderr,
+                    n_blocks=overall.n_blocks, class_names=list(sites.class_names),
+                    framework_drift_corrected=has_drift, d_cm2_s=d_cm2_s,
+                    time_span_fs=float(np.ptp(timeline.time)) if timeline.is_md else float("nan"),
+                    ranks=ctx.size)
+    store.flush()
+    ctx.log(f"analyze {system.name}: mean shift {overall.mean:.1f} +- {overall.stderr:.1f} ppm; "
+            + ", ".join(f"{name} {occ:.3f} ({mean:.0f} ppm)" for name, occ, mean in
+                        zip(sites.class_names, occupation, class_mean))
+            + (f"; D {d_cm2_s:.3g} cm2/s" if diffusion is not None else ""))
+    return SystemAnalysis(overall.mean, overall.stderr, sites.class_names, occupation,
+                          class_mean, d_cm2_s)
+
+
+def _slab_mid(layer_z_frac: np.ndarray) -> np.ndarray:
+    upper = np.append(layer_z_frac[1:], layer_z_frac[0] + 1.0)
+    return np.mod(0.5 * (layer_z_frac + upper), 1.0)
+
+
+def _put_sites(store: RunStore, target: str, sites: SiteSet, site_occupation, occupation,
+               samples, mean, std, stderr, model_std) -> None:
+    group = f"{target}/sites"
+    store.put(f"{group}/centres_frac", sites.centres_frac, unit="fractional")
+    store.put(f"{group}/site_class", sites.site_class.astype(np.int32))
+    store.put(f"{group}/site_slab", sites.site_layer.astype(np.int32))
+    store.put(f"{group}/layer_z_frac", sites.layer_z_frac, unit="fractional")
+    store.put(f"{group}/site_occupation", site_occupation, unit="nuclei per frame",
+              doc="mean number of target nuclei inside each site's circle")
+    store.put(f"{group}/occupation", occupation, unit="fraction",
+              doc="fraction of all samples (frames x nuclei) in each class")
+    store.put(f"{group}/samples", samples, unit="samples")
+    store.put(f"{group}/shift_ppm", mean, unit="ppm", doc="site-centred mean shift")
+    store.put(f"{group}/shift_std_ppm", std, unit="ppm", doc="spread of the shifts in a class")
+    store.put(f"{group}/shift_stderr_ppm", stderr, unit="ppm",
+              doc="block-averaging standard error of the site-centred mean")
+    store.put(f"{group}/ensemble_std_ppm", model_std, unit="ppm",
+              doc="mean model-ensemble standard deviation of the predictions in a class")
+    store.set_attrs(group, class_names=list(sites.class_names), radius_a=sites.radius_a,
+                    target_species=sites.target_species)
+
+
+def _diffusion(spec: AnalyzeSpec, ctx: RankContext, store: RunStore, source: str, target: str,
+               timeline: Timeline, has_drift: bool, n_centres: int):
+    """In-plane MSD by lag (origins sharded over ranks, one Allreduce) and the fit of D."""
+    lengths = [b - a for a, b in timeline.segment_bounds]
+    shortest = min(lengths)
+    if shortest < 3:
+        ctx.log("analyze: replicas shorter than 3 frames, no diffusion coefficient")
+        return None
+    steps = np.concatenate([np.diff(timeline.time[a:b]) for a, b in timeline.segment_bounds])
+    dt_fs = float(np.median(steps))
+    if np.max(np.abs(steps - dt_fs)) > 1e-3 * dt_fs:
+        ctx.log("analyze: frames are not evenly spaced in time, no diffusion coefficient")
+        return None
+    max_lag = int(min(shortest - 1, max(1, np.floor(spec.msd_max_lag_fraction * shortest))))
+    lags = np.unique(np.round(np.linspace(1, max_lag, spec.msd_lags)).astype(int))
+    msd = BinnedMoments(len(lags))
+    positions_name = f"{source}/centre_positions_a"
+
+    def in_plane(rows: slice) -> np.ndarray:
+        xy = store.read(positions_name, rows)[..., :2].astype(np.float64)
+        if has_drift:
+            xy = xy - store.read(f"{source}/{DRIFT_DATASET}", rows)[:, None, :2]
+        return xy
+
+    n_frames = len(timeline.time)
+    mine = ctx.block(n_frames)
+    for start in range(mine.start, mine.stop, spec.chunk_frames):
+        stop = min(start + spec.chunk_frames, mine.stop)
+        origin = in_plane(slice(start, stop))
+        counts, sums = np.zeros(len(lags)), np.zeros(len(lags))
+        for k, lag in enumerate(lags):
+            end = min(stop + lag, n_frames)
+            m = end - (start + lag)
+            if m <= 0:
+                continue
+            later = in_plane(slice(start + lag, end))
+            same = timeline.segment[start:start + m] == timeline.segment[start + lag:end]
+            squared = ((later - origin[:m]) ** 2).sum(axis=2)[same]
+            counts[k] = squared.size
+            sums[k] = squared.sum()
+        msd.add_sums(counts, sums)
+    reduce_moments(ctx, msd)
+    msd_a2 = np.where(msd.count > 0, msd.sum / np.where(msd.count > 0, msd.count, 1), np.nan)
+    lag_fs = lags * dt_fs
+    window = spec.msd_fit_window_fs or (0.2 * lag_fs[-1], 0.8 * lag_fs[-1])
+    fit = fit_diffusion(lag_fs, msd_a2, window, dimensions=2)
+    store.put(f"{target}/msd/lag_fs", lag_fs, unit="fs")
+    store.put(f"{target}/msd/msd_a2", msd_a2, unit="A^2", doc="in-plane (xy) MSD per nucleus")
+    store.put(f"{target}/msd/samples", msd.count, unit="samples")
+    store.set_attrs(f"{target}/msd", d_cm2_s=fit.d_cm2_s, slope_a2_fs=fit.slope_a2_fs,
+                    intercept_a2=fit.intercept_a2, fit_window_fs=list(fit.window_fs),
+                    fit_points=fit.n_points, dimensions=2)
+    return fit
+
+
+def put_labelled_frames(frames, system: SystemSpec, shift_spec, ctx: RankContext,
+                        store: RunStore, group: str | None = None,
+                        framework_species: list[str] | None = None) -> str:
+    """Write labelled frames (DFT shifts) in the infer stage's layout, as analyze input.
+
+    A labelled trajectory (e.g. the published DFT frames, each with a per-atom
+    ``fermi_contact_mhz``) is valid analyze input: its DFT shifts take the place of the
+    predictions. Every rank passes the same frames (collective; rank 0 writes).
+
+    Parameters
+    ----------
+    frames
+        ase.Atoms with ``arrays["fermi_contact_mhz"]``, same atoms in the same order.
+    system
+        Its name names the group; its target species selects the centres.
+    shift_spec
+        The A_iso -> shift conversion (``manifest.shift``).
+    group
+        Where to write; default ``/infer/<system name>``.
+    framework_species
+        For the framework drift (see :func:`jobs.sites.framework_mask`).
+
+    Returns
+    -------
+    str
+        The group written.
+    """
+    from jobs.shift import shift_ppm
+    from jobs.sites import framework_drift_a, framework_mask
+
+    group = group or f"{INFER_GROUP}/{system.name}"
+    first = frames[0]
+    centres = np.flatnonzero(np.array(first.get_chemical_symbols()) == system.target_species)
+    if len(centres) == 0:
+        raise InputError(f"system {system.name}: frame 0 has no {system.target_species}")
+    positions = np.array([atoms.positions for atoms in frames])
+    cells = np.array([atoms.cell[:] for atoms in frames])
+    a_iso = np.array([atoms.arrays["fermi_contact_mhz"][centres] for atoms in frames])
+    mask = framework_mask(first.numbers, system.target_species, framework_species)
+    store.put(f"{group}/shift_ppm", shift_ppm(a_iso, shift_spec).astype(np.float32), unit="ppm")
+    store.put(f"{group}/centre_positions_a", positions[:, centres].astype(np.float32),
+              unit="A")
+    store.put(f"{group}/cell_a", cells, unit="A")
+    store.put(f"{group}/time_fs", np.full(len(frames), np.nan), unit="fs")
+    store.put(f"{group}/replica", np.full(len(frames), -1, dtype=np.int32))
+    store.put(f"{group}/centre_index", centres.astype(np.int32))
+    store.put(f"{group}/frame0_numbers", first.numbers.astype(np.int32))
+    store.put(f"{group}/frame0_positions_a", first.positions, unit="A")
+    store.put(f"{group}/{DRIFT_DATASET}", framework_drift_a(positions, first.positions, cells,
+                                                            mask), unit="A")
+    store.set_attrs(group, source="labelled frames (DFT shifts)")
+    store.flush()
+    return group
+
+
+def analyze_systems(spec: AnalyzeSpec, systems: list[SystemSpec], ctx: RankContext,
+                    store: RunStore) -> StageResult:
+    """Analyse every system of the manifest (collective); headline numbers per system."""
+    summary = {}
+    for system in systems:
+        result = analyze_system(spec, system, ctx, store)
+        summary[f"{system.name}_mean_shift_ppm"] = round(result.mean_shift_ppm, 2)
+        summary[f"{system.name}_stderr_ppm"] = round(result.mean_shift_stderr_ppm, 2)
+        if np.isfinite(result.d_cm2_s):
+            summary[f"{system.name}_d_cm2_s"] = float(f"{result.d_cm2_s:.4g}")
+    return StageResult(summary)
+
+
+def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
+    """Stage entry point used by the driver."""
+    return analyze_systems(manifest.analyze, manifest.systems, ctx, store)
