@@ -1,0 +1,269 @@
+"""The train stage: labelled frames -> SOAP of the target nuclei -> k-fold NN-NMR ensemble.
+
+Frames come from ``train.frames`` (extended XYZ / OUTCARs) and, when the label stage ran, from
+the store (``jobs.label.labelled_frames``). SOAP is computed for a contiguous block of frames
+per rank and gathered on every rank; the frames are split into k folds (seeded, BY FRAME: no
+frame has atoms on both sides); each fold model is trained data-parallel over all ranks with
+Horovod and written as plain arrays, so a killed run resumes at the first unfinished fold.
+Store layout: docs/nnmr.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.context import RankContext
+from engine.driver import StageResult
+from engine.failure import InputError
+from engine.progress import Progress
+from engine.store import RunStore
+from jobs.frames import FERMI_CONTACT_KEY, read_labelled_frames
+from jobs.nnmr import (FoldModel, ShiftEnsemble, read_fold_model, regression_metrics,
+                       train_model, write_fold_model)
+from jobs.shift import ppm_per_mhz, shift_ppm
+
+SEED_STREAM = 5
+"""This stage's key in numpy.random.default_rng([manifest.seed, SEED_STREAM, ...])."""
+GROUP = "/train"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Headline numbers of a training run (the out-of-fold cross-validation metrics)."""
+
+    n_frames: int
+    n_rows: int
+    folds_trained: int
+    cv_rmse_ppm: float
+    cv_mae_ppm: float
+    cv_r2: float
+
+
+@dataclass
+class LabelledRows:
+    """Target rows of a set of frames: shift (ppm), frame and atom index of every centre."""
+
+    shift_ppm: np.ndarray
+    frame: np.ndarray
+    atom: np.ndarray
+
+
+def centre_rows(frames, centre: str, shift_spec) -> LabelledRows:
+    """Shifts (ppm, eq. 1) of every `centre` atom of `frames`, frame-major, in atom order."""
+    from ase.data import atomic_numbers
+
+    z = atomic_numbers[centre]
+    shifts, frame_ids, atom_ids = [], [], []
+    for index, atoms in enumerate(frames):
+        if FERMI_CONTACT_KEY not in atoms.arrays:
+            raise InputError(f"frame {index} ({atoms.info.get('source', '?')}) has no "
+                             f"'{FERMI_CONTACT_KEY}'")
+        atoms_of_centre = np.flatnonzero(atoms.numbers == z)
+        shifts.append(shift_ppm(atoms.arrays[FERMI_CONTACT_KEY][atoms_of_centre], shift_spec))
+        frame_ids.append(np.full(len(atoms_of_centre), index, dtype=np.int64))
+        atom_ids.append(atoms_of_centre.astype(np.int64))
+    return LabelledRows(np.concatenate(shifts), np.concatenate(frame_ids),
+                        np.concatenate(atom_ids))
+
+
+def gather_features(featurizer, frames, ctx: RankContext) -> np.ndarray:
+    """SOAP rows of all frames on every rank; each rank computes a contiguous block of frames."""
+    from mpi4py import MPI
+
+    mine = ctx.block(len(frames))
+    progress = Progress(ctx, "train SOAP", len(mine), "frames")
+    blocks = []
+    for start in range(mine.start, mine.stop, 32):
+        stop = min(start + 32, mine.stop)
+        blocks.append(featurizer.features(frames[start:stop]))
+        progress.update(stop - start)
+    progress.finish()
+    n_features = featurizer.n_features
+    local = np.concatenate(blocks) if blocks else np.zeros((0, n_features), np.float32)
+    local = np.ascontiguousarray(local, dtype=np.float32)
+    counts = np.array(ctx.comm.allgather(local.size), dtype=np.int64)
+    out = np.empty(int(counts.sum()), dtype=np.float32)
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ctx.comm.Allgatherv(local.reshape(-1), [out, counts, displs, MPI.FLOAT])
+    return out.reshape(-1, n_features)
+
+
+def frame_folds(n_frames: int, folds: int, seed: int) -> np.ndarray:
+    """Fold (0..folds-1) of every frame: a seeded permutation dealt round-robin."""
+    if n_frames < folds:
+        raise InputError(f"train: {n_frames} frames cannot make {folds} folds")
+    rng = np.random.default_rng([seed, SEED_STREAM, 0])
+    fold_of_frame = np.empty(n_frames, dtype=np.int64)
+    fold_of_frame[rng.permutation(n_frames)] = np.arange(n_frames) % folds
+    return fold_of_frame
+
+
+def validation_frames(train_frames: np.ndarray, fraction: float, seed: int,
+                      fold: int) -> np.ndarray:
+    """Frames of a fold's training set held out for early stopping (at least one)."""
+    rng = np.random.default_rng([seed, SEED_STREAM, 1, fold])
+    n_val = max(1, int(round(fraction * len(train_frames))))
+    return np.sort(rng.choice(train_frames, n_val, replace=False))
+
+
+def load_frames(spec, store: RunStore) -> list:
+    """The labelled frames of train.frames, then the label stage's (when it ran)."""
+    frames = []
+    for path in spec.frames:
+        frames.extend(read_labelled_frames(path))
+    if store.exists("/label"):
+        from jobs.label import labelled_frames
+
+        frames.extend(labelled_frames(store))
+    if not frames:
+        raise InputError("train: no labelled frames (train.frames is empty and the store "
+                         "holds no label stage frames)")
+    return frames
+
+
+def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
+                   frames=None) -> TrainResult:
+    """Train the k-fold NN-NMR ensemble on labelled frames and write it to ``/train``.
+
+    Parameters
+    ----------
+    spec
+        The :class:`schemas.train.TrainSpec`.
+    shift_spec
+        The :class:`schemas.shift.ShiftSpec` (A_iso -> ppm of the labels).
+    seed
+        The manifest's master seed.
+    ctx, store
+        Rank context and run store (collective over ``ctx.comm``).
+    frames
+        Labelled frames; default: :func:`load_frames`.
+
+    Returns
+    -------
+    TrainResult
+        The out-of-fold cross-validation metrics.
+    """
+    from jobs.soap import SoapFeaturizer
+
+    frames = load_frames(spec, store) if frames is None else frames
+    featurizer = SoapFeaturizer(spec.species, spec.centre, spec.soap_r_cut_a, spec.soap_sigma_a,
+                                spec.soap_n_max, spec.soap_l_max, periodic=True)
+    for index, atoms in enumerate(frames):
+        featurizer.check_frame(atoms, f"train frame {index} ({atoms.info.get('source', '?')})")
+    rows = centre_rows(frames, spec.centre, shift_spec)
+    ctx.log(f"train: {len(frames)} frames, {len(rows.shift_ppm)} {spec.centre} centres, "
+            f"{featurizer.n_features} SOAP features")
+    features = gather_features(featurizer, frames, ctx)
+    if len(features) != len(rows.shift_ppm):
+        raise RuntimeError(f"SOAP gave {len(features)} rows for {len(rows.shift_ppm)} centres")
+
+    fold_of_frame = frame_folds(len(frames), spec.folds, seed)
+    n_trained = spec.ensemble_folds or spec.folds
+    sources = [str(a.info.get("source", f"frame {i}")) for i, a in enumerate(frames)]
+    store.require_group(f"{GROUP}/folds")
+    store.set_attrs(GROUP, soap=featurizer.settings(), species=list(spec.species),
+                    centre=spec.centre, shift=shift_spec.constants(),
+                    ppm_per_mhz=ppm_per_mhz(shift_spec),
+                    target_mean_ppm=float(rows.shift_ppm.mean()),
+                    target_std_ppm=float(rows.shift_ppm.std()), n_frames=len(frames),
+                    n_rows=len(rows.shift_ppm), folds=spec.folds, folds_trained=n_trained,
+                    spec=spec.model_dump(mode="json"), seed=seed, ranks=ctx.size)
+    store.put(f"{GROUP}/split/fold_of_frame", fold_of_frame)
+    store.put(f"{GROUP}/split/frame_source", np.array(sources, dtype="S"))
+    store.flush()
+
+    fold_of_row = fold_of_frame[rows.frame]
+    predictions = np.full(len(rows.shift_ppm), np.nan)
+    for fold in range(n_trained):
+        group = f"{GROUP}/folds/{fold}"
+        test = fold_of_row == fold
+        if store.attrs(group).get("complete"):
+            ctx.log(f"train: fold {fold} complete in the store, reused")
+            model = read_fold_model(store, group)
+        else:
+            model = _train_fold(spec, seed, fold, fold_of_frame, rows, features, ctx)
+            metrics = regression_metrics(rows.shift_ppm[test], model.predict_ppm(features[test]))
+            write_fold_model(store, group, model, dtype=spec.weights_dtype, **metrics,
+                             n_test_rows=int(test.sum()), complete=False)
+            for name, curve in model.curves.items():
+                store.put(f"{GROUP}/curves/{fold}/{name}", curve)
+            store.set_attrs(group, complete=True)
+            store.flush()
+            ctx.log(f"train: fold {fold}: rmse {metrics['rmse_ppm']:.1f} ppm, "
+                    f"mae {metrics['mae_ppm']:.1f} ppm, r2 {metrics['r2']:.4f} "
+                    f"(best epoch {model.best_epoch} of {model.epochs_run})")
+        # predict with the weights as stored (float16 storage included)
+        stored = read_fold_model(store, group)
+        predictions[test] = stored.predict_ppm(features[test])
+
+    done = ~np.isnan(predictions)
+    cv = regression_metrics(rows.shift_ppm[done], predictions[done])
+    store.put(f"{GROUP}/cv/shift_dft_ppm", rows.shift_ppm[done], unit="ppm")
+    store.put(f"{GROUP}/cv/shift_pred_ppm", predictions[done], unit="ppm")
+    store.put(f"{GROUP}/cv/fold", fold_of_row[done])
+    store.put(f"{GROUP}/cv/frame", rows.frame[done])
+    store.put(f"{GROUP}/cv/atom", rows.atom[done])
+    store.set_attrs(GROUP, cv_rmse_ppm=cv["rmse_ppm"], cv_mae_ppm=cv["mae_ppm"],
+                    cv_r2=cv["r2"], cv_rows=int(done.sum()))
+    store.flush()
+    if spec.parity_png and ctx.is_root:
+        write_parity_png(parity_png_path(store.path), rows.shift_ppm[done], predictions[done],
+                         cv)
+    ctx.log(f"train: cross-validation over {int(done.sum())} centres: rmse {cv['rmse_ppm']:.1f}"
+            f" ppm, mae {cv['mae_ppm']:.1f} ppm, r2 {cv['r2']:.4f}")
+    return TrainResult(len(frames), len(rows.shift_ppm), n_trained, cv["rmse_ppm"],
+                       cv["mae_ppm"], cv["r2"])
+
+
+def _train_fold(spec, seed: int, fold: int, fold_of_frame: np.ndarray, rows: LabelledRows,
+                features: np.ndarray, ctx: RankContext) -> FoldModel:
+    train_frames = np.flatnonzero(fold_of_frame != fold)
+    val_frames = validation_frames(train_frames, spec.validation_fraction, seed, fold)
+    is_val = np.isin(rows.frame, val_frames)
+    is_train = (fold_of_frame[rows.frame] != fold) & ~is_val
+    model_seed = int(np.random.default_rng([seed, SEED_STREAM, 2, fold]).integers(2 ** 31))
+    ctx.log(f"train: fold {fold}: {is_train.sum()} training rows, {is_val.sum()} validation "
+            f"rows ({len(val_frames)} frames)")
+    return train_model(features[is_train], rows.shift_ppm[is_train], features[is_val],
+                       rows.shift_ppm[is_val], spec, ctx, model_seed, log_prefix=f"fold {fold}")
+
+
+def parity_png_path(store_path: str | Path) -> Path:
+    """The parity plot next to the store: ``<store stem>-train-parity.png``."""
+    store_path = Path(store_path)
+    return store_path.with_name(f"{store_path.stem}-train-parity.png")
+
+
+def write_parity_png(path: Path, dft_ppm: np.ndarray, pred_ppm: np.ndarray,
+                     metrics: dict) -> None:
+    """Parity plot of out-of-fold predictions against the DFT shifts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    ax.scatter(dft_ppm, pred_ppm, s=2, alpha=0.3, lw=0)
+    low, high = float(min(dft_ppm.min(), pred_ppm.min())), float(max(dft_ppm.max(),
+                                                                     pred_ppm.max()))
+    ax.plot([low, high], [low, high], "k--", lw=0.8)
+    ax.set_xlabel("DFT shift (ppm)")
+    ax.set_ylabel("NN-NMR shift, out of fold (ppm)")
+    ax.set_title(f"RMSE {metrics['rmse_ppm']:.0f} ppm, R$^2$ {metrics['r2']:.3f}, "
+                 f"n = {len(dft_ppm)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
+    """Stage entry point used by the driver."""
+    result = train_ensemble(manifest.train, manifest.shift, manifest.seed, ctx, store)
+    return StageResult({"frames": result.n_frames, "centres": result.n_rows,
+                        "folds": result.folds_trained, "cv_rmse_ppm": result.cv_rmse_ppm,
+                        "cv_mae_ppm": result.cv_mae_ppm, "cv_r2": result.cv_r2})
+
+
+__all__ = ["ShiftEnsemble", "train_ensemble", "run_stage", "TrainResult"]
