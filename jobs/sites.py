@@ -131,6 +131,10 @@ def framework_drift_a(positions_a, reference_positions_a, cell_a, mask) -> np.nd
     return drift[0] if single else drift
 
 
+_IMAGES = np.array([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)], dtype=float)
+"""In-plane periodic image offsets (fractional a, b)."""
+
+
 def _minimum_image(delta_frac: np.ndarray) -> np.ndarray:
     return delta_frac - np.round(delta_frac)
 
@@ -227,8 +231,9 @@ def find_sites(numbers, positions_a, cell_a, target_species: str = "Na",
     fw_frac, fw_symbols = frac[mask], symbols[mask]
     ab = cell[:2, :2]
 
-    def xy_distance(delta_frac_xy):
-        return np.linalg.norm(_minimum_image(delta_frac_xy) @ ab, axis=-1)
+    def xy_distance(delta_frac_xy):  # exact minimum image over the 9 nearest images
+        wrapped = _minimum_image(np.asarray(delta_frac_xy))[..., None, :] + _IMAGES
+        return np.linalg.norm(wrapped @ ab, axis=-1).min(axis=-1)
 
     # nearest-neighbour distance of the TM lattice (in-plane, within one layer)
     first = fw_frac[layer_of == 0, :2]
@@ -256,17 +261,17 @@ def find_sites(numbers, positions_a, cell_a, target_species: str = "Na",
             face_names.append(_face_name(fw_symbols[i], fw_symbols[above[j]]))
         face_xy = np.array(face_xy)
         # triangles of the TM lattice: centroids, deduplicated
-        neighbours = xy_distance(face_xy[:, None, :] - face_xy[None, :, :]) < 1.2 * d_nn
-        np.fill_diagonal(neighbours, False)
         centroids = []
         for i in range(len(face_xy)):
-            near = np.flatnonzero(neighbours[i])
-            for a_pos, a in enumerate(near):
-                for b in near[a_pos + 1:]:
-                    if neighbours[a, b]:
-                        da = _minimum_image(face_xy[a] - face_xy[i])
-                        db = _minimum_image(face_xy[b] - face_xy[i])
-                        centroids.append(np.mod(face_xy[i] + (da + db) / 3, 1.0))
+            # vectors (fractional) to every neighbouring column, periodic images included
+            vectors = (_minimum_image(face_xy - face_xy[i])[:, None, :] + _IMAGES).reshape(-1, 2)
+            length = np.linalg.norm(vectors @ ab, axis=1)
+            vectors = vectors[(length > 1e-6) & (length < 1.2 * d_nn)]
+            for a_pos in range(len(vectors)):
+                for b_pos in range(a_pos + 1, len(vectors)):
+                    if np.linalg.norm((vectors[b_pos] - vectors[a_pos]) @ ab) < 1.2 * d_nn:
+                        centroids.append(np.mod(face_xy[i] + (vectors[a_pos] + vectors[b_pos])
+                                                / 3, 1.0))
         unique: list[np.ndarray] = []
         for point in centroids:
             if not unique or xy_distance(np.array(unique) - point).min() > 0.25 * d_nn:
