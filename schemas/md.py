@@ -1,6 +1,8 @@
 """The md stage: NVT DPMD replicas of every system, distributed over ranks."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from schemas.base import Spec
@@ -15,3 +17,18 @@ class MdSpec(Spec):
     """Thermostat temperature (K)."""
     timestep_fs: float = Field(default=1.0, gt=0)
     """Integration time step (fs)."""
+    thermostat: Literal["langevin", "nose-hoover-chain"] = "langevin"
+    """NVT thermostat: Langevin (ASE `Langevin`, stochastic) or a Nose-Hoover chain (ASE
+    `NoseHooverChainNVT`, deterministic)."""
+    friction_per_fs: float = Field(default=0.01, gt=0)
+    """Langevin friction coefficient (1/fs)."""
+    thermostat_time_fs: float = Field(default=100.0, gt=0)
+    """Nose-Hoover chain damping time (fs)."""
+    equilibration_steps: int = Field(default=1000, ge=0)
+    """Steps run (not saved) before the first saved frame."""
+    frames: int = Field(default=1000, ge=1)
+    """Frames saved per replica (the first is saved one save interval after equilibration)."""
+    save_every_steps: int = Field(default=10, ge=1)
+    """Steps between saved frames (save interval = save_every_steps * timestep_fs)."""
+    chunk_frames: int = Field(default=100, ge=1)
+    """Frames written to the store at a time (a killed run loses at most one chunk)."""

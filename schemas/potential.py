@@ -1,11 +1,70 @@
 """The potential stage: a deepmd-kit model trained on labelled frames."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
 from schemas.base import InputPath, Spec
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "jobs" / "data" / "dp-p2-nmmo.pb"
+"""The DP model shipped for P2-Na2/3(Mg1/3Mn2/3)O2 (used when nothing is trained or given)."""
 
 
 class PotentialSpec(Spec):
-    """Train, freeze and (optionally) compress a DP model, or use an existing one."""
+    """Train, freeze and (optionally) compress a DP model, or use an existing one.
+
+    With `frames` empty, no training happens: the stage stores `model` (default: the shipped
+    P2-NMMO model) for the md stage.
+    """
 
     model: InputPath | None = None
-    """An existing frozen DP model (.pb); when set, no training happens."""
+    """An existing frozen DP model (.pb); when set, no training happens. Null and no `frames`:
+    the shipped P2-NMMO model (jobs/data/dp-p2-nmmo.pb)."""
+    frames: list[InputPath] = []
+    """Labelled frames to train on (extended XYZ with energy and forces, or VASP OUTCARs); one
+    deepmd system per file (one composition per file)."""
+    type_map: list[str] = ["Na", "Mg", "Mn", "O"]
+    """Element of each DP atom type (order fixes the model's types)."""
+    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Fraction of the frames of each file held out from training for the RMSE report."""
+    rcut_a: float = Field(default=5.5, gt=0)
+    """Cut-off radius of the se_e2_a descriptor (A)."""
+    rcut_smooth_a: float = Field(default=0.5, ge=0)
+    """Start of the smooth switch-off of the descriptor (A)."""
+    sel: list[int] | Literal["auto"] = "auto"
+    """Maximum neighbours of each type within rcut_a ("auto": deepmd-kit counts them)."""
+    embedding_neurons: list[int] = [16, 32, 64]
+    """Hidden layer widths of the embedding net."""
+    axis_neurons: int = Field(default=8, ge=1)
+    """Size of the embedding sub-matrix (axis_neuron) of se_e2_a."""
+    fitting_neurons: list[int] = [128, 128, 128]
+    """Hidden layer widths of the fitting net."""
+    precision: Literal["float32", "float64"] = "float32"
+    """Floating-point precision of the networks (float32 evaluates faster)."""
+    steps: int = Field(default=40000, ge=1)
+    """Training steps (batches of one frame)."""
+    start_lr: float = Field(default=1e-3, gt=0)
+    """Learning rate at step 0 (exponential decay)."""
+    stop_lr: float = Field(default=1e-5, gt=0)
+    """Learning rate at the last step."""
+    decay_steps: int = Field(default=500, ge=1)
+    """Steps between learning-rate decays."""
+    energy_prefactors: tuple[float, float] = (0.02, 2.0)
+    """Energy loss prefactor at the start and at the end of training."""
+    force_prefactors: tuple[float, float] = (1000.0, 1.0)
+    """Force loss prefactor at the start and at the end of training."""
+    compress: Literal["auto", "always", "never"] = "auto"
+    """`dp compress` the frozen model: always, never, or auto (keep it only when it evaluates
+    faster on the training cell)."""
+    train_threads: int | None = Field(default=None, ge=1)
+    """Threads for training (null: the cores of rank 0)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "PotentialSpec":
+        if self.model is not None and self.frames:
+            raise ValueError("give either `model` (no training) or `frames` (train), not both")
+        if self.rcut_smooth_a >= self.rcut_a:
+            raise ValueError("rcut_smooth_a must be smaller than rcut_a")
+        return self
