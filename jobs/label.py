@@ -30,7 +30,7 @@ shift_ppm              (n, m)     ppm     A_iso -> shift (eq. 1) for the target 
                                           for the other atoms
 magnetic_moment_s      (n,)               VASP's "Total magnetic moment S=" (A is per S)
 status                 (n,)               0 pending, 1 done, -1 failed
-attempts               (n,)               attempts made (a recovered result adds none)
+attempts               (n,)               attempts made (a recovered result counts one)
 last_error             (n,)               reason: detail of the last failed attempt
 work_dir               (n,)               the frame's work directory
 =====================  =========  ======  ==============================================
@@ -297,7 +297,8 @@ def _label_one(labeller: Labeller, spec, frames: SystemFrames, row: int, atoms: 
     outcome = {"system": frames.name, "row": row, "work_dir": str(work_dir),
                "recovered": 0, "labelled": 0, "failed_attempts": 0}
     labelled = labeller.recover(atoms, work_dir)
-    if labelled is not None:
+    if labelled is not None:  # finished after its rank was killed: count that attempt
+        attempts += 1
         outcome["recovered"] = 1
     else:
         _archive(work_dir, "interrupted")  # leftovers of a job killed with its rank

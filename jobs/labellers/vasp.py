@@ -29,7 +29,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from engine.failure import InputError
-from jobs.labellers import LabelError
+from jobs.labellers import LabelError, serial_ase
 
 OUTPUT_LOG = "vasp.out"
 """The launch command's stdout and stderr, in the work directory."""
@@ -177,7 +177,7 @@ class VaspTemplate:
         species = species_order(symbols)
         grouped = atoms[grouping_permutation(symbols)]
         text = io.StringIO()
-        ase.io.write(text, grouped, format="vasp", direct=True)
+        ase.io.write(text, grouped, format="vasp", direct=True, parallel=False)
         lines = text.getvalue().splitlines(keepends=True)
         lines[0] = title.replace("\n", " ") + "\n"
         (work_dir / "POSCAR").write_text("".join(lines))
@@ -215,7 +215,8 @@ class VaspTemplate:
             raise LabelError("unconverged", f"{outcar}: SCF did not reach EDIFF "
                                             f"within NELM = {self.nelm}")
         try:
-            result = read_outcar(outcar)
+            with serial_ase():  # read_outcar uses ase.io.read: keep it on this rank
+                result = read_outcar(outcar)
         except InputError as exc:
             raise LabelError("bad_outcar", str(exc)) from None
         if len(result) != len(atoms):

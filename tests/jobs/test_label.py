@@ -1,0 +1,232 @@
+"""The label stage: frame choice, retries, failure budget, resume, no double labelling."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from mpi4py import MPI
+
+from engine.context import RankContext
+from engine.store import RunStore
+from fake_vasp.labelling import (completed_runs, expected_labels, read_log, shared_frames,
+                                 vasp_section, write_md)
+from jobs.label import label_frames, labelled_frames, select_frames
+from jobs.shift import ppm_per_mhz
+from launch import launch_env
+from schemas import parse_manifest
+from schemas.label import LabelSpec
+
+
+def _manifest(tmp_path: Path, plan: dict | None = None, sleep_s: float = 0.0,
+              walltime_s: float = 20.0, **label):
+    section = {"work_dir": str(tmp_path / "work"),
+               "vasp": vasp_section(tmp_path, plan, sleep_s=sleep_s, walltime_s=walltime_s),
+               **label}
+    document = {"stages": ["label"], "store": "run.h5",
+                "systems": [{"name": "nmmo", "structure": "builtin:p2-nmmo-p63mcm"}],
+                "label": section}
+    return parse_manifest(yaml.safe_dump(document)), document
+
+
+def _starts(tmp_path: Path) -> int:
+    return sum(1 for fields in read_log(tmp_path) if fields[0] == "start")
+
+
+@pytest.fixture
+def ctx():
+    return RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
+
+
+def test_frames_are_chosen_evenly_or_every_kth_after_the_skip():
+    replicas = [(0, "r000", 10), (2, "r002", 5)]
+    replica, frame = select_frames(LabelSpec(selection="every", every_k=3, skip_saved=1),
+                                   replicas)
+    assert list(zip(replica.tolist(), frame.tolist())) == [(0, 1), (0, 4), (0, 7), (2, 1),
+                                                          (2, 4)]
+    replica, frame = select_frames(LabelSpec(n_frames=4), replicas)  # 15 candidates
+    assert list(zip(replica.tolist(), frame.tolist())) == [(0, 0), (0, 5), (0, 9), (2, 4)]
+    replica, frame = select_frames(LabelSpec(n_frames=50, skip_saved=8), replicas)
+    assert list(zip(replica.tolist(), frame.tolist())) == [(0, 8), (0, 9)]
+
+
+def test_transient_failures_are_retried_persistent_ones_recorded(tmp_path, ctx, shared_data):
+    frames = shared_frames(shared_data, 8)
+    plan = {"nmmo/r000-f000001": ["exit"], "nmmo/r000-f000002": ["truncated", "garbled"],
+            "nmmo/r001-f000003": ["unconverged"] * 3}
+    manifest, _ = _manifest(tmp_path, plan, n_frames=8, failure_budget=0.125)
+    with RunStore(tmp_path / "run.h5", ctx) as store:
+        write_md(store, "nmmo", [frames[:4], frames[4:]])
+        result = label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
+        assert (result.n_selected, result.n_done, result.n_failed) == (8, 7, 1)
+        assert (result.n_labelled_now, result.n_failed_attempts) == (7, 6)
+        group = "/label/nmmo"
+        assert store.read(f"{group}/status").tolist() == [1, 1, 1, 1, 1, 1, 1, -1]
+        assert store.read(f"{group}/attempts").tolist() == [1, 2, 3, 1, 1, 1, 1, 3]
+        failures = store.attrs(group)["failures"]
+        assert len(failures) == 1 and failures[0]["replica"] == 1 and failures[0]["frame"] == 3
+        assert failures[0]["reason"].startswith("unconverged")
+        work = Path(failures[0]["work_dir"])
+        assert sorted(p.name for p in work.iterdir()) == [
+            "attempt-1-unconverged", "attempt-2-unconverged", "attempt-3-unconverged"]
+        # positions: the md frame wrapped into the cell (md wrote them shifted by lattice vectors)
+        positions = store.read(f"{group}/positions_a")
+        cell = np.asarray(frames[5].cell)
+        fractional = np.linalg.solve(cell.T, positions[5].T).T
+        assert fractional.min() >= 0 and fractional.max() < 1
+        delta = np.linalg.solve(cell.T, (positions[5] - frames[5].positions).T).T
+        np.testing.assert_allclose(delta, np.round(delta), atol=1e-9)
+        # the labels are the fake's for each frame's own positions; shift = eq. 1 on Na only
+        a_iso = store.read(f"{group}/a_iso_mhz")
+        for row in (0, 2, 6):
+            expected = expected_labels(positions[row])
+            np.testing.assert_allclose(a_iso[row], expected["a_iso_mhz"], atol=6e-4)
+            assert store.read(f"{group}/energy_ev")[row] == pytest.approx(
+                expected["energy_ev"], abs=1e-7)
+        shifts = store.read(f"{group}/shift_ppm")
+        np.testing.assert_allclose(shifts[:7, :16], a_iso[:7, :16] * ppm_per_mhz(manifest.shift))
+        assert np.isnan(shifts[:, 16:]).all() and np.isnan(shifts[7]).all()
+        assert store.read(f"{group}/magnetic_moment_s")[0] == pytest.approx(48.0000035)
+        labelled = labelled_frames(store)
+        assert len(labelled) == 7 and [a.info["frame"] for a in labelled[4:]] == [0, 1, 2]
+        assert labelled[2].get_potential_energy() == pytest.approx(
+            store.read(f"{group}/energy_ev")[2])
+        np.testing.assert_allclose(labelled[2].arrays["fermi_contact_mhz"], a_iso[2])
+        assert labelled[6].info["replica"] == 1 and labelled[6].info["time_fs"] == 200.0
+    assert _starts(tmp_path) == 8 + 1 + 2 + 2
+
+    # a rerun launches nothing; with more attempts allowed, only the failed frame is retried
+    with RunStore(tmp_path / "run.h5", ctx) as store:
+        again = label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
+        assert (again.n_done, again.n_failed, again.n_labelled_now) == (7, 1, 0)
+        assert _starts(tmp_path) == 13
+        more = manifest.label.model_copy(update={"max_attempts": 4})
+        retried = label_frames(more, ctx, store, manifest.systems, manifest.shift)
+        assert (retried.n_done, retried.n_failed, retried.n_labelled_now) == (8, 0, 1)
+        assert store.read("/label/nmmo/attempts")[7] == 4
+    assert _starts(tmp_path) == 14
+    assert max(completed_runs(tmp_path).values()) == 1
+
+
+def test_failures_beyond_the_budget_fail_the_stage_after_recording(tmp_path, ctx, shared_data):
+    frames = shared_frames(shared_data, 4)
+    plan = {"nmmo/r000-f000000": ["exit"] * 2, "nmmo/r000-f000002": ["garbled"] * 2}
+    manifest, _ = _manifest(tmp_path, plan, n_frames=4, max_attempts=2, failure_budget=0.25)
+    with RunStore(tmp_path / "run.h5", ctx) as store:
+        write_md(store, "nmmo", [frames])
+        with pytest.raises(RuntimeError, match=r"2 of 4 frames failed every attempt") as error:
+            label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
+        assert "exit_3" in str(error.value) and "bad_outcar" in str(error.value)
+        assert store.read("/label/nmmo/status").tolist() == [-1, 1, -1, 1]
+        assert store.attrs("/label/nmmo")["n_failed"] == 2
+
+
+def test_a_finished_job_found_in_its_work_dir_is_read_not_rerun(tmp_path, ctx, shared_data):
+    frames = shared_frames(shared_data, 3)
+    manifest, _ = _manifest(tmp_path, n_frames=3)
+    with RunStore(tmp_path / "run.h5", ctx) as store:
+        write_md(store, "nmmo", [frames])
+        label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
+        energy = store.read("/label/nmmo/energy_ev")[1]
+        # as if the rank had been killed after VASP ended but before it stored the result
+        store.write_rows("/label/nmmo/status", 1, [0])
+        store.write_rows("/label/nmmo/energy_ev", 1, [np.nan])
+        store.write_rows("/label/nmmo/attempts", 1, [0])
+        # and as if another frame's job had been killed half-way
+        outcar = tmp_path / "work" / "nmmo" / "r000-f000002" / "OUTCAR"
+        outcar.write_text(outcar.read_text()[:50000])
+        store.write_rows("/label/nmmo/status", 2, [0])
+        result = label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
+        assert (result.n_recovered, result.n_labelled_now, result.n_done) == (1, 1, 3)
+        assert store.read("/label/nmmo/energy_ev")[1] == energy
+        assert store.read("/label/nmmo/attempts")[1] == 1
+    assert _starts(tmp_path) == 4  # 3 + the half-written one, relaunched
+    assert (tmp_path / "work" / "nmmo" / "r000-f000002" / "interrupted" / "OUTCAR").exists()
+
+
+def _session_pids(session: int) -> list[int]:
+    """Processes of one session (mpirun and its ranks; not the DFT jobs, in their own)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == session:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_two_ranks_20_frames_20_percent_failures_kill_9_and_rerun(tmp_path, shared_data,
+                                                                  dynshift_bin):
+    """The issue's check: 4 of 20 frames fail (2 transient, 2 persistent); the run is killed
+    with SIGKILL mid-stage and rerun: 18 labels + 2 recorded failures, none computed twice."""
+    frames = shared_frames(shared_data, 20)
+    plan = {"nmmo/r000-f000002": ["exit"], "nmmo/r001-f000005": ["timeout"],
+            "nmmo/r000-f000007": ["unconverged"] * 5, "nmmo/r001-f000001": ["garbled"] * 5}
+    _, document = _manifest(tmp_path, plan, sleep_s=0.3, walltime_s=2.0, selection="every",
+                            every_k=1, max_attempts=2, failure_budget=0.1)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(document))
+    ctx = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
+    with RunStore(tmp_path / "run.h5", ctx) as store:
+        write_md(store, "nmmo", [frames[:10], frames[10:]])
+    command = ["mpirun", "-n", "2", *dynshift_bin, "run", "m.yaml"]
+
+    run = subprocess.Popen(command, cwd=tmp_path, env=launch_env(), start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while sum(f[0] == "end" for f in read_log(tmp_path)) < 6 and time.monotonic() < deadline:
+        assert run.poll() is None, run.communicate()[0]
+        time.sleep(0.05)
+    for pid in _session_pids(run.pid):  # kill -9 mpirun and both ranks at once
+        os.kill(pid, signal.SIGKILL)
+    run.communicate()
+    assert run.returncode == -signal.SIGKILL
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert f["stages/label"].attrs["status"] == "running"
+        assert 0 < (f["label/nmmo/status"][:] != 0).sum() < 20
+    # DFT jobs outlive their killed rank (as under a batch system's job step): let the short
+    # ones finish, end a hanging one (the batch system would)
+    started = {int(f[3]) for f in read_log(tmp_path) if f[0] == "start"}
+    time.sleep(1.0)
+    for pid in started:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    rerun = subprocess.run(command, cwd=tmp_path, env=launch_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert f["stages/label"].attrs["status"] == "complete"
+        status = f["label/nmmo/status"][:]
+        assert (status == 1).sum() == 18 and (status == 0).sum() == 0
+        failed = sorted((int(r), int(fr)) for r, fr in
+                        zip(f["label/nmmo/replica"][status == -1],
+                            f["label/nmmo/frame"][status == -1]))
+        assert failed == [(0, 7), (1, 1)]
+        reasons = sorted(e.decode().split(":")[0] for e in f["label/nmmo/last_error"][status == -1])
+        assert reasons == ["bad_outcar", "unconverged"]
+        assert np.isfinite(f["label/nmmo/a_iso_mhz"][status == 1]).all()
+        assert np.isnan(f["label/nmmo/a_iso_mhz"][status == -1]).all()
+    done_keys = completed_runs(tmp_path)
+    assert len(done_keys) == 18 and set(done_keys.values()) == {1}  # none computed twice
+    log = read_log(tmp_path)
+    for key in ("nmmo/r000-f000002", "nmmo/r001-f000005"):  # the transient ones: retried
+        behaviours = [f[3] for f in log if f[0] == "end" and f[1] == key]
+        assert behaviours[-1] == "ok" and len([f for f in log if f[0] == "start"
+                                               and f[1] == key]) == 2
