@@ -1,0 +1,89 @@
+"""The analyze stage at N ranks gives the numbers of 1 rank (fp tolerance)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from engine.context import RankContext
+from engine.store import RunStore
+from jobs.analyze import analyze_system, put_labelled_frames
+from schemas.analyze import AnalyzeSpec
+from schemas.shift import ShiftSpec
+from schemas.system import SystemSpec
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "p2-nmmo"
+
+
+@pytest.fixture
+def shared_tmp(tmp_path_factory):
+    comm = MPI.COMM_WORLD
+    path = str(tmp_path_factory.mktemp("analyze_mpi")) if comm.rank == 0 else None
+    return Path(comm.bcast(path, root=0))
+
+
+def _fill(store, ctx, frames, system):
+    """DFT frames as a file source, plus the same frames as two 'md replicas' with time."""
+    put_labelled_frames(frames, system, ShiftSpec(), ctx, store)
+    md = f"/infer/{system.name}-md"
+    for name in store.keys(f"/infer/{system.name}"):
+        store.put(f"{md}/{name}", store.read(f"/infer/{system.name}/{name}"))
+    half = len(frames) // 2
+    store.put(f"{md}/time_fs", np.tile(np.arange(half) * 20.0, 2))
+    store.put(f"{md}/replica", np.repeat([0, 1], half).astype(np.int32))
+    store.flush()
+
+
+def _analysed(store, name):
+    out = {}
+
+    def visit(path, obj):
+        if hasattr(obj, "shape"):
+            out[path] = obj[()]
+    store.file[f"/analyze/{name}"].visititems(visit)
+    out["attrs"] = store.attrs(f"/analyze/{name}")
+    return out
+
+
+def test_two_ranks_equal_one_rank(shared_tmp):
+    world = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
+    frames = ase.io.read(DATA / "p6322-dev.extxyz", ":60")
+    system = SystemSpec(name="p6322", structure="builtin:p2-nmmo-p6322")
+    spec = AnalyzeSpec(chunk_frames=7, blocks_per_replica=4, running_points=9, msd_lags=6,
+                       map_bins=12)
+    results = {}
+    with RunStore(shared_tmp / "world.h5", world, mode="w") as store:
+        _fill(store, world, frames, system)
+        for name in ("p6322", "p6322-md"):
+            analyze_system(spec, system.model_copy(update={"name": name}), world, store)
+        world.comm.Barrier()
+        store.flush()
+        for name in ("p6322", "p6322-md"):
+            results[name] = _analysed(store, name)
+    single = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
+    with RunStore(shared_tmp / f"single{world.rank}.h5", single, mode="w") as store:
+        _fill(store, single, frames, system)
+        for name in ("p6322", "p6322-md"):
+            analyze_system(spec, system.model_copy(update={"name": name}), single, store)
+            reference = _analysed(store, name)
+            assert set(reference) == set(results[name])
+            for key, value in reference.items():
+                if key == "attrs":
+                    for attr, ref in value.items():
+                        got = results[name]["attrs"][attr]
+                        if attr == "ranks":
+                            continue
+                        if isinstance(ref, float):
+                            assert got == pytest.approx(ref, rel=1e-10, nan_ok=True), attr
+                        else:
+                            assert got == ref, attr
+                else:
+                    assert np.allclose(results[name][key], value, rtol=1e-10, atol=1e-9,
+                                       equal_nan=True), key
+    md = results["p6322-md"]
+    assert md["attrs"]["kind"] == "md" and np.isfinite(md["attrs"]["d_cm2_s"])
+    assert "msd/msd_a2" in md and md["attrs"]["n_segments"] == 2
+    assert results["p6322"]["attrs"]["ranks"] == world.size
