@@ -389,3 +389,56 @@ class ShiftEnsemble:
         """Ensemble mean shift (ppm) and spread (population std over models, ppm) per row."""
         every = self.predict_all(features)
         return every.mean(axis=0), every.std(axis=0)
+
+
+def export_ensemble(source, target, folds: list[int] | None = None,
+                    weights_dtype: str = "float16") -> dict:
+    """Copy a trained store's ``/train`` (selected folds, recast weights) into a small store.
+
+    The shipped model is made this way from a 5-fold run: the first folds' models (identical to
+    those a run with ``ensemble_folds`` set would train: same split and seeds), their
+    out-of-fold rows, and the ``/train`` attributes with the CV metrics of those rows (as
+    predicted by the source's weights: the features are not stored, so the effect of recasting
+    to float16 is measured separately, docs/nnmr.md). Serial (no MPI).
+
+    Parameters
+    ----------
+    source, target
+        Paths of the trained store and of the new store (overwritten).
+    folds
+        Fold numbers to keep (default: all).
+    weights_dtype
+        ``float16`` or ``float32`` for the kernels.
+
+    Returns
+    -------
+    dict
+        The metrics (rmse_ppm, mae_ppm, r2) of the kept folds' out-of-fold rows.
+    """
+    from engine.store import RunStore
+
+    with RunStore(source, None, mode="r") as src, RunStore(target, None, mode="w") as dst:
+        kept = folds if folds is not None else sorted(int(k) for k in src.keys("/train/folds"))
+        cv_fold = src.read("/train/cv/fold")
+        rows = np.isin(cv_fold, kept)
+        for k in kept:
+            model = read_fold_model(src, f"/train/folds/{k}")
+            extra = {key: value for key, value in src.attrs(f"/train/folds/{k}").items()
+                     if key in ("rmse_ppm", "mae_ppm", "r2", "n_test_rows", "complete")}
+            write_fold_model(dst, f"/train/folds/{k}", model, dtype=weights_dtype, **extra)
+            for name in src.keys(f"/train/curves/{k}"):
+                dst.put(f"/train/curves/{k}/{name}", src.read(f"/train/curves/{k}/{name}"))
+        for name in src.keys("/train/split"):
+            dst.put(f"/train/split/{name}", src.read(f"/train/split/{name}"))
+        for name in src.keys("/train/cv"):
+            dst.put(f"/train/cv/{name}", src.read(f"/train/cv/{name}")[rows])
+        attrs = src.attrs("/train")
+        metrics = regression_metrics(src.read("/train/cv/shift_dft_ppm")[rows],
+                                     src.read("/train/cv/shift_pred_ppm")[rows])
+        spec = dict(attrs.get("spec", {}), ensemble_folds=len(kept), weights_dtype=weights_dtype)
+        attrs.update(folds_trained=len(kept), spec=spec, cv_rmse_ppm=metrics["rmse_ppm"],
+                     cv_mae_ppm=metrics["mae_ppm"], cv_r2=metrics["r2"], cv_rows=int(rows.sum()),
+                     exported_from=str(source))
+        dst.set_attrs("/train", **attrs)
+        dst.set_attrs("/stages/train", status="complete")
+    return metrics

@@ -7,7 +7,7 @@ from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from jobs.nnmr import (FoldModel, ShiftEnsemble, build_model, read_fold_model,
+from jobs.nnmr import (FoldModel, ShiftEnsemble, build_model, export_ensemble, read_fold_model,
                        regression_metrics, train_model, write_fold_model)
 from schemas.train import TrainSpec
 
@@ -98,3 +98,31 @@ def test_store_round_trip_and_float16(ctx, tmp_path):
     np.testing.assert_allclose(every[0], fold.predict_ppm(x), rtol=1e-5)
     np.testing.assert_allclose(every[1], every[0], rtol=1e-2, atol=2.0)  # float16 kernels
     assert np.abs(every[1] - every[0]).max() > 0
+
+
+def test_export_keeps_selected_folds(ctx, tmp_path):
+    rng = np.random.default_rng(8)
+    fold = FoldModel([rng.normal(size=(10, 4)).astype(np.float32),
+                      rng.normal(size=(4, 1)).astype(np.float32)],
+                     [np.zeros(4, np.float32), np.zeros(1, np.float32)],
+                     np.zeros(10, np.float32), np.ones(10, np.float32), 100.0, 10.0)
+    source = tmp_path / "full.h5"
+    with RunStore(source, ctx) as store:
+        for k in range(3):
+            write_fold_model(store, f"/train/folds/{k}", fold, rmse_ppm=float(k), complete=True)
+        store.put("/train/cv/fold", np.array([0, 0, 1, 2, 2, 2]))
+        store.put("/train/cv/shift_dft_ppm", np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+        store.put("/train/cv/shift_pred_ppm", np.array([1.0, 2.0, 3.0, 4.0, 5.0, 9.0]))
+        store.put("/train/split/fold_of_frame", np.array([0, 1, 2]))
+        store.set_attrs("/train", centre="Na", cv_rmse_ppm=99.0, spec={"folds": 3})
+    metrics = export_ensemble(source, tmp_path / "small.h5", folds=[0, 2])
+    assert metrics["rmse_ppm"] == pytest.approx(np.sqrt(9.0 / 5.0))
+    with RunStore(tmp_path / "small.h5", ctx, mode="r") as small:
+        assert small.keys("/train/folds") == ["0", "2"]
+        assert small.read("/train/cv/fold").tolist() == [0, 0, 2, 2, 2]
+        assert small.read("/train/folds/2/kernel_0").dtype == np.float16
+        attrs = small.attrs("/train")
+        assert attrs["folds_trained"] == 2 and attrs["spec"]["weights_dtype"] == "float16"
+        assert attrs["cv_rmse_ppm"] == pytest.approx(metrics["rmse_ppm"])
+        assert small.attrs("/train/folds/2")["rmse_ppm"] == 2.0
+    assert ShiftEnsemble.from_store(tmp_path / "small.h5").n_models == 2
