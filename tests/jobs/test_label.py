@@ -179,7 +179,7 @@ def test_two_ranks_20_frames_20_percent_failures_kill_9_and_rerun(tmp_path, shar
     frames = shared_frames(shared_data, 20)
     plan = {"nmmo/r000-f000002": ["exit"], "nmmo/r001-f000005": ["timeout"],
             "nmmo/r000-f000007": ["unconverged"] * 5, "nmmo/r001-f000001": ["garbled"] * 5}
-    _, document = _manifest(tmp_path, plan, sleep_s=0.3, walltime_s=2.0, selection="every",
+    _, document = _manifest(tmp_path, plan, sleep_s=0.1, walltime_s=1.5, selection="every",
                             every_k=1, max_attempts=2, failure_budget=0.1)
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(document))
     ctx = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)

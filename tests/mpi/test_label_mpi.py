@@ -1,0 +1,83 @@
+"""The label stage on every rank of the world (mpirun -n 2; passes at -n 1 too)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mpi4py import MPI
+
+from engine.context import RankContext
+from engine.store import RunStore
+from fake_vasp.labelling import completed_runs, read_log, shared_frames, vasp_section, write_md
+from jobs.label import label_frames, labelled_frames
+from schemas import parse_manifest
+
+
+@pytest.fixture
+def shared_tmp(tmp_path_factory) -> Path:
+    """One temporary folder, the same on every rank."""
+    comm = MPI.COMM_WORLD
+    path = str(tmp_path_factory.mktemp("label")) if comm.rank == 0 else None
+    return Path(comm.bcast(path, root=0))
+
+
+def test_frames_are_sharded_labelled_once_and_agreed_on(shared_tmp, shared_data):
+    ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
+    plan = {"a/r000-f000001": ["exit"], "b/r000-f000002": ["unconverged"] * 2}
+    section = vasp_section(shared_tmp, plan) if ctx.is_root else None
+    section = ctx.comm.bcast(section, root=0)
+    manifest = parse_manifest(yaml.safe_dump({
+        "stages": ["label"],
+        "systems": [{"name": "a", "structure": "builtin:p2-nmmo-p63mcm"},
+                    {"name": "b", "structure": "builtin:p2-nmmo-p63mcm"}],
+        "label": {"n_frames": 4, "max_attempts": 2, "failure_budget": 0.125,
+                  "work_dir": str(shared_tmp / "work"), "vasp": section}}))
+    frames = shared_frames(shared_data, 8)
+    with RunStore(shared_tmp / "run.h5", ctx) as store:
+        write_md(store, "a", [frames[:4]])
+        write_md(store, "b", [frames[4:]])
+        result = label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
+        results = ctx.comm.allgather(result)
+        assert all(r == results[0] for r in results)
+        assert (result.n_selected, result.n_done, result.n_failed) == (8, 7, 1)
+        assert result.n_labelled_now == 7 and result.n_failed_attempts == 3
+        store.flush()
+        ctx.comm.Barrier()
+        assert store.read("/label/b/status").tolist() == [1, 1, -1, 1]
+        assert store.attrs("/label/b")["failures"][0]["frame"] == 2
+        work_dirs = [w.decode() for w in store.read("/label/a/work_dir")]
+        assert work_dirs == [str(shared_tmp / "work" / "a" / f"r000-f{i:06d}") for i in range(4)]
+        frames_a = labelled_frames(store, ["a"])
+        assert [a.info["frame"] for a in frames_a] == [0, 1, 2, 3]
+        assert np.isfinite(frames_a[3].arrays["shift_ppm"][:16]).all()
+        ctx.comm.Barrier()
+        starts = sum(f[0] == "start" for f in read_log(shared_tmp))
+        assert starts == 8 + 1 + 1
+        assert set(completed_runs(shared_tmp).values()) == {1}  # no frame labelled twice
+        ctx.comm.Barrier()
+        again = label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
+        assert (again.n_done, again.n_labelled_now) == (7, 0)
+        ctx.comm.Barrier()
+        assert sum(f[0] == "start" for f in read_log(shared_tmp)) == starts
+
+
+def test_a_split_communicator_labels_on_its_own(shared_tmp, shared_data):
+    """The communicator is passed in: each half of the world labels its own store."""
+    world = MPI.COMM_WORLD
+    half = world.Split(world.rank % 2, world.rank)
+    ctx = RankContext.from_comm(half, set_threads=False)
+    folder = shared_tmp / f"half{world.rank % 2}"
+    if ctx.is_root:
+        folder.mkdir()
+        section = vasp_section(folder)
+    section = ctx.comm.bcast(section if ctx.is_root else None, root=0)
+    manifest = parse_manifest(yaml.safe_dump({
+        "stages": ["label"], "systems": [{"name": "a", "structure": "builtin:p2-nmmo-p63mcm"}],
+        "label": {"n_frames": 2, "work_dir": str(folder / "work"), "vasp": section}}))
+    with RunStore(folder / "run.h5", ctx) as store:
+        write_md(store, "a", [shared_frames(shared_data, 2)])
+        result = label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
+    assert result.n_done == 2
+    half.Free()
