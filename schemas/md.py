@@ -32,3 +32,6 @@ class MdSpec(Spec):
     """Steps between saved frames (save interval = save_every_steps * timestep_fs)."""
     chunk_frames: int = Field(default=100, ge=1)
     """Frames written to the store at a time (a killed run loses at most one chunk)."""
+    stop_after_frames: int | None = Field(default=None, ge=1)
+    """Diagnostics: stop the stage with an error once every replica saved at least this many
+    frames (tests resume; a following run continues the trajectories)."""

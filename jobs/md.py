@@ -1,0 +1,301 @@
+"""The md stage: NVT DPMD replicas of every system, distributed over ranks, streamed to the store.
+
+Tasks are (system, replica) pairs dealt round robin over the ranks (more replicas than ranks is
+fine). Every rank creates every replica's datasets, pre-sized to the requested frame count, in
+the same order (collective); each rank then writes only its own replicas' rows (independent).
+The run advances in rounds: in each round a rank runs one chunk of `chunk_frames` frames of each
+of its replicas, writes them together with the state needed to resume (momenta and thermostat
+state after the chunk's last frame), and then all ranks record every replica's `n_saved` and
+flush (collective). A killed run resumes each replica from its last saved frame and continues
+exactly as if never stopped. Store layout: docs/md.md.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.context import RankContext
+from engine.driver import StageResult
+from engine.progress import Progress
+from engine.store import RunStore
+from jobs.potential import model_file_for
+from jobs.structures import build_structure
+from schemas.md import MdSpec
+
+RNG_STATE_BYTES = 512
+"""Size of the fixed-length field that holds a replica's thermostat RNG state (JSON)."""
+
+
+class StoppedOnPurpose(RuntimeError):
+    """Raised by the diagnostics knob md.stop_after_frames."""
+
+
+@dataclass(frozen=True)
+class MdTask:
+    """One trajectory: a system and a replica number."""
+
+    system_index: int
+    system: str
+    replica: int
+
+    @property
+    def group(self) -> str:
+        """Store group of this trajectory."""
+        return f"/md/{self.system}/r{self.replica:03d}"
+
+
+def md_tasks(systems, replicas: int) -> list[MdTask]:
+    """Every (system, replica) pair in a fixed order (system-major)."""
+    return [MdTask(i, s.name, r) for i, s in enumerate(systems) for r in range(replicas)]
+
+
+def dp_calculator(model_path: Path):
+    """deepmd-kit's ASE calculator for a frozen model, fed wrapped positions.
+
+    The integrator keeps positions unwrapped (continuous, for diffusion); deepmd-kit gives the
+    same energy and forces for positions outside the cell but warns for each, so the calculator
+    evaluates a wrapped copy.
+    """
+    from deepmd.calculator import DP
+
+    class WrappingDP(DP):
+        def calculate(self, atoms=None, properties=("energy", "forces", "virial"),
+                      system_changes=None):
+            source = atoms if atoms is not None else self.atoms
+            wrapped = source.copy()
+            scaled = source.cell.scaled_positions(source.positions) % 1.0
+            scaled[scaled >= 1.0] = 0.0  # -1e-17 % 1.0 == 1.0
+            wrapped.set_positions(source.cell.cartesian_positions(scaled), apply_constraint=False)
+            super().calculate(wrapped, list(properties))
+            self.atoms = source.copy()
+
+    return WrappingDP(model=str(model_path))
+
+
+# ---- the integrator -----------------------------------------------------------------------------
+class Trajectory:
+    """One replica's ASE NVT integrator with a DP calculator, and its resumable state."""
+
+    def __init__(self, atoms, calculator, spec: MdSpec, seed_key: list[int]):
+        from ase import units
+        from ase.constraints import FixCom
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+        self.spec = spec
+        self.atoms = atoms.copy()
+        self.atoms.calc = calculator
+        self.rng = np.random.default_rng([*seed_key, 2])
+        MaxwellBoltzmannDistribution(self.atoms, temperature_K=spec.temperature_k,
+                                     rng=np.random.default_rng([*seed_key, 1]))
+        Stationary(self.atoms)
+        timestep = spec.timestep_fs * units.fs
+        if spec.thermostat == "langevin":
+            from ase.md.langevin import Langevin
+
+            self.atoms.set_constraint(FixCom())
+            self.dynamics = Langevin(self.atoms, timestep, temperature_K=spec.temperature_k,
+                                     friction=spec.friction_per_fs / units.fs, fixcm=False,
+                                     rng=self.rng)
+        else:
+            from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+            self.dynamics = NoseHooverChainNVT(self.atoms, timestep,
+                                               temperature_K=spec.temperature_k,
+                                               tdamp=spec.thermostat_time_fs * units.fs)
+
+    def run(self, steps: int) -> None:
+        """Advance `steps` MD steps."""
+        if steps > 0:
+            self.dynamics.run(steps)
+
+    # resumable state: positions, momenta (ASE units), thermostat variables / RNG state
+    def thermostat_state(self) -> bytes:
+        """The thermostat's state as fixed-length JSON bytes (RNG state or chain variables)."""
+        if self.spec.thermostat == "langevin":
+            state = self.rng.bit_generator.state
+        else:
+            chain = self.dynamics._thermostat
+            state = {"eta": chain._eta.tolist(), "p_eta": chain._p_eta.tolist()}
+        text = json.dumps(state).encode()
+        if len(text) > RNG_STATE_BYTES:
+            raise RuntimeError(f"thermostat state of {len(text)} bytes does not fit")
+        return text.ljust(RNG_STATE_BYTES)
+
+    def restore(self, positions_a: np.ndarray, momenta: np.ndarray, state: bytes) -> None:
+        """Set positions, momenta and thermostat state saved by a previous run."""
+        self.atoms.set_positions(positions_a, apply_constraint=False)
+        self.atoms.set_momenta(momenta, apply_constraint=False)
+        document = json.loads(bytes(state).decode().strip())
+        if self.spec.thermostat == "langevin":
+            self.rng.bit_generator.state = document
+        else:
+            chain = self.dynamics._thermostat
+            chain._eta[:] = document["eta"]
+            chain._p_eta[:] = document["p_eta"]
+            self.dynamics._q = self.atoms.get_positions()
+            self.dynamics._p = self.atoms.get_momenta()
+
+
+# ---- the store ---------------------------------------------------------------------------------
+def create_datasets(store: RunStore, task: MdTask, n_atoms: int, spec: MdSpec) -> None:
+    """Create one replica's pre-sized datasets (collective: every rank, same order)."""
+    n, chunk = spec.frames, min(spec.chunk_frames, spec.frames)
+    g = task.group
+    store.create_dataset(f"{g}/positions_a", (n, n_atoms, 3), "f8", chunks=(chunk, n_atoms, 3),
+                         unit="angstrom", note="unwrapped (continuous across the cell boundary)")
+    store.create_dataset(f"{g}/cell_a", (n, 3, 3), "f8", chunks=(chunk, 3, 3), unit="angstrom")
+    store.create_dataset(f"{g}/time_fs", (n,), "f8", chunks=(chunk,), unit="fs",
+                         fill_value=np.nan, note="0 = end of equilibration")
+    store.create_dataset(f"{g}/temperature_k", (n,), "f8", chunks=(chunk,), unit="K",
+                         fill_value=np.nan)
+    store.create_dataset(f"{g}/potential_energy_ev", (n,), "f8", chunks=(chunk,), unit="eV",
+                         fill_value=np.nan)
+    store.create_dataset(f"{g}/resume_momenta", (n_atoms, 3), "f8",
+                         unit="ASE (amu * A / (A * sqrt(amu / eV)))",
+                         note="momenta after the last saved frame")
+    store.create_dataset(f"{g}/resume_thermostat", (RNG_STATE_BYTES,), "u1",
+                         note="JSON: Langevin RNG bit-generator state or Nose-Hoover chain "
+                              "variables after the last saved frame")
+    store.create_dataset(f"{g}/resume_saved", (1,), "i8", fill_value=0,
+                         note="frames saved when resume_momenta/resume_thermostat were written")
+
+
+def _check_compatible(store: RunStore, task: MdTask, spec: MdSpec, n_atoms: int) -> None:
+    """A resumed store must have been made with the same frame count, interval and cell."""
+    shape = store.shape(f"{task.group}/positions_a")
+    attrs = store.attrs(task.group)
+    expected = {"save_interval_fs": spec.save_every_steps * spec.timestep_fs,
+                "timestep_fs": spec.timestep_fs}
+    if shape != (spec.frames, n_atoms, 3) or any(
+            attrs.get(k) is not None and abs(attrs[k] - v) > 1e-12 for k, v in expected.items()):
+        from engine.failure import InputError
+
+        raise InputError(f"md: the store's {task.group} was made with other settings "
+                         f"(frames, atoms {shape[:2]}; {attrs}); use a new store or --redo md")
+
+
+# ---- the verb ----------------------------------------------------------------------------------
+def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed: int,
+                 base_dir: Path | None = None, model_fallback: Path | None = None) -> StageResult:
+    """Run every system's replicas (round robin over ranks) and stream frames into the store.
+
+    Parameters
+    ----------
+    spec
+        The md settings.
+    systems
+        The manifest's systems (SystemSpec).
+    ctx, store
+        Rank context and run store.
+    seed
+        The manifest seed; replica r of system i draws from default_rng([seed, 5, i, r, ...]).
+    base_dir
+        Folder for relative structure paths.
+    model_fallback
+        Model file when the store holds none (``potential.model``; default the shipped one).
+    """
+    tasks = md_tasks(systems, spec.replicas)
+    structures = [build_structure(s, base_dir) for s in systems]
+    for i, system in enumerate(systems):
+        store.put(f"/md/{system.name}/numbers", structures[i].numbers.astype(np.int64))
+        store.set_attrs(f"/md/{system.name}", structure=system.structure,
+                        supercell=list(system.supercell), n_atoms=len(structures[i]))
+    interval_fs = spec.save_every_steps * spec.timestep_fs
+    for task in tasks:  # collective: same order everywhere
+        n_atoms = len(structures[task.system_index])
+        create_datasets(store, task, n_atoms, spec)
+        _check_compatible(store, task, spec, n_atoms)
+        store.set_attrs(task.group, save_interval_fs=interval_fs, timestep_fs=spec.timestep_fs,
+                        temperature_k=spec.temperature_k, thermostat=spec.thermostat,
+                        equilibration_steps=spec.equilibration_steps,
+                        n_requested=spec.frames, seed_key=[seed, 5, task.system_index,
+                                                           task.replica])
+    store.flush()
+    saved = {t.group: int(store.read(f"{t.group}/resume_saved")[0]) for t in tasks}
+    mine = [tasks[i] for i in ctx.round_robin(len(tasks))]
+
+    calculator = dp_calculator(model_file_for(store, ctx, model_fallback))  # one load per rank
+    trajectories: dict[str, Trajectory] = {}
+    for task in mine:
+        trajectory = Trajectory(structures[task.system_index], calculator, spec,
+                                [seed, 5, task.system_index, task.replica])
+        done = saved[task.group]
+        if done > 0:
+            g = task.group
+            trajectory.restore(store.read(f"{g}/positions_a", done - 1),
+                               store.read(f"{g}/resume_momenta"),
+                               store.read(f"{g}/resume_thermostat"))
+        trajectories[task.group] = trajectory
+    frames_left = sum(spec.frames - saved[t.group] for t in mine)
+    ns_per_frame = interval_fs * 1e-6
+    progress = Progress(ctx, "md", frames_left, "frames",
+                        extra=lambda rate: f"{rate * ns_per_frame * 86400 / max(len(mine), 1):.3g}"
+                                           " ns/day per replica")
+    ctx.log(f"md: {len(tasks)} trajectories over {ctx.size} ranks, {spec.frames} frames each, "
+            f"every {interval_fs:g} fs; {sum(saved.values())} frames already in the store")
+    n_rounds = -(-spec.frames // spec.chunk_frames)
+    for round_index in range(n_rounds):
+        end = min(spec.frames, (round_index + 1) * spec.chunk_frames)
+        for task in mine:
+            start = saved[task.group]
+            if start >= end:
+                continue
+            trajectory = trajectories[task.group]
+            if start == 0:
+                trajectory.run(spec.equilibration_steps)
+            _run_chunk(trajectory, task, start, end, spec, store, progress)
+            saved[task.group] = end
+        counts = ctx.comm.allgather({t.group: saved[t.group] for t in mine})
+        merged = {k: v for part in counts for k, v in part.items()}
+        for task in tasks:  # collective, same order
+            store.set_attrs(task.group, n_saved=merged[task.group])
+        store.flush()
+        if spec.stop_after_frames is not None and end >= spec.stop_after_frames \
+                and end < spec.frames:
+            raise StoppedOnPurpose(f"md.stop_after_frames={spec.stop_after_frames}: stopped "
+                                   f"after {end} frames per replica")
+    progress.finish()
+    temperatures = []
+    for task in mine:
+        temperatures.append(float(np.mean(store.read(f"{task.group}/temperature_k"))))
+    all_temperatures = [t for part in ctx.comm.allgather(temperatures) for t in part]
+    return StageResult({"trajectories": len(tasks), "frames_per_trajectory": spec.frames,
+                        "mean_temperature_k": float(np.mean(all_temperatures)),
+                        "save_interval_fs": interval_fs})
+
+
+def _run_chunk(trajectory: Trajectory, task: MdTask, start: int, end: int, spec: MdSpec,
+               store: RunStore, progress: Progress) -> None:
+    """Run frames start..end-1 of one replica and write them with the resume state."""
+    atoms = trajectory.atoms
+    n = end - start
+    positions = np.empty((n, len(atoms), 3))
+    cells = np.empty((n, 3, 3))
+    temperature, energy = np.empty(n), np.empty(n)
+    for k in range(n):
+        trajectory.run(spec.save_every_steps)
+        positions[k] = atoms.get_positions()
+        cells[k] = atoms.cell.array
+        temperature[k] = atoms.get_temperature()
+        energy[k] = atoms.get_potential_energy()
+        progress.update(1)
+    interval_fs = spec.save_every_steps * spec.timestep_fs
+    g = task.group
+    store.write_rows(f"{g}/positions_a", start, positions)
+    store.write_rows(f"{g}/cell_a", start, cells)
+    store.write_rows(f"{g}/time_fs", start, interval_fs * np.arange(start + 1, end + 1))
+    store.write_rows(f"{g}/temperature_k", start, temperature)
+    store.write_rows(f"{g}/potential_energy_ev", start, energy)
+    store.write_rows(f"{g}/resume_momenta", 0, atoms.get_momenta())
+    store.write_rows(f"{g}/resume_thermostat", 0,
+                     np.frombuffer(trajectory.thermostat_state(), dtype=np.uint8))
+    store.write_rows(f"{g}/resume_saved", 0, np.array([end]))
+
+
+def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
+    """Stage entry point used by the driver."""
+    return run_replicas(manifest.md, manifest.systems, ctx, store, manifest.seed,
+                        model_fallback=manifest.potential.model)

@@ -1,0 +1,306 @@
+"""The potential stage: a deepmd-kit (TF backend) DP model for the md stage.
+
+Either an existing frozen model (`potential.model`, default: the shipped P2-NMMO model) is put
+into the store, or a model is trained on labelled frames: held-out frames are chosen per file,
+the rest is written as deepmd/npy systems, then ``dp train``, ``dp freeze`` and (when it is
+faster) ``dp compress`` run as subprocesses on rank 0, and the energy / force RMSE on the
+held-out frames is recorded. The frozen model's bytes go to ``/potential/model.pb``: the md
+stage and a resumed run load it from there. Layout: docs/md.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.context import RankContext
+from engine.driver import StageResult
+from engine.failure import InputError
+from engine.store import RunStore
+from schemas.potential import SHIPPED_MODEL, PotentialSpec
+
+MODEL_PATH = "/potential/model.pb"
+"""Store path of the frozen DP model (bytes of the .pb file)."""
+
+
+@dataclass(frozen=True)
+class HoldoutErrors:
+    """RMSE of a model on held-out frames."""
+
+    frames: int
+    """Number of held-out frames."""
+    energy_rmse_mev_per_atom: float
+    """Energy RMSE per atom (meV/atom)."""
+    force_rmse_ev_per_a: float
+    """Force-component RMSE (eV/A)."""
+
+
+# ---- data ------------------------------------------------------------------------------------
+def write_deepmd_system(frames, folder: Path, type_map: list[str]) -> None:
+    """Write labelled frames (one composition, same atom order) as a deepmd/npy system.
+
+    Parameters
+    ----------
+    frames
+        ase.Atoms with energy (eV) and forces (eV/A) in their calculator.
+    folder
+        Output folder (type.raw, type_map.raw, set.000/{coord,box,energy,force}.npy).
+    type_map
+        Element of each DP type.
+    """
+    symbols = frames[0].get_chemical_symbols()
+    unknown = sorted(set(symbols) - set(type_map))
+    if unknown:
+        raise InputError(f"potential: elements {unknown} of {frames[0].info.get('source', '?')} "
+                         f"are not in potential.type_map {type_map}")
+    for index, atoms in enumerate(frames):
+        if atoms.get_chemical_symbols() != symbols:
+            raise InputError(f"potential: frame {index} ({atoms.info.get('source', '?')}) has a "
+                             "different composition or atom order than the first frame of its file")
+    (folder / "set.000").mkdir(parents=True, exist_ok=True)
+    np.savetxt(folder / "type.raw", [type_map.index(s) for s in symbols], fmt="%d")
+    (folder / "type_map.raw").write_text("\n".join(type_map) + "\n")
+    arrays = {
+        "coord": [a.get_positions().ravel() for a in frames],
+        "box": [a.cell.array.ravel() for a in frames],
+        "energy": [a.get_potential_energy() for a in frames],
+        "force": [a.get_forces().ravel() for a in frames],
+    }
+    for name, rows in arrays.items():
+        np.save(folder / "set.000" / f"{name}.npy", np.asarray(rows, dtype=np.float64))
+
+
+def split_holdout(n_frames: int, fraction: float, rng: np.random.Generator) -> tuple[list, list]:
+    """(training, held-out) frame indices: a random `fraction` held out (at least one if > 0)."""
+    order = rng.permutation(n_frames)
+    n_out = int(round(fraction * n_frames))
+    if fraction > 0 and n_frames > 1:
+        n_out = min(max(n_out, 1), n_frames - 1)
+    return sorted(order[n_out:].tolist()), sorted(order[:n_out].tolist())
+
+
+def deepmd_input(spec: PotentialSpec, train_systems: list[str], valid_systems: list[str],
+                 seed: int) -> dict:
+    """The deepmd-kit training input (se_e2_a + energy fitting) for `spec`."""
+    seeds = np.random.default_rng([seed, 101]).integers(1, 2**31 - 1, size=3).tolist()
+    training = {
+        "training_data": {"systems": train_systems, "batch_size": 1},
+        "numb_steps": spec.steps, "seed": seeds[2], "disp_file": "lcurve.out",
+        "disp_freq": max(1, min(1000, spec.steps // 20)), "save_freq": max(1, min(5000, spec.steps)),
+        "save_ckpt": "model.ckpt",
+    }
+    if valid_systems:
+        training["validation_data"] = {"systems": valid_systems, "batch_size": 1, "numb_btch": 4}
+    return {
+        "model": {
+            "type_map": list(spec.type_map),
+            "descriptor": {
+                "type": "se_e2_a", "rcut": spec.rcut_a, "rcut_smth": spec.rcut_smooth_a,
+                "sel": spec.sel, "neuron": list(spec.embedding_neurons),
+                "axis_neuron": spec.axis_neurons, "type_one_side": True, "resnet_dt": False,
+                "precision": spec.precision, "seed": seeds[0],
+            },
+            "fitting_net": {"neuron": list(spec.fitting_neurons), "resnet_dt": True,
+                            "precision": spec.precision, "seed": seeds[1]},
+        },
+        "learning_rate": {"type": "exp", "start_lr": spec.start_lr, "stop_lr": spec.stop_lr,
+                          "decay_steps": spec.decay_steps},
+        "loss": {"type": "ener",
+                 "start_pref_e": spec.energy_prefactors[0], "limit_pref_e": spec.energy_prefactors[1],
+                 "start_pref_f": spec.force_prefactors[0], "limit_pref_f": spec.force_prefactors[1],
+                 "start_pref_v": 0, "limit_pref_v": 0},
+        "training": training,
+    }
+
+
+# ---- running deepmd-kit ------------------------------------------------------------------------
+def _child_env(threads: int) -> dict:
+    """Environment for a deepmd-kit subprocess: our threads, no inherited MPI job variables."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMIX_", "OMPI_COMM", "OMPI_MCA_ess", "OMPI_MCA_orte",
+                                "OMPI_MCA_pmix", "OMPI_FILE_LOCATION", "OMPI_UNIVERSE",
+                                "OMPI_FIRST_RANKS", "OMPI_APP_CTX", "OMPI_NUM_APP_CTX",
+                                "OMPI_ARGV", "OMPI_MCA_initial_wdir", "OMPI_MCA_shmem",
+                                "OMPI_MCA_ras", "OMPI_MCA_rmaps_ppr", "OMPI_NUMPROC", "PMI_"))}
+    for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "DP_INTRA_OP_PARALLELISM_THREADS"):
+        env[name] = str(threads)
+    env["TF_NUM_INTEROP_THREADS"] = env["DP_INTER_OP_PARALLELISM_THREADS"] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def run_dp(args: list[str], workdir: Path, threads: int, log_name: str) -> None:
+    """Run ``dp --tf <args>`` (deepmd-kit's CLI, this interpreter) in `workdir`, logging."""
+    command = [sys.executable, "-m", "deepmd", "--tf", *args]
+    with open(workdir / log_name, "a") as log:
+        done = subprocess.run(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                              env=_child_env(threads), check=False)
+    if done.returncode != 0:
+        tail = (workdir / log_name).read_text()[-2000:]
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}) in {workdir}:\n{tail}")
+
+
+def evaluation_time_ms(model_path: Path, atoms, repeats: int = 20) -> float:
+    """Median wall time (ms) of one energy + force evaluation of `atoms` by a DP model."""
+    from deepmd.infer import DeepPot
+
+    model = DeepPot(str(model_path))
+    types = _atom_types(atoms, model.get_type_map())
+    coords, cells = atoms.positions.reshape(1, -1), atoms.cell.array.reshape(1, -1)
+    model.eval(coords, cells, types)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.eval(coords, cells, types)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def _atom_types(atoms, type_map: list[str]) -> list[int]:
+    return [type_map.index(s) for s in atoms.get_chemical_symbols()]
+
+
+def holdout_errors(model_path: Path, frames) -> HoldoutErrors:
+    """Energy (per atom) and force RMSE of a DP model on labelled frames."""
+    from deepmd.infer import DeepPot
+
+    model = DeepPot(str(model_path))
+    type_map = model.get_type_map()
+    energy_sq, force_sq, n_force = [], 0.0, 0
+    for atoms in frames:
+        energy, forces, _ = model.eval(atoms.positions.reshape(1, -1),
+                                       atoms.cell.array.reshape(1, -1),
+                                       _atom_types(atoms, type_map))
+        energy_sq.append(((float(energy.ravel()[0]) - atoms.get_potential_energy()) / len(atoms)) ** 2)
+        force_sq += float(np.sum((forces.reshape(-1, 3) - atoms.get_forces()) ** 2))
+        n_force += 3 * len(atoms)
+    if not frames:
+        return HoldoutErrors(0, float("nan"), float("nan"))
+    return HoldoutErrors(len(frames), 1e3 * float(np.sqrt(np.mean(energy_sq))),
+                         float(np.sqrt(force_sq / n_force)))
+
+
+# ---- the verb ----------------------------------------------------------------------------------
+def train_model(spec: PotentialSpec, workdir: Path, seed: int, threads: int,
+                log=print) -> tuple[Path, dict]:
+    """Train, freeze and (maybe) compress a DP model in `workdir` (one process; serial).
+
+    A `workdir` left by a killed run is reused: training restarts from its last checkpoint.
+
+    Returns
+    -------
+    (Path, dict)
+        The frozen model to use, and a report: hold-out RMSE, timings, sizes, the input.
+    """
+    from jobs.frames import read_labelled_frames
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 4, 1])
+    train_systems, valid_systems, held_out = [], [], []
+    for number, path in enumerate(spec.frames):
+        frames = read_labelled_frames(path)
+        if not frames:
+            raise InputError(f"potential.frames: {path} holds no frames")
+        train_idx, held_idx = split_holdout(len(frames), spec.holdout_fraction, rng)
+        name = f"{number:02d}-{Path(path).stem}"
+        write_deepmd_system([frames[i] for i in train_idx], workdir / "data" / f"train-{name}",
+                            list(spec.type_map))
+        train_systems.append(f"data/train-{name}")
+        if held_idx:
+            write_deepmd_system([frames[i] for i in held_idx], workdir / "data" / f"test-{name}",
+                                list(spec.type_map))
+            valid_systems.append(f"data/test-{name}")
+            held_out += [frames[i] for i in held_idx]
+        log(f"potential: {path}: {len(train_idx)} training, {len(held_idx)} held-out frames")
+    document = deepmd_input(spec, train_systems, valid_systems, seed)
+    (workdir / "input.json").write_text(json.dumps(document, indent=2))
+    start = time.monotonic()
+    if (workdir / "checkpoint").exists():
+        log("potential: resuming training from the checkpoint in " + str(workdir))
+        run_dp(["train", "input.json", "--restart", "model.ckpt"], workdir, threads, "train.log")
+    else:
+        log(f"potential: dp train, {spec.steps} steps, {threads} threads (log {workdir}/train.log)")
+        run_dp(["train", "input.json"], workdir, threads, "train.log")
+    train_s = time.monotonic() - start
+    run_dp(["freeze", "-o", "frozen.pb"], workdir, threads, "freeze.log")
+    chosen = workdir / "frozen.pb"
+    probe_atoms = held_out[0] if held_out else read_labelled_frames(spec.frames[0])[0]
+    timing = {"frozen_ms": evaluation_time_ms(chosen, probe_atoms)}
+    if spec.compress != "never":
+        run_dp(["compress", "-i", "frozen.pb", "-o", "compressed.pb"], workdir, threads,
+               "compress.log")
+        timing["compressed_ms"] = evaluation_time_ms(workdir / "compressed.pb", probe_atoms)
+        if spec.compress == "always" or timing["compressed_ms"] < timing["frozen_ms"]:
+            chosen = workdir / "compressed.pb"
+    errors = holdout_errors(chosen, held_out)
+    report = {"holdout_frames": errors.frames,
+              "energy_rmse_mev_per_atom": errors.energy_rmse_mev_per_atom,
+              "force_rmse_ev_per_a": errors.force_rmse_ev_per_a,
+              "train_s": train_s, "model_file": chosen.name,
+              "model_mb": chosen.stat().st_size / 2**20, **timing}
+    return chosen, report
+
+
+def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
+                  seed: int = 2022) -> StageResult:
+    """Put a DP model into the store: the given / shipped one, or one trained on `spec.frames`.
+
+    Training runs on rank 0 (deepmd-kit as a subprocess); the other ranks wait. The model bytes
+    land in ``/potential/model.pb`` with the hold-out RMSE in its attributes.
+    """
+    report: dict = {}
+    if not spec.frames:
+        path = Path(spec.model) if spec.model is not None else SHIPPED_MODEL
+        if not path.is_file():
+            raise InputError(f"potential.model: {path} not found")
+        blob = path.read_bytes()
+        report = {"source": str(path), "trained": False}
+    else:
+        result = None
+        if ctx.is_root:
+            workdir = Path(str(store.path) + ".potential")
+            threads = spec.train_threads or ctx.cores
+            try:
+                chosen, report = train_model(spec, workdir, seed, threads, ctx.log)
+                result = (chosen.read_bytes(), report, None)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                result = (None, None, exc)
+        blob, report, error = ctx.comm.bcast(result, root=0)
+        if error is not None:
+            raise error
+        report = {"trained": True, **report}
+    store.put_bytes(MODEL_PATH, blob, **report)
+    store.set_attrs("/potential", type_map=list(spec.type_map))
+    store.flush()
+    summary = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
+    summary["model_mb"] = len(blob) / 2**20
+    return StageResult(summary)
+
+
+def model_file_for(store: RunStore, ctx: RankContext, fallback: Path | None = None) -> Path:
+    """A local file holding the store's DP model (one per rank), or `fallback` / the shipped one.
+
+    The md stage calls this: the model in ``/potential/model.pb`` (written by the potential
+    stage) is copied next to the store so that deepmd-kit can load it.
+    """
+    if store.exists(MODEL_PATH):
+        local = Path(str(store.path) + f".model-rank{ctx.rank}.pb")
+        blob = store.get_bytes(MODEL_PATH)
+        if not local.exists() or local.read_bytes() != blob:
+            local.write_bytes(blob)
+        return local
+    path = Path(fallback) if fallback is not None else SHIPPED_MODEL
+    if not path.is_file():
+        raise InputError(f"potential.model: {path} not found (and no model in the store)")
+    return path
+
+
+def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
+    """Stage entry point used by the driver."""
+    return fit_potential(manifest.potential, ctx, store, manifest.seed)
