@@ -356,7 +356,7 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
         For missing md trajectories, POTCARs or launch program.
     """
     gyromagnetic_factor = shift_spec.constants()["gyromagnetic_factor"]
-    labeller = make_labeller(spec, gyromagnetic_factor)
+    labeller = make_labeller(spec, gyromagnetic_factor, ctx.cores, ctx.rank)
     store.set_attrs(LABEL_ROOT, systems=[s.name for s in systems], labeller=spec.labeller)
     for system in systems:
         _prepare_system(spec, ctx, store, system)

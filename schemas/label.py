@@ -20,8 +20,10 @@ class VaspSpec(Spec):
 
     command: list[str] = Field(default=["vasp_std"], min_length=1)
     """The launch command as an argument list, run in each frame's work directory, e.g.
-    `["srun", "--exclusive", "-N", "1", "-n", "32", "vasp_std"]` (see docs/label.md for
-    mapping ranks x cores on Slurm). Never a shell string."""
+    `["srun", "--exact", "-N", "1", "-n", "32", "vasp_std"]` (see docs/label.md for mapping
+    ranks x cores on Slurm). `{cores}` and `{rank}` in an argument become the rank's cores and
+    rank, e.g. `["mpirun", "-np", "{cores}", "vasp_std"]`. Never a shell string; the MPI
+    launcher's rank variables (PMIX_*, OMPI_COMM_WORLD_*, ...) are not passed on."""
     walltime_s: float = Field(default=86400.0, gt=0)
     """Wall-time limit of one VASP run (s); a run past it is killed (its whole process group)
     and counts as a failed attempt ("timeout")."""

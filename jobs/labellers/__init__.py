@@ -68,7 +68,7 @@ class Labeller(Protocol):
         (a job that finished after its rank was killed); None otherwise."""
 
 
-def make_labeller(spec, gyromagnetic_factor: float) -> Labeller:
+def make_labeller(spec, gyromagnetic_factor: float, cores: int = 1, rank: int = 0) -> Labeller:
     """The labeller that a LabelSpec configures.
 
     Parameters
@@ -77,6 +77,8 @@ def make_labeller(spec, gyromagnetic_factor: float) -> Labeller:
         The manifest's `label` section (schemas.label.LabelSpec).
     gyromagnetic_factor
         The shift conversion's gyromagnetic convention (the NGYROMAG default).
+    cores, rank
+        This rank's cores and rank (replace `{cores}` and `{rank}` in a launch command).
 
     Returns
     -------
@@ -85,5 +87,5 @@ def make_labeller(spec, gyromagnetic_factor: float) -> Labeller:
     if spec.labeller == "vasp":
         from jobs.labellers.vasp import VaspLabeller
 
-        return VaspLabeller.from_spec(spec.vasp, gyromagnetic_factor)
+        return VaspLabeller.from_spec(spec.vasp, gyromagnetic_factor, cores, rank)
     raise ValueError(f"unknown labeller {spec.labeller!r}")

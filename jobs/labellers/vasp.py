@@ -63,6 +63,29 @@ def format_incar_value(value) -> str:
     return str(value)
 
 
+LAUNCHER_VARIABLES = ("PMIX_", "PMI_", "OMPI_COMM_WORLD_", "OMPI_MCA_orte_", "OMPI_MCA_ess",
+                      "OMPI_MCA_pmix", "OMPI_MCA_initial_wdir", "OMPI_MCA_shmem_RUNTIME",
+                      "OMPI_FILE_LOCATION", "OMPI_APP_CTX_", "OMPI_FIRST_RANKS",
+                      "OMPI_NUM_APP_CTX", "OMPI_UNIVERSE_SIZE", "OMPI_COMMAND", "MPI_LOCALRANKID",
+                      "MPI_LOCALNRANKS", "HYDRA_")
+"""Prefixes of the variables an MPI launcher gives its ranks (Open MPI, PMIx, MPICH/Hydra).
+They are not passed on: the DFT program is its own MPI job, not a member of dynshift's."""
+
+
+def launch_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without the MPI launcher's rank variables, plus `extra`."""
+    environment = {key: value for key, value in os.environ.items()
+                   if not key.startswith(LAUNCHER_VARIABLES)}
+    environment.update(extra or {})
+    return environment
+
+
+def expand_command(command, cores: int, rank: int) -> tuple[str, ...]:
+    """The launch command with `{cores}` and `{rank}` replaced in each argument (no shell)."""
+    return tuple(str(arg).replace("{cores}", str(cores)).replace("{rank}", str(rank))
+                 for arg in command)
+
+
 @dataclass(frozen=True)
 class VaspProfile:
     """How VASP is launched: the command (argument list), its time limit and environment."""
@@ -89,7 +112,7 @@ class VaspProfile:
             ``timeout`` past `walltime_s` (the process group is killed), ``launch`` when the
             program cannot be started.
         """
-        environment = {**os.environ, **self.env}
+        environment = launch_environment(self.env)
         with open(work_dir / OUTPUT_LOG, "ab") as log:
             try:
                 process = subprocess.Popen(list(self.command), cwd=work_dir, stdout=log,
@@ -255,15 +278,17 @@ class VaspLabeller:
         self.profile = profile
 
     @classmethod
-    def from_spec(cls, spec, gyromagnetic_factor: float = 100.0) -> "VaspLabeller":
-        """The labeller of a manifest's `label.vasp` section (schemas.label.VaspSpec)."""
+    def from_spec(cls, spec, gyromagnetic_factor: float = 100.0, cores: int = 1,
+                  rank: int = 0) -> "VaspLabeller":
+        """The labeller of a manifest's `label.vasp` section (schemas.label.VaspSpec); `{cores}`
+        and `{rank}` in its command become this rank's cores and rank."""
         template = VaspTemplate(
             potcar_dir=spec.potcar_dir, potcar=dict(spec.potcar), kpoints=tuple(spec.kpoints),
             kpoints_gamma=spec.kpoints_gamma, encut_ev=spec.encut_ev, ediff_ev=spec.ediff_ev,
             nelm=spec.nelm, nupdown=spec.nupdown, ngyromag=dict(spec.ngyromag),
             ngyromag_default=gyromagnetic_factor, incar=dict(spec.incar))
-        profile = VaspProfile(tuple(spec.command), spec.walltime_s, spec.kill_grace_s,
-                              dict(spec.env))
+        profile = VaspProfile(expand_command(spec.command, cores, rank), spec.walltime_s,
+                              spec.kill_grace_s, dict(spec.env))
         return cls(template, profile)
 
     def check(self, species: list[str]) -> None:

@@ -135,3 +135,18 @@ def test_missing_potcar_or_program_is_an_input_error(tmp_path):
 def test_grouping_permutation_is_stable_by_first_appearance():
     order = grouping_permutation(["O", "Na", "O", "Mn", "Na"])
     assert order.tolist() == [0, 2, 1, 4, 3]
+
+
+def test_launch_environment_drops_the_ranks_mpi_identity(monkeypatch):
+    from jobs.labellers.vasp import expand_command, launch_environment
+
+    monkeypatch.setenv("PMIX_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "x")
+    monkeypatch.setenv("OMPI_MCA_btl", "self,vader")
+    environment = launch_environment({"OMP_NUM_THREADS": "1"})
+    assert "PMIX_RANK" not in environment and "OMPI_COMM_WORLD_RANK" not in environment
+    assert "OMPI_MCA_orte_hnp_uri" not in environment
+    assert environment["OMPI_MCA_btl"] == "self,vader" and environment["OMP_NUM_THREADS"] == "1"
+    assert expand_command(["srun", "-n", "{cores}", "vasp-{rank}"], 8, 3) == (
+        "srun", "-n", "8", "vasp-3")

@@ -81,3 +81,22 @@ def test_a_split_communicator_labels_on_its_own(shared_tmp, shared_data):
         result = label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
     assert result.n_done == 2
     half.Free()
+
+
+def test_a_rank_launches_its_own_mpi_job(shared_tmp):
+    """The DFT command may itself be `mpirun ...`: it must not inherit the rank's MPI identity
+    (Open MPI refuses a recursive mpirun), and `{rank}` / `{cores}` are filled in."""
+    import sys
+
+    from jobs.labellers.vasp import VaspProfile, expand_command
+
+    ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
+    work = shared_tmp / f"nested{ctx.rank}"
+    work.mkdir()
+    script = ("import sys; from mpi4py import MPI; w = MPI.COMM_WORLD; "
+              "open(f'inner{w.rank}', 'w').write(f'{sys.argv[1]} {w.rank} {w.size}')")
+    command = expand_command(["mpirun", "-np", "2", sys.executable, "-c", script, "{rank}"],
+                             ctx.cores, ctx.rank)
+    assert VaspProfile(command, walltime_s=120).run(work) == 0
+    assert [(work / f"inner{i}").read_text() for i in (0, 1)] == [
+        f"{ctx.rank} 0 2", f"{ctx.rank} 1 2"]
