@@ -2,9 +2,10 @@
 
 Per system, the stage chooses frames from ``/md/<system>/<rNNN>`` (every k-th saved frame of each
 replica, or N evenly spaced over all replicas), wraps them into the cell and pre-sizes every
-dataset of ``/label/<system>`` (collective, once). The frames still to do are dealt round-robin
-to the ranks; each rank labels its frames one by one with the configured labeller in its own
-work directory ``<work_dir>/<system>/r<replica>-f<frame>`` and writes each result as soon as
+dataset of ``/label/<system>`` (collective, once). The ranks take the frames still to do on
+demand (an exclusive claim file per frame and run, so a rank with quick jobs takes more) and
+label each with the configured labeller in its own work directory
+``<work_dir>/<system>/r<replica>-f<frame>``, writing each result as soon as
 it has it (independent writes of its own rows; status last), so a killed run loses at most the
 jobs that were running. A failed attempt (non-zero exit, time-out, truncated or garbled OUTCAR,
 unconverged SCF, ...) is kept in ``attempt-<n>-<reason>/`` and retried up to
@@ -40,8 +41,10 @@ replica_names, and ``failures`` (JSON list of {replica, frame, reason, attempts,
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,9 +239,33 @@ def _text_row(text: str, n_bytes: int) -> np.ndarray:
 
 
 # ---- labelling one frame ------------------------------------------------------------------
+CLAIM_PREFIX = ".claim-"
+"""A rank that takes a frame creates `<work dir>/.claim-<run id>` (atomic, exclusive)."""
+
+
+def claim_frame(work_dir: Path, run_id: str) -> bool:
+    """Take the frame of `work_dir` for this rank in run `run_id`; False if another rank has.
+
+    The claim is an exclusive create of ``.claim-<run id>`` (atomic on POSIX and NFS v3+ file
+    systems), so ranks take frames on demand, each exactly once per run; claims of earlier
+    (dead) runs are removed.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(work_dir / f"{CLAIM_PREFIX}{run_id}",
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    for stale in work_dir.glob(f"{CLAIM_PREFIX}*"):
+        if stale.name != f"{CLAIM_PREFIX}{run_id}":
+            stale.unlink(missing_ok=True)
+    return True
+
+
 def _archive(work_dir: Path, name: str) -> None:
-    """Move the files of `work_dir` (not its sub-folders) into `work_dir/name`."""
-    files = [p for p in work_dir.iterdir() if p.is_file()] if work_dir.is_dir() else []
+    """Move the files of `work_dir` (not its sub-folders or claims) into `work_dir/name`."""
+    files = [p for p in work_dir.iterdir() if p.is_file()
+             and not p.name.startswith(CLAIM_PREFIX)] if work_dir.is_dir() else []
     if not files:
         return
     target = work_dir / name
@@ -285,12 +312,18 @@ class _FrameWriter:
         self.store.write_rows(f"{frames.group}/status", row, [STATUS_FAILED])
 
 
+def _work_dir(work_root: Path, frames: SystemFrames, row: int) -> Path:
+    """The work directory of one frame: <work_dir>/<system>/r<replica>-f<frame>."""
+    replica, frame = int(frames.replica[row]), int(frames.frame[row])
+    return work_root / frames.name / f"r{replica:03d}-f{frame:06d}"
+
+
 def _label_one(labeller: Labeller, spec, frames: SystemFrames, row: int, atoms: Atoms,
                work_root: Path, writer: _FrameWriter, ctx: RankContext) -> dict:
     """Label one frame with retries; returns its outcome (status, attempts, counts)."""
     replica, frame = int(frames.replica[row]), int(frames.frame[row])
     key = f"{frames.name}/r{replica:03d}-f{frame:06d}"
-    work_dir = work_root / frames.name / f"r{replica:03d}-f{frame:06d}"
+    work_dir = _work_dir(work_root, frames, row)
     writer.work_dir(frames, row, work_dir)
     attempts = int(frames.attempts[row])
     error = frames.last_error[row]
@@ -375,13 +408,19 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
                 f"{int(np.sum(frames.status == STATUS_DONE))} done before, "
                 f"{int(np.sum(frames.status == STATUS_FAILED))} failed before")
     ctx.log(f"label: {len(tasks)} frames to label on {ctx.size} rank(s) with {labeller.name}")
-    mine = [tasks[i] for i in ctx.round_robin(len(tasks))]
+    # Frames are taken on demand (a claim file per frame and run), so a rank whose DFT jobs
+    # are quick takes more of them; each rank starts at its own place in the list.
+    run_id = ctx.comm.bcast(uuid.uuid4().hex if ctx.is_root else None, root=0)
+    start = ctx.block(len(tasks)).start
+    order = tasks[start:] + tasks[:start]
     writer = _FrameWriter(store, shift_spec)
-    progress = Progress(ctx, "label", len(mine), "frames", every_s=30.0)
+    progress = Progress(ctx, "label", -(-len(tasks) // ctx.size), "frames", every_s=30.0)
     outcomes = []
-    for index, row in mine:
+    for index, row in order:
         frames = all_frames[index]
         group = frames.group
+        if not claim_frame(_work_dir(work_root, frames, row), run_id):
+            continue
         atoms = Atoms(numbers=frames.numbers, positions=store.read(f"{group}/positions_a", row),
                       cell=store.read(f"{group}/cell_a", row), pbc=True)
         outcomes.append(_label_one(labeller, spec, frames, row, atoms, work_root, writer, ctx))

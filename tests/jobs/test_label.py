@@ -73,7 +73,7 @@ def test_transient_failures_are_retried_persistent_ones_recorded(tmp_path, ctx, 
         assert len(failures) == 1 and failures[0]["replica"] == 1 and failures[0]["frame"] == 3
         assert failures[0]["reason"].startswith("unconverged")
         work = Path(failures[0]["work_dir"])
-        assert sorted(p.name for p in work.iterdir()) == [
+        assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".claim")) == [
             "attempt-1-unconverged", "attempt-2-unconverged", "attempt-3-unconverged"]
         # positions: the md frame wrapped into the cell (md wrote them shifted by lattice vectors)
         positions = store.read(f"{group}/positions_a")
@@ -230,3 +230,12 @@ def test_two_ranks_20_frames_20_percent_failures_kill_9_and_rerun(tmp_path, shar
         behaviours = [f[3] for f in log if f[0] == "end" and f[1] == key]
         assert behaviours[-1] == "ok" and len([f for f in log if f[0] == "start"
                                                and f[1] == key]) == 2
+
+
+def test_a_frame_is_claimed_once_per_run_and_stale_claims_go(tmp_path):
+    from jobs.label import claim_frame
+
+    work = tmp_path / "w" / "r000-f000001"
+    assert claim_frame(work, "run1") and not claim_frame(work, "run1")
+    assert claim_frame(work, "run2")  # a later run: the claim of the dead one is no obstacle
+    assert [p.name for p in work.iterdir()] == [".claim-run2"]
