@@ -83,13 +83,18 @@ class Trajectory:
         from ase import units
         from ase.constraints import FixCom
         from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+        from ase.parallel import DummyMPI
+
+        # ASE broadcasts random numbers over its own `world` (all MPI ranks) unless told
+        # otherwise: each replica here is serial, so every ASE object gets a one-rank comm.
+        serial = DummyMPI()
 
         self.spec = spec
         self.atoms = atoms.copy()
         self.atoms.calc = calculator
         self.rng = np.random.default_rng([*seed_key, 2])
         MaxwellBoltzmannDistribution(self.atoms, temperature_K=spec.temperature_k,
-                                     rng=np.random.default_rng([*seed_key, 1]))
+                                     rng=np.random.default_rng([*seed_key, 1]), comm=serial)
         Stationary(self.atoms)
         timestep = spec.timestep_fs * units.fs
         if spec.thermostat == "langevin":
@@ -98,13 +103,14 @@ class Trajectory:
             self.atoms.set_constraint(FixCom())
             self.dynamics = Langevin(self.atoms, timestep, temperature_K=spec.temperature_k,
                                      friction=spec.friction_per_fs / units.fs, fixcm=False,
-                                     rng=self.rng)
+                                     rng=self.rng, comm=serial)
         else:
             from ase.md.nose_hoover_chain import NoseHooverChainNVT
 
             self.dynamics = NoseHooverChainNVT(self.atoms, timestep,
                                                temperature_K=spec.temperature_k,
-                                               tdamp=spec.thermostat_time_fs * units.fs)
+                                               tdamp=spec.thermostat_time_fs * units.fs,
+                                               comm=serial)
 
     def run(self, steps: int) -> None:
         """Advance `steps` MD steps."""
