@@ -82,10 +82,14 @@ class LabelResult:
     """Frames whose finished result was found in their work directory and read, not rerun."""
     n_failed_attempts: int
     """Failed attempts in this run (retried or not)."""
+    frames_per_rank: tuple[int, ...] = ()
+    """Frames each rank took in this run (ranks take frames on demand)."""
 
     def summary(self) -> dict:
         """The counts as a plain dict (the stage summary)."""
-        return dict(self.__dict__)
+        summary = dict(self.__dict__)
+        summary["frames_per_rank"] = list(self.frames_per_rank)
+        return summary
 
 
 @dataclass
@@ -426,12 +430,14 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
         outcomes.append(_label_one(labeller, spec, frames, row, atoms, work_root, writer, ctx))
         progress.update(1)
     progress.finish()
-    everything = [o for rank_outcomes in ctx.comm.allgather(outcomes) for o in rank_outcomes]
-    return _finish(spec, ctx, store, all_frames, everything)
+    gathered = ctx.comm.allgather(outcomes)
+    everything = [o for rank_outcomes in gathered for o in rank_outcomes]
+    return _finish(spec, ctx, store, all_frames, everything,
+                   tuple(len(rank_outcomes) for rank_outcomes in gathered))
 
 
 def _finish(spec, ctx: RankContext, store: RunStore, all_frames: list[SystemFrames],
-            outcomes: list[dict]) -> LabelResult:
+            outcomes: list[dict], frames_per_rank: tuple[int, ...]) -> LabelResult:
     """Merge every rank's outcomes, record counts and failures (collective), check the budget."""
     by_name = {frames.name: frames for frames in all_frames}
     for outcome in outcomes:
@@ -456,7 +462,8 @@ def _finish(spec, ctx: RankContext, store: RunStore, all_frames: list[SystemFram
         n_failed=len(failures_all),
         n_labelled_now=sum(o["labelled"] for o in outcomes),
         n_recovered=sum(o["recovered"] for o in outcomes),
-        n_failed_attempts=sum(o["failed_attempts"] for o in outcomes))
+        n_failed_attempts=sum(o["failed_attempts"] for o in outcomes),
+        frames_per_rank=frames_per_rank)
     ctx.log(f"label: {result.n_done}/{result.n_selected} frames done ({result.n_labelled_now} "
             f"labelled now, {result.n_recovered} recovered from work dirs), "
             f"{result.n_failed} failed, {result.n_failed_attempts} failed attempts")

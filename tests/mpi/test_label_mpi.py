@@ -100,3 +100,24 @@ def test_a_rank_launches_its_own_mpi_job(shared_tmp):
     assert VaspProfile(command, walltime_s=120).run(work) == 0
     assert [(work / f"inner{i}").read_text() for i in (0, 1)] == [
         f"{ctx.rank} 0 2", f"{ctx.rank} 1 2"]
+
+
+def test_a_rank_stuck_on_a_slow_frame_leaves_the_others_to_the_rest(shared_tmp, shared_data):
+    """Frames are taken on demand: while rank 0 computes a slow frame (its first), rank 1 takes
+    the quick ones (a static deal would give each rank 3 of the 6)."""
+    ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
+    folder = shared_tmp / "balance"
+    if ctx.is_root:
+        folder.mkdir()
+        section = vasp_section(folder, {"a/r000-f000000": ["slow"]})
+        section["env"]["FAKE_VASP_SLOW_S"] = "5"
+    section = ctx.comm.bcast(section if ctx.is_root else None, root=0)
+    manifest = parse_manifest(yaml.safe_dump({
+        "stages": ["label"], "systems": [{"name": "a", "structure": "builtin:p2-nmmo-p63mcm"}],
+        "label": {"n_frames": 6, "work_dir": str(folder / "work"), "vasp": section}}))
+    with RunStore(folder / "run.h5", ctx) as store:
+        write_md(store, "a", [shared_frames(shared_data, 6)])
+        result = label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
+    assert result.n_done == 6 and sum(result.frames_per_rank) == 6
+    if ctx.size == 2:
+        assert result.frames_per_rank[0] < result.frames_per_rank[1]
