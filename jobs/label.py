@@ -44,6 +44,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,13 +57,14 @@ from ase.data import atomic_numbers
 from engine.context import RankContext
 from engine.driver import StageResult
 from engine.failure import InputError
-from engine.progress import Progress
 from engine.store import RunStore
 from jobs.labellers import Labeller, LabelError, make_labeller
 
 LABEL_ROOT = "/label"
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, -1
 ERROR_BYTES, PATH_BYTES = 256, 512
+PROGRESS_EVERY_S = 60.0
+"""Rank 0 reports its progress at most this often (frames are long DFT jobs)."""
 _REPLICA_NAME = re.compile(r"^r(\d+)$")
 
 
@@ -418,7 +420,7 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
     start = ctx.block(len(tasks)).start
     order = tasks[start:] + tasks[:start]
     writer = _FrameWriter(store, shift_spec)
-    progress = Progress(ctx, "label", -(-len(tasks) // ctx.size), "frames", every_s=30.0)
+    last_log = time.monotonic()
     outcomes = []
     for index, row in order:
         frames = all_frames[index]
@@ -428,8 +430,10 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
         atoms = Atoms(numbers=frames.numbers, positions=store.read(f"{group}/positions_a", row),
                       cell=store.read(f"{group}/cell_a", row), pbc=True)
         outcomes.append(_label_one(labeller, spec, frames, row, atoms, work_root, writer, ctx))
-        progress.update(1)
-    progress.finish()
+        if time.monotonic() - last_log > PROGRESS_EVERY_S:  # rank 0 speaks for itself only
+            last_log = time.monotonic()
+            ctx.log(f"label: rank 0 has taken {len(outcomes)} of the {len(tasks)} frames, "
+                    f"{sum(o['status'] == STATUS_DONE for o in outcomes)} done")
     gathered = ctx.comm.allgather(outcomes)
     everything = [o for rank_outcomes in gathered for o in rank_outcomes]
     return _finish(spec, ctx, store, all_frames, everything,
