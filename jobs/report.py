@@ -1,0 +1,414 @@
+"""The report stage and `dynshift report STORE`: PNG figures and a Markdown summary.
+
+Reads ``/analyze/<system>`` (docs/analyze.md) and, when present, the training cross-validation
+``/train/cv/shift_dft_ppm`` and ``shift_pred_ppm``; writes into one folder:
+
+- ``summary.md``: the paper's Table 1 in shape (sites, occupations, site-centred shifts) and
+  the averages (mean shift +- block error, D), with the figures linked;
+- ``histograms.png`` (cf. Lin et al. Fig. 3a), ``maps_<system>.png`` (Fig. 3b/c),
+  ``running_average.png`` (Fig. S11), ``msd.png`` (md sources), ``parity.png`` (training).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engine.context import RankContext
+from engine.driver import StageResult
+from engine.store import RunStore
+from schemas.report import ReportSpec
+
+ANALYZE_GROUP = "/analyze"
+CV_GROUP = "/train/cv"
+CLASS_COLOURS = {"Na_edge": "tab:red", "unassigned": "0.6"}
+"""Fixed colours of some site classes; face-sharing classes take tab10 colours in order."""
+
+
+def default_out_dir(store_path: str | Path) -> Path:
+    """``<store stem>-report/`` beside the store."""
+    store_path = Path(store_path)
+    return store_path.with_name(f"{store_path.stem}-report")
+
+
+def _colours(class_names) -> dict:
+    palette = iter(["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown",
+                    "tab:pink", "tab:olive", "tab:cyan"])
+    return {name: CLASS_COLOURS.get(name) or next(palette, "k") for name in class_names}
+
+
+def _spec_from_store(store: RunStore) -> ReportSpec:
+    """The report settings of the manifest recorded in the store (defaults when absent)."""
+    import yaml
+
+    text = store.attrs("/").get("manifest_yaml")
+    try:
+        section = (yaml.safe_load(text) or {}).get("report") if text else None
+        return ReportSpec.model_validate(section or {})
+    except Exception:  # noqa: BLE001 - a report of an odd store still gets written
+        return ReportSpec()
+
+
+def report_from_store(store_path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write the figures and summary.md of a run store; returns the summary's path.
+
+    Parameters
+    ----------
+    store_path
+        The run store (opened read-only, serially).
+    out_dir
+        Output folder; default ``<store stem>-report/`` beside the store.
+    """
+    store_path = Path(store_path)
+    with RunStore(store_path, None, mode="r") as store:
+        spec = _spec_from_store(store)
+        return write_report(store, Path(out_dir) if out_dir else default_out_dir(store_path),
+                            spec)
+
+
+ANALYZE_SUBGROUPS = ("blocks", "sites", "histogram", "running", "maps", "msd")
+"""Subgroups of /analyze/<system> (docs/analyze.md) that the report reads."""
+
+
+class ReportData:
+    """The part of a store that the report shows, read in one pass, with the store's reading
+    interface (``exists``, ``read``, ``attrs``, ``keys``).
+
+    In the report stage EVERY rank reads it (the same reads in the same order keep the
+    ranks' parallel-HDF5 metadata caches alike; reads on rank 0 alone can leave the next
+    collective metadata call hanging); only rank 0 then draws.
+    """
+
+    def __init__(self, store: RunStore):
+        self._arrays: dict[str, np.ndarray] = {}
+        self._attrs: dict[str, dict] = {}
+        self._keys: dict[str, list[str]] = {}
+        self._remember_group(store, "/stages")
+        for name in store.keys("/stages"):
+            self._attrs[f"/stages/{name}"] = store.attrs(f"/stages/{name}")
+        self._remember_group(store, ANALYZE_GROUP)
+        for name in store.keys(ANALYZE_GROUP):
+            self._remember_group(store, f"{ANALYZE_GROUP}/{name}")
+            for sub in ANALYZE_SUBGROUPS:
+                group = f"{ANALYZE_GROUP}/{name}/{sub}"
+                self._remember_group(store, group)
+                for key in store.keys(group):
+                    self._arrays[f"{group}/{key}"] = store.read(f"{group}/{key}")
+        for key in ("shift_dft_ppm", "shift_pred_ppm"):
+            if store.exists(f"{CV_GROUP}/{key}"):
+                self._arrays[f"{CV_GROUP}/{key}"] = store.read(f"{CV_GROUP}/{key}")
+
+    def _remember_group(self, store: RunStore, group: str) -> None:
+        if store.exists(group):
+            self._attrs[group] = store.attrs(group)
+            self._keys[group] = store.keys(group)
+
+    def exists(self, name: str) -> bool:
+        """True for a remembered dataset or group."""
+        return name in self._arrays or name in self._keys
+
+    def read(self, name: str) -> np.ndarray:
+        """A remembered dataset."""
+        return self._arrays[name]
+
+    def attrs(self, name: str = "/") -> dict:
+        """Attributes of a remembered group ({} otherwise)."""
+        return self._attrs.get(name, {})
+
+    def keys(self, name: str = "/") -> list[str]:
+        """Members of a remembered group ([] otherwise)."""
+        return self._keys.get(name, [])
+
+
+def write_report(store: RunStore, out_dir: Path, spec: ReportSpec) -> Path:
+    """Write every figure the store supports and summary.md into `out_dir`.
+
+    Returns
+    -------
+    Path
+        The summary.md written.
+    """
+    return render_report(ReportData(store), out_dir, spec)
+
+
+def _systems(store) -> list[str]:
+    return [name for name in store.keys(ANALYZE_GROUP)
+            if store.exists(f"{ANALYZE_GROUP}/{name}/sites/occupation")]
+
+
+def render_report(store: ReportData, out_dir: Path, spec: ReportSpec) -> Path:
+    """Draw the figures and write summary.md from data already read (no store access)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    systems = _systems(store)
+    figures: list[tuple[str, str]] = []
+    if systems:
+        figures.append(("Shift histograms by site (cf. Fig. 3a)",
+                        _histograms(store, systems, out_dir, spec)))
+        for name in systems:
+            figures.append((f"xy maps of {name} (cf. Fig. 3b/c)",
+                            _maps(store, name, out_dir, spec)))
+        figures.append(("Running averages vs simulated time (cf. Fig. S11)",
+                        _running(store, systems, out_dir, spec)))
+        md = [n for n in systems if store.exists(f"{ANALYZE_GROUP}/{n}/msd/msd_a2")]
+        if md:
+            figures.append(("Na in-plane mean squared displacement", _msd(store, md, out_dir,
+                                                                          spec)))
+    parity = None
+    if store.exists(f"{CV_GROUP}/shift_dft_ppm") and store.exists(f"{CV_GROUP}/shift_pred_ppm"):
+        parity = _parity(store, out_dir, spec)
+        figures.append(("NN-NMR cross-validation parity (cf. Fig. 2)", parity[0]))
+    summary = out_dir / "summary.md"
+    summary.write_text(_summary(store, systems, figures, parity))
+    return summary
+
+
+# ---- figures -------------------------------------------------------------------------------
+def _histograms(store, systems, out_dir, spec) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(systems), 1, figsize=(6.4, 2.6 * len(systems) + 0.6),
+                             squeeze=False, sharex=True)
+    for ax, name in zip(axes[:, 0], systems):
+        group = f"{ANALYZE_GROUP}/{name}/histogram"
+        edges = store.read(f"{group}/edges_ppm")
+        counts = store.read(f"{group}/counts").astype(float)
+        total = store.read(f"{group}/total_counts").astype(float)
+        classes = store.attrs(f"{ANALYZE_GROUP}/{name}/sites")["class_names"]
+        occupation = store.read(f"{ANALYZE_GROUP}/{name}/sites/occupation")
+        colours = _colours(classes)
+        norm = max(total.sum(), 1.0) * np.diff(edges)  # probability density per ppm
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        ax.plot(centres, total / norm, color="k", lw=1.4, label="all Na")
+        for k, cls in enumerate(classes):
+            if counts[k].sum() == 0:
+                continue
+            ax.fill_between(centres, counts[k] / norm, step="mid", alpha=0.45,
+                            color=colours[cls], label=f"{cls} ({occupation[k]:.3f})")
+        mean = store.attrs(f"{ANALYZE_GROUP}/{name}")["mean_shift_ppm"]
+        ax.axvline(mean, color="k", ls="--", lw=0.8)
+        ax.set_ylabel("density (1/ppm)")
+        ax.set_title(f"{name}: mean {mean:.0f} ppm", fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
+        if spec.histogram_xlim_ppm:
+            ax.set_xlim(*spec.histogram_xlim_ppm)
+        else:
+            filled = np.flatnonzero(total > 0)
+            if len(filled):
+                ax.set_xlim(edges[filled[0]] - 100, edges[filled[-1] + 1] + 100)
+    axes[-1, 0].set_xlabel("23Na shift (ppm)")
+    fig.tight_layout()
+    path = out_dir / "histograms.png"
+    fig.savefig(path, dpi=spec.dpi)
+    plt.close(fig)
+    return path.name
+
+
+def _maps(store, name, out_dir, spec) -> str:
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle
+
+    group = f"{ANALYZE_GROUP}/{name}"
+    mean = store.read(f"{group}/maps/mean_shift_ppm")
+    std = store.read(f"{group}/maps/std_shift_ppm")
+    density = store.read(f"{group}/maps/density_per_a2")
+    count = store.read(f"{group}/maps/count")
+    map_attrs = store.attrs(f"{group}/maps")
+    cell = np.array(map_attrs["cell_a"])
+    slab_z = map_attrs["slab_z_frac"]
+    sites = store.attrs(f"{group}/sites")
+    classes, radius = sites["class_names"], sites["radius_a"]
+    centres = store.read(f"{group}/sites/centres_frac")
+    site_class = store.read(f"{group}/sites/site_class")
+    site_slab = store.read(f"{group}/sites/site_slab")
+    colours = _colours(classes)
+    n_slabs, n_bins = mean.shape[0], mean.shape[1]
+    grid = np.linspace(0.0, 1.0, n_bins + 1)
+    fa, fb = np.meshgrid(grid, grid, indexing="ij")
+    x = fa * cell[0, 0] + fb * cell[1, 0]
+    y = fa * cell[0, 1] + fb * cell[1, 1]
+    minimum = max(2.0, 1e-3 * count.sum() / count.size)  # too few samples: left grey
+    fig, axes = plt.subplots(n_slabs, 3, figsize=(13, 3.6 * n_slabs + 0.4), squeeze=False)
+    panels = (("mean shift (ppm)", "coolwarm"), ("shift std (ppm)", "viridis"),
+              ("Na density (1/A^2)", "magma"))
+    for s in range(n_slabs):
+        values = (np.ma.masked_where(count[s] < minimum, mean[s]),
+                  np.ma.masked_where(count[s] < minimum, std[s]), density[s])
+        for col, ((label, cmap), data) in enumerate(zip(panels, values)):
+            ax = axes[s, col]
+            ax.set_facecolor("0.85")
+            mesh = ax.pcolormesh(x, y, data, cmap=cmap, shading="flat")
+            fig.colorbar(mesh, ax=ax, shrink=0.8, label=label)
+            for centre, k in zip(centres[site_slab == s], site_class[site_slab == s]):
+                xy = centre[:2] @ cell[:2, :2]
+                ax.add_patch(Circle(xy, radius, fill=False, lw=0.8, color=colours[classes[k]]))
+            ax.set_aspect("equal")
+            ax.set_xlabel("x (A)")
+            ax.set_ylabel("y (A)")
+            ax.set_title(f"{name}, slab z = {slab_z[s]:.2f} c", fontsize=9)
+    handles = [plt.Line2D([], [], color=colours[c], marker="o", ls="", mfc="none", label=c)
+               for c in classes if c != "unassigned"]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path = out_dir / f"maps_{name}.png"
+    fig.savefig(path, dpi=spec.dpi)
+    plt.close(fig)
+    return path.name
+
+
+def _time_axis(store, group) -> tuple[np.ndarray, str]:
+    if store.exists(f"{group}/running/time_fs"):
+        return store.read(f"{group}/running/time_fs") * 1e-6, "simulated time (ns)"
+    return store.read(f"{group}/running/frame_index"), "frame"
+
+
+def _running(store, systems, out_dir, spec) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(systems), figsize=(5.2 * len(systems), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], systems):
+        group = f"{ANALYZE_GROUP}/{name}"
+        t, label = _time_axis(store, group)
+        classes = store.attrs(f"{group}/sites")["class_names"]
+        colours = _colours(classes)
+        per_centre = store.read(f"{group}/running/centre_shift_ppm")
+        ax.plot(t, per_centre, color="0.8", lw=0.5)
+        per_class = store.read(f"{group}/running/class_shift_ppm")
+        for k, cls in enumerate(classes):
+            if cls != "unassigned" and np.isfinite(per_class[:, k]).any():
+                ax.plot(t, per_class[:, k], color=colours[cls], lw=1.2, label=cls)
+        ax.plot(t, store.read(f"{group}/running/mean_shift_ppm"), color="k", lw=1.8,
+                label="all Na")
+        ax.set_xlabel(label)
+        ax.set_ylabel("running average shift (ppm)")
+        ax.set_title(f"{name} (grey: each Na)", fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    path = out_dir / "running_average.png"
+    fig.savefig(path, dpi=spec.dpi)
+    plt.close(fig)
+    return path.name
+
+
+def _msd(store, systems, out_dir, spec) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for name in systems:
+        group = f"{ANALYZE_GROUP}/{name}/msd"
+        lag_ns = store.read(f"{group}/lag_fs") * 1e-6
+        attrs = store.attrs(group)
+        line, = ax.plot(lag_ns, store.read(f"{group}/msd_a2"), "o-", ms=3,
+                        label=f"{name}: D = {attrs['d_cm2_s']:.2g} cm2/s")
+        start, end = attrs["fit_window_fs"]
+        fit_t = np.linspace(start, end, 20)
+        ax.plot(fit_t * 1e-6, attrs["slope_a2_fs"] * fit_t + attrs["intercept_a2"], "--",
+                color=line.get_color(), lw=1)
+    ax.set_xlabel("lag (ns)")
+    ax.set_ylabel("in-plane MSD (A^2)")
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    path = out_dir / "msd.png"
+    fig.savefig(path, dpi=spec.dpi)
+    plt.close(fig)
+    return path.name
+
+
+def _parity(store, out_dir, spec) -> tuple[str, float, float, int]:
+    import matplotlib.pyplot as plt
+
+    dft = np.asarray(store.read(f"{CV_GROUP}/shift_dft_ppm"), dtype=float).ravel()
+    pred = np.asarray(store.read(f"{CV_GROUP}/shift_pred_ppm"), dtype=float).ravel()
+    keep = np.isfinite(dft) & np.isfinite(pred)
+    dft, pred = dft[keep], pred[keep]
+    rmse = float(np.sqrt(np.mean((pred - dft) ** 2))) if len(dft) else float("nan")
+    r2 = (float(1 - np.sum((pred - dft) ** 2) / np.sum((dft - dft.mean()) ** 2))
+          if len(dft) > 1 else float("nan"))
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    if len(dft) > 2000:
+        ax.hexbin(dft, pred, gridsize=80, mincnt=1, bins="log", cmap="viridis")
+    else:
+        ax.scatter(dft, pred, s=4, alpha=0.5)
+    if len(dft):
+        low, high = min(dft.min(), pred.min()), max(dft.max(), pred.max())
+        ax.plot([low, high], [low, high], "k--", lw=0.8)
+    ax.set_xlabel("DFT shift (ppm)")
+    ax.set_ylabel("NN-NMR shift (ppm)")
+    ax.set_title(f"CV test: RMSE {rmse:.0f} ppm, R2 {r2:.3f}, n = {len(dft)}", fontsize=9)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    path = out_dir / "parity.png"
+    fig.savefig(path, dpi=spec.dpi)
+    plt.close(fig)
+    return path.name, rmse, r2, int(len(dft))
+
+
+# ---- summary -------------------------------------------------------------------------------
+def _fmt(value: float, digits: int = 0) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _summary(store, systems, figures, parity) -> str:
+    lines = ["# dynshift report", ""]
+    stages = {name: store.attrs(f"/stages/{name}").get("status")
+              for name in store.keys("/stages")}
+    if stages:
+        lines += ["Stages: " + ", ".join(f"{k} ({v})" for k, v in stages.items()), ""]
+    if not systems:
+        lines += ["No analysed systems in this store (run the analyze stage).", ""]
+    else:
+        lines += ["## Sites (cf. Lin et al., Chem. Sci. 2022, Table 1)", "",
+                  "Site-centred shifts: Na within the site radius of a prism centre in the "
+                  "xy plane; occupation: fraction of all Na samples (frames x Na); +- is the "
+                  "block-averaging standard error.", "",
+                  "| system | site | occupation | centred shift (ppm) | +- (ppm) | samples |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for name in systems:
+            group = f"{ANALYZE_GROUP}/{name}/sites"
+            classes = store.attrs(group)["class_names"]
+            rows = zip(classes, store.read(f"{group}/occupation"),
+                       store.read(f"{group}/shift_ppm"), store.read(f"{group}/shift_stderr_ppm"),
+                       store.read(f"{group}/samples"))
+            for cls, occ, shift, err, n in rows:
+                lines.append(f"| {name} | {cls} | {occ:.3f} | {_fmt(shift)} | {_fmt(err)} | "
+                             f"{int(n)} |")
+        lines += ["", "## Averages", "",
+                  "| system | source | frames | Na | mean shift (ppm) | +- block error (ppm) "
+                  "| D (cm2/s) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name in systems:
+            attrs = store.attrs(f"{ANALYZE_GROUP}/{name}")
+            d = attrs.get("d_cm2_s", float("nan"))
+            lines.append(f"| {name} | {attrs.get('kind')} | {attrs.get('n_frames')} | "
+                         f"{attrs.get('n_centres')} | {_fmt(attrs['mean_shift_ppm'], 1)} | "
+                         f"{_fmt(attrs['mean_shift_stderr_ppm'], 1)} | "
+                         f"{'-' if not np.isfinite(d) else f'{d:.3g}'} |")
+        drifting = [n for n in systems
+                    if not store.attrs(f"{ANALYZE_GROUP}/{n}").get("framework_drift_corrected")]
+        if drifting:
+            lines += ["", f"Note: no framework drift correction for {', '.join(drifting)} "
+                      "(the infer stage wrote no framework_drift_a)."]
+    if parity is not None:
+        _, rmse, r2, n = parity
+        lines += ["", "## NN-NMR cross-validation", "",
+                  f"Test RMSE {rmse:.1f} ppm, R2 {r2:.4f} over {n} Na (paper: 125 ppm, 0.96)."]
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"- {title}: ![{title}]({path})" for title, path in figures]
+    return "\n".join(lines) + "\n"
+
+
+def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
+    """Stage entry point: rank 0 writes the report after every rank finished writing."""
+    spec = manifest.report
+    out_dir = Path(spec.out_dir) if spec.out_dir else default_out_dir(store.path)
+    ctx.comm.Barrier()
+    store.flush()
+    data = ReportData(store)  # every rank: the same reads
+    if ctx.is_root:
+        summary = render_report(data, out_dir, spec)
+        ctx.log(f"report: {summary}")
+    ctx.comm.Barrier()
+    return StageResult({"report": str(out_dir / "summary.md")})

@@ -1,0 +1,107 @@
+"""The report: figures and summary.md from a store, by `dynshift report` and as a stage."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import ase.io
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from engine.context import RankContext
+from engine.store import RunStore
+from jobs.analyze import analyze_system, put_labelled_frames
+from jobs.report import report_from_store
+from schemas.analyze import AnalyzeSpec
+from schemas.shift import ShiftSpec
+from schemas.system import SystemSpec
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _fill(path, shared_data, n_frames=40, analyse=True):
+    ctx = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
+    with RunStore(path, ctx, mode="w") as store:
+        for name in ("p63mcm", "p6322"):
+            frames = ase.io.read(shared_data / f"{name}-dev.extxyz", f":{n_frames}")
+            system = SystemSpec(name=name, structure=f"builtin:p2-nmmo-{name}")
+            put_labelled_frames(frames, system, ShiftSpec(), ctx, store)
+            if analyse:
+                analyze_system(AnalyzeSpec(), system, ctx, store)
+        rng = np.random.default_rng(3)
+        dft = rng.normal(1600.0, 500.0, 300)
+        store.put("/train/cv/shift_dft_ppm", dft)
+        store.put("/train/cv/shift_pred_ppm", dft + 100.0 * rng.choice([-1.0, 1.0], 300))
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 5000
+
+
+def test_report_from_store_writes_figures_and_table(tmp_path, shared_data):
+    store_path = tmp_path / "run.h5"
+    _fill(store_path, shared_data)
+    summary = report_from_store(store_path)
+    assert summary == tmp_path / "run-report" / "summary.md"
+    folder = summary.parent
+    for name in ("histograms.png", "maps_p63mcm.png", "maps_p6322.png", "running_average.png",
+                 "parity.png"):
+        assert _is_png(folder / name), name
+    assert not (folder / "msd.png").exists()  # file sources have no time: no diffusion
+    text = summary.read_text()
+    with RunStore(store_path, None, mode="r") as store:
+        for system in ("p63mcm", "p6322"):
+            group = f"/analyze/{system}/sites"
+            for cls, occ, shift in zip(store.attrs(group)["class_names"],
+                                       store.read(f"{group}/occupation"),
+                                       store.read(f"{group}/shift_ppm")):
+                shift_text = "-" if not np.isfinite(shift) else f"{shift:.0f}"
+                assert f"| {system} | {cls} | {occ:.3f} | {shift_text} |" in text
+            mean = store.attrs(f"/analyze/{system}")["mean_shift_ppm"]
+            assert f"| {system} | file | 40 | 16 | {mean:.1f} |" in text
+    assert "Test RMSE 100.0 ppm" in text  # every prediction is off by exactly 100 ppm
+    assert "![Shift histograms by site (cf. Fig. 3a)](histograms.png)" in text
+    other = report_from_store(store_path, tmp_path / "elsewhere")
+    assert other == tmp_path / "elsewhere" / "summary.md" and other.exists()
+
+
+def test_report_of_a_store_without_analysis_says_so(tmp_path, shared_data):
+    store_path = tmp_path / "bare.h5"
+    _fill(store_path, shared_data, n_frames=3, analyse=False)
+    text = report_from_store(store_path).read_text()
+    assert "No analysed systems" in text and "parity.png" in text
+
+
+MANIFEST = """\
+stages: [analyze, report]
+systems:
+  - {name: p63mcm, structure: "builtin:p2-nmmo-p63mcm"}
+  - {name: p6322, structure: "builtin:p2-nmmo-p6322"}
+analyze:
+  map_bins: 24
+report:
+  dpi: 60
+"""
+
+
+def test_analyze_and_report_stages_under_mpirun(tmp_path, shared_data, dynshift_bin):
+    """`mpirun -n 2 dynshift run` of analyze + report on a store holding infer-layout data."""
+    store_path = tmp_path / "staged.h5"
+    _fill(store_path, shared_data, n_frames=30, analyse=False)
+    (tmp_path / "m.yaml").write_text(MANIFEST)
+    run = subprocess.run(["mpirun", "-n", "2", *dynshift_bin, "run", "m.yaml", "--store",
+                          str(store_path)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "analyze p63mcm: mean shift" in run.stdout
+    folder = tmp_path / "staged-report"
+    assert _is_png(folder / "histograms.png") and (folder / "summary.md").exists()
+    with RunStore(store_path, None, mode="r") as store:
+        assert store.stage_status("analyze") == "complete"
+        assert store.stage_status("report") == "complete"
+        assert store.attrs("/analyze/p6322")["ranks"] == 2
+        assert store.shape("/analyze/p6322/maps/count") == (2, 24, 24)
+        summary = store.attrs("/stages/analyze")["summary"]
+        assert summary["p63mcm_mean_shift_ppm"] == pytest.approx(
+            store.attrs("/analyze/p63mcm")["mean_shift_ppm"], abs=0.01)
