@@ -190,7 +190,7 @@ def test_two_ranks_20_frames_20_percent_failures_kill_9_and_rerun(tmp_path, shar
     run = subprocess.Popen(command, cwd=tmp_path, env=launch_env(), start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    while sum(f[0] == "end" for f in read_log(tmp_path)) < 6 and time.monotonic() < deadline:
+    while sum(f[0] == "end" for f in read_log(tmp_path)) < 8 and time.monotonic() < deadline:
         assert run.poll() is None, run.communicate()[0]
         time.sleep(0.05)
     for pid in _session_pids(run.pid):  # kill -9 mpirun and both ranks at once
