@@ -21,7 +21,7 @@ from engine.context import RankContext
 from engine.driver import StageResult
 from engine.progress import Progress
 from engine.store import RunStore
-from jobs.potential import model_file_for
+from jobs.potential import stored_model_file
 from jobs.structures import build_structure
 from schemas.md import MdSpec
 
@@ -223,7 +223,8 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     saved = {t.group: int(store.read(f"{t.group}/resume_saved")[0]) for t in tasks}
     mine = [tasks[i] for i in ctx.round_robin(len(tasks))]
 
-    calculator = dp_calculator(model_file_for(store, ctx, model_fallback))  # one load per rank
+    with stored_model_file(store, model_fallback) as model_path:
+        calculator = dp_calculator(model_path)  # one model load per rank
     trajectories: dict[str, Trajectory] = {}
     for task in mine:
         trajectory = Trajectory(structures[task.system_index], calculator, spec,

@@ -13,7 +13,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,22 +285,26 @@ def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
     return StageResult(summary)
 
 
-def model_file_for(store: RunStore, ctx: RankContext, fallback: Path | None = None) -> Path:
-    """A local file holding the store's DP model (one per rank), or `fallback` / the shipped one.
+@contextmanager
+def stored_model_file(store: RunStore, fallback: Path | None = None):
+    """Context manager: a local file holding the store's DP model, or `fallback` / the shipped one.
 
-    The md stage calls this: the model in ``/potential/model.pb`` (written by the potential
-    stage) is copied next to the store so that deepmd-kit can load it.
+    The md stage loads the model written by the potential stage (``/potential/model.pb``) from
+    a temporary file that is removed on exit (deepmd-kit reads a model from a file once).
     """
     if store.exists(MODEL_PATH):
-        local = Path(str(store.path) + f".model-rank{ctx.rank}.pb")
-        blob = store.get_bytes(MODEL_PATH)
-        if not local.exists() or local.read_bytes() != blob:
-            local.write_bytes(blob)
-        return local
+        handle, name = tempfile.mkstemp(suffix=".pb", prefix="dynshift-model-")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(store.get_bytes(MODEL_PATH))
+            yield Path(name)
+        finally:
+            os.unlink(name)
+        return
     path = Path(fallback) if fallback is not None else SHIPPED_MODEL
     if not path.is_file():
         raise InputError(f"potential.model: {path} not found (and no model in the store)")
-    return path
+    yield path
 
 
 def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:

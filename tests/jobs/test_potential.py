@@ -11,7 +11,7 @@ from mpi4py import MPI
 from engine.context import RankContext
 from engine.failure import InputError
 from engine.store import RunStore
-from jobs.potential import (MODEL_PATH, fit_potential, holdout_errors, model_file_for,
+from jobs.potential import (MODEL_PATH, fit_potential, holdout_errors, stored_model_file,
                             split_holdout, write_deepmd_system)
 from schemas import load_manifest
 from schemas.potential import SHIPPED_MODEL, PotentialSpec
@@ -53,8 +53,9 @@ def test_without_frames_the_shipped_model_goes_into_the_store(tmp_path):
         result = fit_potential(PotentialSpec(), ctx, store)
         assert store.get_bytes(MODEL_PATH) == SHIPPED_MODEL.read_bytes()
         assert result.summary["trained"] is False
-        local = model_file_for(store, ctx)
-        assert local.read_bytes() == SHIPPED_MODEL.read_bytes()
+        with stored_model_file(store) as local:
+            assert local.read_bytes() == SHIPPED_MODEL.read_bytes()
+        assert not local.exists()
 
 
 def test_shipped_model_meets_its_targets_on_held_out_frames():
