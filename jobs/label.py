@@ -172,7 +172,15 @@ def _prepare_system(spec, ctx: RankContext, store: RunStore, system) -> None:
     frames); a new one is chosen from /md and written by rank 0.
     """
     group = f"{LABEL_ROOT}/{system.name}"
-    if store.attrs(group).get("prepared"):
+    stored = store.attrs(group)
+    if stored.get("prepared"):
+        asked = {"selection": spec.selection, "n_frames": spec.n_frames,
+                 "every_k": spec.every_k, "skip_saved": spec.skip_saved}
+        changed = {k: v for k, v in asked.items() if stored.get(k) != v}
+        if changed and ctx.is_root:
+            ctx.warn(f"label {system.name}: the store keeps its selection of "
+                     f"{stored.get('n_selected')} frames; the manifest now asks {changed} "
+                     f"(delete {group} from the store to choose again)")
         return
     replicas = md_replicas(store, system.name)
     names = {number: name for number, name, _ in replicas}
@@ -395,6 +403,12 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
         For missing md trajectories, POTCARs or launch program.
     """
     gyromagnetic_factor = shift_spec.constants()["gyromagnetic_factor"]
+    for target in sorted({s.target_species for s in systems}):
+        given = spec.vasp.ngyromag.get(target) if spec.labeller == "vasp" else None
+        if given is not None and given != gyromagnetic_factor and ctx.is_root:
+            ctx.warn(f"label.vasp.ngyromag[{target}] = {given:g} but shift.gyromagnetic_factor"
+                     f" = {gyromagnetic_factor:g}: A_tot scales with NGYROMAG, so the shifts "
+                     f"will be off by {given / gyromagnetic_factor:.4g}x")
     labeller = make_labeller(spec, gyromagnetic_factor, ctx.cores, ctx.rank)
     store.set_attrs(LABEL_ROOT, systems=[s.name for s in systems], labeller=spec.labeller)
     for system in systems:

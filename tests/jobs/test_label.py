@@ -239,3 +239,31 @@ def test_a_frame_is_claimed_once_per_run_and_stale_claims_go(tmp_path):
     assert claim_frame(work, "run1") and not claim_frame(work, "run1")
     assert claim_frame(work, "run2")  # a later run: the claim of the dead one is no obstacle
     assert [p.name for p in work.iterdir()] == [".claim-run2"]
+
+
+def test_label_section_errors_name_the_field():
+    from schemas import ManifestError
+
+    base = "stages: [label]\nsystems: [{name: a, structure: 'builtin:p2-nmmo-p63mcm'}]\n"
+    with pytest.raises(ManifestError) as error:
+        parse_manifest(base + "label: {vasp: {walltime: 10, incar: {encut: 500}}, "
+                              "failure_budget: 1.5, selection: random}")
+    text = " ".join(error.value.errors)
+    assert "label.vasp.walltime: unknown key (did you mean walltime_s?)" in text
+    assert "label.vasp.incar" in text and "upper-case" in text
+    assert "label.failure_budget" in text and "label.selection" in text
+    manifest = parse_manifest(base + "label: {vasp: {potcar_dir: pots}}", base_dir=Path("/x"))
+    assert manifest.label.vasp.potcar_dir == Path("/x/pots")  # relative to the manifest
+
+
+def test_a_changed_selection_keeps_the_stored_one_with_a_warning(tmp_path, ctx, shared_data,
+                                                                capsys):
+    frames = shared_frames(shared_data, 4)
+    manifest, _ = _manifest(tmp_path, n_frames=2)
+    with RunStore(tmp_path / "run.h5", ctx) as store:
+        write_md(store, "nmmo", [frames])
+        label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
+        more = manifest.label.model_copy(update={"n_frames": 4})
+        result = label_frames(more, ctx, store, manifest.systems, manifest.shift)
+    assert result.n_selected == 2 and result.n_labelled_now == 0
+    assert "keeps its selection of 2 frames" in capsys.readouterr().err
