@@ -146,6 +146,23 @@ class SoapFeaturizer:
             return np.zeros((0, self.n_features), np.float32)
         return np.concatenate(blocks).astype(np.float32, copy=False)
 
+    def features_arrays(self, numbers: np.ndarray, positions_a: np.ndarray,
+                        cell_a: np.ndarray) -> np.ndarray:
+        """As :meth:`features`, for frames given as arrays.
+
+        Parameters
+        ----------
+        numbers
+            (n_atoms,) atomic numbers, the same in every frame.
+        positions_a
+            (n_frames, n_atoms, 3) positions (A), wrapped or not.
+        cell_a
+            (n_frames, 3, 3) cells (A), rows are the cell vectors.
+        """
+        frames = [Atoms(numbers=numbers, positions=p, cell=c, pbc=self.periodic)
+                  for p, c in zip(positions_a, cell_a)]
+        return self.features(frames)
+
 
 def wrapped(frame: Atoms) -> Atoms:
     """A copy of `frame` with every atom moved into its cell (dscribe's periodic SOAP only

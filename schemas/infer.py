@@ -1,8 +1,32 @@
 """The infer stage: shifts of every target nucleus in every dense frame."""
 from __future__ import annotations
 
-from schemas.base import Spec
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.base import InputPath, Spec
 
 
 class InferSpec(Spec):
     """Predict shifts with the trained NN-NMR ensemble, sharded over ranks, streamed in chunks."""
+
+    trajectories: dict[str, InputPath] = {}
+    """Per system name, an ASE-readable trajectory file (extended XYZ, ASE .traj, ...) to take
+    the frames from instead of the md stage's trajectories in the store (relative to the
+    manifest's folder). Example: `{p63mcm: frames.extxyz}`."""
+    shifts_from: Literal["model", "labels"] = "model"
+    """`model`: predict with the NN-NMR ensemble. `labels`: take the DFT shifts of a labelled
+    trajectory file (per-atom `fermi_contact_mhz`, converted with the `shift` constants)
+    instead: how the analysis is validated on real DFT data (every system then needs an entry
+    in `trajectories`)."""
+    model: InputPath | None = None
+    """A store file holding a trained `/train` ensemble. Default: this run's own store when it
+    has `/train`, else the shipped model jobs/data/nnmr-p2-nmmo.h5."""
+    chunk_frames: int = Field(default=256, ge=1)
+    """Frames per chunk: the unit of streaming, of the store's resume bookkeeping and of one
+    SOAP + predict batch (memory per rank grows with it, not with the trajectory length)."""
+    stride: int = Field(default=1, ge=1)
+    """Take every `stride`-th frame of each trajectory (replica)."""
+    skip_frames: int = Field(default=0, ge=0)
+    """Frames to drop at the start of each trajectory (replica), e.g. equilibration."""

@@ -1,0 +1,451 @@
+"""The infer stage: the shift (ppm) of every target nucleus in every dense frame.
+
+Frames come from the md stage's trajectories in the store (``/md/<system>/<rNNN>``) or from an
+ASE-readable trajectory file per system (``infer.trajectories``, which takes precedence). The
+global frame list of a system is cut into chunks of ``infer.chunk_frames`` frames; the chunks
+not yet done are shared over the ranks in contiguous blocks (``ctx.block``); each rank reads a
+chunk, wraps it into the cell, computes the SOAP vectors of the target nuclei and predicts
+their shifts with the NN-NMR fold ensemble (or takes the DFT shifts of a labelled file), and
+writes its rows. Memory per rank depends on the chunk size only.
+
+Resume: ``/infer/<system>/chunk_done`` marks every chunk written (flushed after each chunk);
+a resumed run recomputes only the chunks not marked. Layout: docs/infer.md.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from engine.context import RankContext
+from engine.driver import StageResult
+from engine.failure import InputError
+from engine.progress import Progress
+from engine.store import RunStore
+from jobs.soap import SoapFeaturizer
+from schemas.infer import InferSpec
+from schemas.shift import ShiftSpec
+from schemas.system import SystemSpec
+
+SHIPPED_MODEL = Path(__file__).resolve().parent / "data" / "nnmr-p2-nmmo.h5"
+"""The NN-NMR ensemble shipped with dynshift (trained on the shared P2-NMMO frames)."""
+
+
+# ---- frame sources -----------------------------------------------------------------------------
+@dataclass
+class FrameBatch:
+    """Consecutive frames of a source, as arrays."""
+
+    positions_a: np.ndarray
+    """(k, n_atoms, 3) float64, as stored (unwrapped for md trajectories)."""
+    cell_a: np.ndarray
+    """(k, 3, 3) float64, rows are the cell vectors."""
+    time_fs: np.ndarray
+    """(k,) float64, simulated time (NaN when the source has none)."""
+    replica: np.ndarray
+    """(k,) int32, md replica number (-1 for a file)."""
+    a_iso_mhz: np.ndarray | None = None
+    """(k, n_atoms) Fermi-contact couplings of a labelled file, else None."""
+
+
+class StoreTrajectories:
+    """The md stage's trajectories of one system in the store, replicas concatenated in order.
+
+    Replica groups ``/md/<system>/r000, r001 ...`` hold ``positions_a (n, n_atoms, 3)``,
+    ``cell_a (n, 3, 3)`` and ``time_fs (n,)``; the attribute ``n_saved`` of the replica group
+    (else of the system group, else the dataset length) says how many frames are valid.
+    """
+
+    def __init__(self, store: RunStore, system: str, skip_frames: int = 0, stride: int = 1):
+        self.store, self.group = store, f"/md/{system}"
+        replicas = sorted(k for k in store.keys(self.group)
+                          if k.startswith("r") and k[1:].isdigit()
+                          and store.exists(f"{self.group}/{k}/positions_a"))
+        if not replicas:
+            raise InputError(f"infer: no md trajectories of system {system!r} in the store "
+                             f"(no {self.group}/rNNN/positions_a); run the md stage or name a "
+                             f"file in infer.trajectories")
+        system_saved = store.attrs(self.group).get("n_saved")
+        self.segments = []  # (replica group, replica number, local frame indices)
+        for name in replicas:
+            path = f"{self.group}/{name}"
+            n_saved = store.attrs(path).get("n_saved", system_saved)
+            length = store.shape(f"{path}/positions_a")[0]
+            n_saved = length if n_saved is None else min(int(n_saved), length)
+            local = np.arange(skip_frames, n_saved, stride)
+            self.segments.append((path, int(name[1:]), local))
+        self.offsets = np.cumsum([0] + [len(s[2]) for s in self.segments])
+        self.n_frames = int(self.offsets[-1])
+        if store.exists(f"{self.group}/numbers"):
+            self.numbers = np.asarray(store.read(f"{self.group}/numbers"), dtype=int)
+        else:
+            raise InputError(f"infer: {self.group}/numbers is missing in the store")
+        self.description = f"store:{self.group}"
+
+    def read(self, start: int, stop: int) -> FrameBatch:
+        """Frames [start, stop) of the global list."""
+        parts = []
+        for (path, replica, local), first in zip(self.segments, self.offsets[:-1]):
+            lo, hi = max(start, first), min(stop, first + len(local))
+            if lo >= hi:
+                continue
+            wanted = local[lo - first:hi - first]
+            step = int(wanted[1] - wanted[0]) if len(wanted) > 1 else 1
+            selection = np.s_[int(wanted[0]):int(wanted[-1]) + 1:step]
+            positions = self.store.read(f"{path}/positions_a", selection)
+            cell = self.store.read(f"{path}/cell_a", selection)
+            if self.store.exists(f"{path}/time_fs"):
+                times = self.store.read(f"{path}/time_fs", selection)
+            else:
+                times = np.full(len(wanted), np.nan)
+            parts.append(FrameBatch(positions, cell, times,
+                                    np.full(len(wanted), replica, dtype=np.int32)))
+        return _concatenate(parts)
+
+
+class FileTrajectory:
+    """The frames of an ASE-readable trajectory file.
+
+    Extended XYZ files are indexed once (byte offset of every frame) so that a rank parses only
+    its own chunks; ASE ``.traj`` files are read by random access; other formats are read by
+    ASE with an index slice per chunk. Every ASE read passes ``parallel=False``: by default
+    ASE reads on rank 0 of COMM_WORLD and broadcasts, which would hand every rank rank 0's
+    frames (or hang when only one rank reads).
+    """
+
+    def __init__(self, path: Path, comm, skip_frames: int = 0, stride: int = 1,
+                 labels: bool = False):
+        self.path, self.labels = Path(path), labels
+        if not self.path.exists():
+            raise InputError(f"infer.trajectories: {self.path}: no such file")
+        self.kind = ("xyz" if self.path.suffix.lower() in (".xyz", ".extxyz") else
+                     "traj" if self.path.suffix.lower() == ".traj" else "ase")
+        counted = None
+        if comm.Get_rank() == 0:
+            try:
+                counted = self._index()
+            except InputError as exc:
+                counted = exc
+        counted = comm.bcast(counted, root=0)
+        if isinstance(counted, Exception):
+            raise counted
+        self._offsets, n_total = counted
+        self.frame_indices = np.arange(skip_frames, n_total, stride)
+        self.n_frames = len(self.frame_indices)
+        if self.n_frames == 0:
+            raise InputError(f"infer.trajectories: {self.path}: no frames (after skipping "
+                             f"{skip_frames})")
+        first = self._frames(int(self.frame_indices[0]), int(self.frame_indices[0]) + 1)[0]
+        self.numbers = first.numbers.copy()
+        self.description = f"file:{self.path}"
+
+    def _index(self):
+        if self.kind == "xyz":
+            offsets = []
+            with open(self.path, "rb") as handle:
+                position = 0
+                while True:
+                    header = handle.readline()
+                    if not header:
+                        break
+                    if not header.strip():
+                        position += len(header)
+                        continue
+                    try:
+                        n_atoms = int(header.split()[0])
+                    except ValueError:
+                        raise InputError(f"{self.path}: frame {len(offsets)} (byte {position}): "
+                                         f"expected an atom count, got {header[:40]!r}") from None
+                    offsets.append(position)
+                    position += len(header)
+                    for _ in range(n_atoms + 1):
+                        position += len(handle.readline())
+                offsets.append(position)
+            return np.asarray(offsets, dtype=np.int64), len(offsets) - 1
+        if self.kind == "traj":
+            from ase.io import Trajectory
+
+            with Trajectory(self.path) as trajectory:
+                return None, len(trajectory)
+        import ase.io
+
+        try:
+            return None, sum(1 for _ in ase.io.iread(self.path, parallel=False))
+        except Exception as exc:  # noqa: BLE001 - any parser failure is bad input, named
+            raise InputError(f"infer.trajectories: {self.path}: ASE cannot read it "
+                             f"({type(exc).__name__}: {exc})") from None
+
+    def _frames(self, first: int, last: int) -> list[Atoms]:
+        """Frames with file indices [first, last)."""
+        import ase.io
+
+        try:
+            if self.kind == "xyz":
+                with open(self.path, "rb") as handle:
+                    handle.seek(int(self._offsets[first]))
+                    text = handle.read(int(self._offsets[last] - self._offsets[first]))
+                return ase.io.read(io.StringIO(text.decode()), ":", format="extxyz",
+                                    parallel=False)
+            if self.kind == "traj":
+                from ase.io import Trajectory
+
+                with Trajectory(self.path) as trajectory:
+                    return [trajectory[i] for i in range(first, last)]
+            return ase.io.read(self.path, index=slice(first, last), parallel=False)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"infer.trajectories: {self.path}: frames {first}..{last - 1}: "
+                             f"{type(exc).__name__}: {exc}") from None
+
+    def read(self, start: int, stop: int) -> FrameBatch:
+        """Frames [start, stop) of the (strided) frame list."""
+        from jobs.frames import FERMI_CONTACT_KEY
+
+        wanted = self.frame_indices[start:stop]
+        frames = self._frames(int(wanted[0]), int(wanted[-1]) + 1)
+        frames = [frames[i - wanted[0]] for i in wanted]
+        for index, frame in zip(wanted, frames):
+            if not np.array_equal(frame.numbers, self.numbers):
+                raise InputError(f"infer.trajectories: {self.path}: frame {index} has other "
+                                 "atoms (species or order) than the first frame")
+            if self.labels and FERMI_CONTACT_KEY not in frame.arrays:
+                raise InputError(f"infer.trajectories: {self.path}: frame {index} has no "
+                                 f"per-atom '{FERMI_CONTACT_KEY}' (needed by "
+                                 "infer.shifts_from: labels)")
+        times = np.array([float(f.info.get("time_fs", f.info.get("time", np.nan)))
+                          for f in frames])
+        a_iso = (np.stack([np.asarray(f.arrays[FERMI_CONTACT_KEY], float) for f in frames])
+                 if self.labels else None)
+        return FrameBatch(np.stack([f.positions for f in frames]),
+                          np.stack([f.cell.array for f in frames]), times,
+                          np.full(len(frames), -1, dtype=np.int32), a_iso)
+
+
+def _concatenate(parts: list[FrameBatch]) -> FrameBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return FrameBatch(np.concatenate([p.positions_a for p in parts]),
+                      np.concatenate([p.cell_a for p in parts]),
+                      np.concatenate([p.time_fs for p in parts]),
+                      np.concatenate([p.replica for p in parts]))
+
+
+def frame_source(spec: InferSpec, system: SystemSpec, ctx: RankContext, store: RunStore):
+    """The frames of `system`: its file in ``spec.trajectories``, else the md stage's."""
+    labels = spec.shifts_from == "labels"
+    if system.name in spec.trajectories:
+        return FileTrajectory(spec.trajectories[system.name], ctx.comm, spec.skip_frames,
+                              spec.stride, labels=labels)
+    if labels:
+        raise InputError(f"infer.shifts_from is 'labels' but infer.trajectories names no "
+                         f"labelled file for system {system.name!r}")
+    return StoreTrajectories(store, system.name, spec.skip_frames, spec.stride)
+
+
+# ---- the model -----------------------------------------------------------------------------------
+def load_ensemble(spec: InferSpec, store: RunStore):
+    """The NN-NMR ensemble: ``spec.model``, else this store's /train, else the shipped one.
+
+    Returns
+    -------
+    (ShiftEnsemble, str)
+        The ensemble and where it came from.
+    """
+    from jobs.nnmr import ShiftEnsemble
+
+    if spec.model is not None:
+        if not Path(spec.model).exists():
+            raise InputError(f"infer.model: {spec.model}: no such store file")
+        return ShiftEnsemble.from_store(Path(spec.model)), str(spec.model)
+    if store.exists("/train/folds"):
+        return ShiftEnsemble.from_store(store), f"{store.path}:/train"
+    if not SHIPPED_MODEL.exists():
+        raise InputError(f"infer: no model: this store has no /train, infer.model is not set, "
+                         f"and the shipped model {SHIPPED_MODEL} is missing")
+    return ShiftEnsemble.from_store(SHIPPED_MODEL), str(SHIPPED_MODEL)
+
+
+def featurizer_for(ensemble) -> SoapFeaturizer:
+    """The SOAP featurizer the ensemble was trained with (from its settings)."""
+    settings = dict(getattr(ensemble, "settings", {}) or {})
+    soap = settings.get("soap", settings)
+    featurizer = SoapFeaturizer.from_settings(soap)
+    n_model = getattr(ensemble, "n_features", featurizer.n_features)
+    if n_model != featurizer.n_features:
+        raise InputError(f"infer: the model takes {n_model} features, its SOAP settings give "
+                         f"{featurizer.n_features}")
+    return featurizer
+
+
+# ---- the stage --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InferResult:
+    """Frames per system, frames computed in this invocation, wall time and throughput."""
+
+    frames: dict
+    frames_computed: int
+    elapsed_s: float
+
+    def summary(self) -> dict:
+        """Headline numbers for /stages/infer."""
+        rate = self.frames_computed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return {"frames": int(sum(self.frames.values())), "frames_computed": self.frames_computed,
+                "frames_per_s": round(rate, 2), **{f"frames_{k}": v for k, v in self.frames.items()}}
+
+
+def _chunk_bounds(n_frames: int, chunk_frames: int) -> np.ndarray:
+    return np.minimum(np.arange(0, n_frames + chunk_frames, chunk_frames), n_frames)[
+        : -(-n_frames // chunk_frames) + 1]
+
+
+def _prepare_group(store: RunStore, group: str, n_frames: int, n_atoms: int, centres,
+                   chunk_frames: int, identity: dict) -> None:
+    """Create the system's datasets (collective); a group made for other input is replaced."""
+    n_chunks = -(-n_frames // chunk_frames)
+    old = store.attrs(group)
+    if old and any(old.get(k) != v for k, v in identity.items()):
+        store.delete(group)
+    n_c = len(centres)
+    store.create_dataset(f"{group}/shift_ppm", (n_frames, n_c), dtype="f4", fill_value=np.nan,
+                         unit="ppm")
+    store.create_dataset(f"{group}/shift_std_ppm", (n_frames, n_c), dtype="f4",
+                         fill_value=np.nan, unit="ppm")
+    store.create_dataset(f"{group}/centre_positions_a", (n_frames, n_c, 3), dtype="f8",
+                         fill_value=np.nan, unit="angstrom")
+    store.create_dataset(f"{group}/cell_a", (n_frames, 3, 3), dtype="f8", fill_value=np.nan,
+                         unit="angstrom")
+    store.create_dataset(f"{group}/time_fs", (n_frames,), dtype="f8", fill_value=np.nan,
+                         unit="fs")
+    store.create_dataset(f"{group}/replica", (n_frames,), dtype="i4", fill_value=-2)
+    store.create_dataset(f"{group}/chunk_done", (n_chunks,), dtype="u1", fill_value=0)
+    if not old or not store.exists(f"{group}/centre_index"):
+        store.set_attrs(group, n_done=0, n_centres=n_c, n_atoms=n_atoms,
+                        **identity)
+
+
+def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
+                 store: RunStore, shift: ShiftSpec = ShiftSpec(), ensemble=None) -> InferResult:
+    """Shifts of every target nucleus of every frame of every system, into /infer/<system>.
+
+    Parameters
+    ----------
+    spec
+        The infer settings.
+    systems
+        The systems (manifest order); each needs md trajectories in the store or a file in
+        ``spec.trajectories``.
+    ctx, store
+        Rank context and run store (collective over ``ctx.comm``).
+    shift
+        A_iso -> ppm constants (``shifts_from: labels``).
+    ensemble
+        A ShiftEnsemble-like object (``settings``, ``predict(features) -> (mean, std)``);
+        default: :func:`load_ensemble`.
+
+    Returns
+    -------
+    InferResult
+    """
+    from mpi4py import MPI
+
+    from jobs.shift import shift_ppm
+
+    labels = spec.shifts_from == "labels"
+    model_name = "labels:fermi_contact_mhz"
+    featurizer = None
+    if not labels:
+        if ensemble is None:
+            ensemble, model_name = load_ensemble(spec, store)
+        else:
+            model_name = getattr(ensemble, "name", type(ensemble).__name__)
+        featurizer = featurizer_for(ensemble)
+    started = time.monotonic()
+    frames, computed_total = {}, 0
+    for system in systems:
+        source = frame_source(spec, system, ctx, store)
+        group = f"/infer/{system.name}"
+        frame0 = source.read(0, 1)
+        target = system.target_species
+        from ase.data import atomic_numbers
+
+        centres = np.flatnonzero(source.numbers == atomic_numbers[target])
+        if len(centres) == 0:
+            raise InputError(f"infer: system {system.name!r} ({source.description}) has no "
+                             f"{target} atoms")
+        if featurizer is not None:
+            if featurizer.centre != target:
+                raise InputError(f"infer: the model predicts {featurizer.centre} shifts; system "
+                                 f"{system.name!r} observes {target}")
+            featurizer.check_frame(Atoms(numbers=source.numbers), f"system {system.name!r}")
+        identity = {"source": source.description, "model": model_name,
+                    "chunk_frames": spec.chunk_frames, "n_frames": source.n_frames,
+                    "shifts_from": spec.shifts_from}
+        _prepare_group(store, group, source.n_frames, len(source.numbers), centres,
+                       spec.chunk_frames, identity)
+        if not store.exists(f"{group}/centre_index"):
+            store.put(f"{group}/centre_index", centres.astype(np.int64))
+            store.put(f"{group}/frame0_numbers", source.numbers.astype(np.int32))
+            store.put(f"{group}/frame0_positions_a", frame0.positions_a[0], unit="angstrom")
+        store.flush()
+        ctx.comm.Barrier()
+        bounds = _chunk_bounds(source.n_frames, spec.chunk_frames)
+        missing = np.flatnonzero(store.read(f"{group}/chunk_done") == 0)
+        mine = missing[ctx.block(len(missing))]
+        rounds = -(-len(missing) // ctx.size)
+        n_local = int(sum(bounds[k + 1] - bounds[k] for k in mine))
+        ctx.log(f"infer {system.name}: {source.n_frames} frames from {source.description}, "
+                f"{len(missing)} of {len(bounds) - 1} chunks to do, {len(centres)} {target} "
+                f"per frame, {'DFT labels' if labels else model_name}")
+        progress = Progress(ctx, f"infer {system.name}", n_local)
+        done_here = 0
+        for round_index in range(rounds):
+            count = 0
+            if round_index < len(mine):
+                chunk = int(mine[round_index])
+                start, stop = int(bounds[chunk]), int(bounds[chunk + 1])
+                batch = source.read(start, stop)
+                if labels:
+                    mean = shift_ppm(batch.a_iso_mhz[:, centres], shift).astype(np.float32)
+                    std = np.zeros_like(mean)
+                else:
+                    features = featurizer.features_arrays(source.numbers, batch.positions_a,
+                                                          batch.cell_a)
+                    mean, std = ensemble.predict(features)
+                    mean = np.asarray(mean, np.float32).reshape(stop - start, len(centres))
+                    std = np.asarray(std, np.float32).reshape(stop - start, len(centres))
+                store.write_rows(f"{group}/shift_ppm", start, mean)
+                store.write_rows(f"{group}/shift_std_ppm", start, std)
+                store.write_rows(f"{group}/centre_positions_a", start,
+                                 batch.positions_a[:, centres])
+                store.write_rows(f"{group}/cell_a", start, batch.cell_a)
+                store.write_rows(f"{group}/time_fs", start, batch.time_fs)
+                store.write_rows(f"{group}/replica", start, batch.replica)
+                store.write_rows(f"{group}/chunk_done", chunk, np.ones(1, np.uint8))
+                count = stop - start
+            done_here += count
+            store.flush()
+            progress.update(count)
+        progress.finish()
+        ctx.comm.Barrier()
+        computed = ctx.comm.allreduce(done_here, op=MPI.SUM)
+        n_done = int(np.sum(np.diff(bounds)[store.read(f"{group}/chunk_done") == 1]))
+        store.set_attrs(group, n_done=n_done)
+        if n_done != source.n_frames:
+            raise RuntimeError(f"infer {system.name}: {n_done} of {source.n_frames} frames "
+                               "written")
+        frames[system.name] = source.n_frames
+        computed_total += computed
+    return InferResult(frames, computed_total, time.monotonic() - started)
+
+
+def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
+    """Stage entry point used by the driver."""
+    if not manifest.systems:
+        raise InputError("infer: the manifest has no systems")
+    result = infer_shifts(manifest.infer, manifest.systems, ctx, store, shift=manifest.shift)
+    return StageResult(result.summary())
