@@ -107,20 +107,15 @@ class SystemAnalysis:
 
 def _read_sites(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, store: RunStore,
                 source: str) -> SiteSet:
-    """Sites of frame 0, found on rank 0 and broadcast (one error message, not one per rank)."""
-    found = None
-    if ctx.is_root:
-        try:
-            found = find_sites(store.read(f"{source}/frame0_numbers"),
-                               store.read(f"{source}/frame0_positions_a"),
-                               store.read(f"{source}/cell_a", 0), system.target_species,
-                               spec.framework_species, spec.site_radius_a, spec.layer_gap_a)
-        except InputError as exc:
-            found = InputError(f"system {system.name} ({source}): {exc}")
-    found = ctx.comm.bcast(found, root=0) if ctx.size > 1 else found
-    if isinstance(found, InputError):
-        raise found
-    return found
+    """Sites of frame 0, found on every rank from the same reads (deterministic; the same
+    reads on every rank keep the parallel-HDF5 metadata caches alike)."""
+    try:
+        return find_sites(store.read(f"{source}/frame0_numbers"),
+                          store.read(f"{source}/frame0_positions_a"),
+                          store.read(f"{source}/cell_a", 0), system.target_species,
+                          spec.framework_species, spec.site_radius_a, spec.layer_gap_a)
+    except InputError as exc:
+        raise InputError(f"system {system.name} ({source}): {exc}") from None
 
 
 def _check_source(system: SystemSpec, store: RunStore, source: str) -> tuple[int, int]:

@@ -306,8 +306,9 @@ def _msd(store, systems, out_dir, spec) -> str:
         start, end = attrs["fit_window_fs"]
         fit_t = np.linspace(start, end, 20)
         ax.plot(fit_t * 1e-6, attrs["slope_a2_fs"] * fit_t + attrs["intercept_a2"], "--",
-                color=line.get_color(), lw=1)
-    ax.set_xlabel("lag (ns)")
+                color="k", lw=1.2)
+        ax.axvspan(start * 1e-6, end * 1e-6, color=line.get_color(), alpha=0.08)
+    ax.set_xlabel("lag (ns); shaded: fit window, dashed: fit")
     ax.set_ylabel("in-plane MSD (A^2)")
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
