@@ -28,15 +28,24 @@ def _fill(path, shared_data, n_frames=40, analyse=True):
             system = SystemSpec(name=name, structure=f"builtin:p2-nmmo-{name}")
             put_labelled_frames(frames, system, ShiftSpec(), ctx, store)
             if analyse:
-                analyze_system(AnalyzeSpec(), system, ctx, store)
+                analyze_system(AnalyzeSpec(map_bins=20), system, ctx, store)
         rng = np.random.default_rng(3)
         dft = rng.normal(1600.0, 500.0, 300)
         store.put("/train/cv/shift_dft_ppm", dft)
         store.put("/train/cv/shift_pred_ppm", dft + 100.0 * rng.choice([-1.0, 1.0], 300))
+        store.set_attrs("/", manifest_yaml="stages: [report]\nreport: {dpi: 50}\n")
 
 
-def _is_png(path):
-    return path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 5000
+def _is_png(path, dpi=None):
+    """A PNG file of real content; with `dpi`, drawn at that resolution (pHYs chunk)."""
+    blob = path.read_bytes()
+    if blob[:8] != PNG_SIGNATURE or len(blob) < 3000:
+        return False
+    if dpi is not None:
+        at = blob.index(b"pHYs") + 4
+        pixels_per_metre = int.from_bytes(blob[at:at + 4], "big")
+        return round(pixels_per_metre * 0.0254) == dpi
+    return True
 
 
 def test_report_from_store_writes_figures_and_table(tmp_path, shared_data):
@@ -47,7 +56,7 @@ def test_report_from_store_writes_figures_and_table(tmp_path, shared_data):
     folder = summary.parent
     for name in ("histograms.png", "maps_p63mcm.png", "maps_p6322.png", "running_average.png",
                  "parity.png"):
-        assert _is_png(folder / name), name
+        assert _is_png(folder / name, dpi=50), name  # the stored manifest's report.dpi
     assert not (folder / "msd.png").exists()  # file sources have no time: no diffusion
     text = summary.read_text()
     with RunStore(store_path, None, mode="r") as store:
