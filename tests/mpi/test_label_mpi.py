@@ -110,7 +110,7 @@ def test_a_rank_stuck_on_a_slow_frame_leaves_the_others_to_the_rest(shared_tmp, 
     if ctx.is_root:
         folder.mkdir()
         section = vasp_section(folder, {"a/r000-f000000": ["slow"]})
-        section["env"]["FAKE_VASP_SLOW_S"] = "5"
+        section["env"]["FAKE_VASP_SLOW_S"] = "6"
     section = ctx.comm.bcast(section if ctx.is_root else None, root=0)
     manifest = parse_manifest(yaml.safe_dump({
         "stages": ["label"], "systems": [{"name": "a", "structure": "builtin:p2-nmmo-p63mcm"}],
