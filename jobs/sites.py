@@ -35,6 +35,8 @@ EDGE = "Na_edge"
 """Class name of the edge-sharing prism sites."""
 UNASSIGNED = "unassigned"
 """Class name of samples that are within no site's circle."""
+MAX_PAIRS_PER_PASS = 1 << 20
+"""Sample-site pairs per vectorised pass of :func:`assign_sites` (bounds its memory)."""
 
 
 @dataclass(frozen=True)
@@ -318,14 +320,20 @@ def assign_sites(positions_a, cells_a, sites: SiteSet) -> SiteAssignment:
     cells = np.asarray(cells_a, dtype=float)
     frac = np.mod(np.einsum("fci,fij->fcj", positions, np.linalg.inv(cells)), 1.0)
     slab = slab_of(frac[..., 2], sites.layer_z_frac)
-    delta = _minimum_image(frac[:, :, None, :2] - sites.centres_frac[None, None, :, :2])
-    cart = np.einsum("fcsi,fij->fcsj", delta, cells[:, :2, :2])
-    dist_sq = np.einsum("fcsj,fcsj->fcs", cart, cart)
-    dist_sq[slab[:, :, None] != sites.site_layer[None, None, :]] = np.inf
-    nearest = np.argmin(dist_sq, axis=2) if len(sites.centres_frac) else np.zeros(slab.shape,
-                                                                                   int)
-    best = np.take_along_axis(dist_sq, nearest[..., None], axis=2)[..., 0]
-    inside = best <= sites.radius_a ** 2
-    site = np.where(inside, nearest, -1)
-    site_class = np.where(inside, sites.site_class[nearest], sites.n_classes - 1)
+    n_frames, n_centres = slab.shape
+    site = np.full((n_frames, n_centres), -1, dtype=np.int64)
+    n_sites = len(sites.centres_frac)
+    # frames per pass so that the (frames, centres, sites) distance arrays stay ~16 MB
+    step = max(1, MAX_PAIRS_PER_PASS // max(1, n_centres * n_sites))
+    for start in range(0, n_frames if n_sites else 0, step):
+        rows = slice(start, start + step)
+        delta = _minimum_image(frac[rows, :, None, :2] - sites.centres_frac[None, None, :, :2])
+        cart = np.einsum("fcsi,fij->fcsj", delta, cells[rows, :2, :2])
+        dist_sq = np.einsum("fcsj,fcsj->fcs", cart, cart)
+        dist_sq[slab[rows, :, None] != sites.site_layer[None, None, :]] = np.inf
+        nearest = np.argmin(dist_sq, axis=2)
+        best = np.take_along_axis(dist_sq, nearest[..., None], axis=2)[..., 0]
+        site[rows] = np.where(best <= sites.radius_a ** 2, nearest, -1)
+    site_class = np.where(site >= 0, sites.site_class[np.maximum(site, 0)]
+                          if n_sites else 0, sites.n_classes - 1)
     return SiteAssignment(site, site_class, slab, frac)

@@ -117,3 +117,22 @@ def test_sites_of_the_shared_frames(shared_data):
                                                          minlength=sites.n_classes)))
         assert counts == {EDGE: 24, **faces, UNASSIGNED: 0}
         assert np.allclose(sorted(np.mod(sites.layer_z_frac + 0.1, 0.5)), 0.1, atol=0.02)
+
+
+def test_assignment_in_small_passes_is_the_same(monkeypatch, shared_data):
+    import ase.io
+
+    import jobs.sites
+
+    frames = ase.io.read(shared_data / "p6322-dev.extxyz", ":30")
+    first = frames[0]
+    sites = find_sites(first.numbers, first.positions, first.cell[:])
+    na = first.numbers == 11
+    positions = np.array([a.positions[na] for a in frames])
+    cells = np.array([a.cell[:] for a in frames])
+    whole = assign_sites(positions, cells, sites)
+    monkeypatch.setattr(jobs.sites, "MAX_PAIRS_PER_PASS", 1000)  # 1 frame per pass
+    parts = assign_sites(positions, cells, sites)
+    assert np.array_equal(whole.site, parts.site)
+    assert np.array_equal(whole.site_class, parts.site_class)
+    assert (whole.site >= 0).mean() > 0.5
