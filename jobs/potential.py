@@ -189,24 +189,28 @@ def holdout_errors(model_path: Path, frames) -> HoldoutErrors:
 
 
 # ---- the verb ----------------------------------------------------------------------------------
-def train_model(spec: PotentialSpec, workdir: Path, seed: int, threads: int,
-                log=print) -> tuple[Path, dict]:
+def train_model(spec: PotentialSpec, frames_per_file: list, workdir: Path, seed: int,
+                threads: int, log=print) -> tuple[Path, dict]:
     """Train, freeze and (maybe) compress a DP model in `workdir` (one process; serial).
 
     A `workdir` left by a killed run is reused: training restarts from its last checkpoint.
+
+    Parameters
+    ----------
+    spec
+        The potential settings.
+    frames_per_file
+        The labelled frames of each file of ``spec.frames`` (lists of ase.Atoms).
 
     Returns
     -------
     (Path, dict)
         The frozen model to use, and a report: hold-out RMSE, timings, sizes, the input.
     """
-    from jobs.frames import read_labelled_frames
-
     workdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 4, 1])
     train_systems, valid_systems, held_out = [], [], []
-    for number, path in enumerate(spec.frames):
-        frames = read_labelled_frames(path)
+    for number, (path, frames) in enumerate(zip(spec.frames, frames_per_file)):
         if not frames:
             raise InputError(f"potential.frames: {path} holds no frames")
         train_idx, held_idx = split_holdout(len(frames), spec.holdout_fraction, rng)
@@ -232,7 +236,7 @@ def train_model(spec: PotentialSpec, workdir: Path, seed: int, threads: int,
     train_s = time.monotonic() - start
     run_dp(["freeze", "-o", "frozen.pb"], workdir, threads, "freeze.log")
     chosen = workdir / "frozen.pb"
-    probe_atoms = held_out[0] if held_out else read_labelled_frames(spec.frames[0])[0]
+    probe_atoms = held_out[0] if held_out else frames_per_file[0][0]
     timing = {"frozen_ms": evaluation_time_ms(chosen, probe_atoms)}
     if spec.compress != "never":
         run_dp(["compress", "-i", "frozen.pb", "-o", "compressed.pb"], workdir, threads,
@@ -264,12 +268,18 @@ def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
         blob = path.read_bytes()
         report = {"source": str(path), "trained": False}
     else:
+        from jobs.frames import read_labelled_frames
+
+        # every rank reads: ASE's reader is collective over its own MPI world (rank 0 reads
+        # and broadcasts), so a read on rank 0 alone would wait for the others forever
+        frames_per_file = [read_labelled_frames(path) for path in spec.frames]
         result = None
         if ctx.is_root:
             workdir = Path(str(store.path) + ".potential")
             threads = spec.train_threads or ctx.cores
             try:
-                chosen, report = train_model(spec, workdir, seed, threads, ctx.log)
+                chosen, report = train_model(spec, frames_per_file, workdir, seed, threads,
+                                             ctx.log)
                 result = (chosen.read_bytes(), report, None)
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 result = (None, None, exc)
