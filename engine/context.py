@@ -30,6 +30,18 @@ def limit_threads(cores: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def keep_ase_rank_local() -> None:
+    """Make ASE's file I/O local to each rank, for the whole process.
+
+    With mpi4py imported, ASE's `ase.io.read` / `write` become collectives over COMM_WORLD
+    (rank 0 reads, then broadcasts): ranks that each read their own file would hang or get
+    another rank's data. dynshift shards work itself, so ASE must see a one-rank world.
+    """
+    import ase.parallel
+
+    ase.parallel.world.comm = ase.parallel.DummyMPI()
+
+
 @dataclass
 class RankContext:
     """Where this rank stands: its communicator, rank, size, node-local rank and cores.
@@ -55,6 +67,7 @@ class RankContext:
         local_rank, local_size = local.Get_rank(), local.Get_size()
         local.Free()
         cores = cores_of_this_rank(local_size)
+        keep_ase_rank_local()
         if set_threads:
             limit_threads(cores)
         return cls(comm, comm.Get_rank(), comm.Get_size(), local_rank, local_size, cores)

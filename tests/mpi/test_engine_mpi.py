@@ -47,3 +47,18 @@ def test_a_stage_runs_on_a_split_communicator(shared_tmp):
         assert result.summary["ranks"] == sub.size
         assert store.shape("/probe/cores") == (sub.size,)
     sub.Free()
+
+
+def test_ase_reads_stay_on_their_rank(shared_tmp):
+    """Each rank reads its own file with ASE: no hidden collective, no other rank's data."""
+    import ase.io
+    from ase import Atoms
+
+    ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
+    path = f"{shared_tmp}/rank{ctx.rank}.xyz"
+    ase.io.write(path, Atoms("Na" * (ctx.rank + 1), positions=[[0, 0, i] for i in
+                                                                  range(ctx.rank + 1)]))
+    if ctx.rank == 0:  # rank 0 reads while the others do not: a collective read would hang
+        assert len(ase.io.read(path)) == 1
+    ctx.comm.Barrier()
+    assert len(ase.io.read(path)) == ctx.rank + 1
