@@ -56,7 +56,7 @@ from ase.data import atomic_numbers
 
 from engine.context import RankContext
 from engine.driver import StageResult
-from engine.failure import InputError
+from engine.failure import AgreedFailure, InputError
 from engine.store import RunStore
 from jobs.labellers import Labeller, LabelError, make_labeller
 
@@ -489,7 +489,7 @@ def _finish(spec, ctx: RankContext, store: RunStore, all_frames: list[SystemFram
         lines = [f"  {f['system']} r{f['replica']:03d} f{f['frame']:06d}: {f['reason'][:120]} "
                  f"({f['attempts']} attempts; {f['work_dir']})" for f in failures_all[:10]]
         more = len(failures_all) - len(lines)
-        raise RuntimeError(
+        raise AgreedFailure(
             f"label: {result.n_failed} of {result.n_selected} frames failed every attempt, "
             f"more than label.failure_budget = {spec.failure_budget:g} "
             f"({spec.failure_budget * result.n_selected:.4g} frames):\n" + "\n".join(lines)
