@@ -90,15 +90,6 @@ def reduce_moments(ctx, *accumulators: BinnedMoments) -> None:
         offset += 3 * n
 
 
-def allreduce_max(ctx, value: float) -> float:
-    """The largest `value` over the ranks of ``ctx.comm`` (collective)."""
-    if ctx.size == 1:
-        return float(value)
-    from mpi4py import MPI
-
-    return float(ctx.comm.allreduce(float(value), op=MPI.MAX))
-
-
 def moments_mean_std(count, total, total_sq) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (population) standard deviation per key; NaN where the count is zero."""
     count = np.asarray(count, dtype=float)
