@@ -3,6 +3,10 @@
 Every collective HDF5 operation (creating groups and datasets, attributes, resizing) lives in
 this module, because every rank must make them in the same order with the same arguments.
 Data writes (`write_rows`) are independent: a rank writes only its own rows.
+Reads are independent too, but make the same metadata reads (opening groups, datasets,
+attributes) on every rank: HDF5's metadata cache evicts collectively, so a rank that alone walks
+many objects can leave the others waiting in the next collective call. Read everywhere, then
+let rank 0 draw or print.
 Layout: docs/store.md.
 """
 from __future__ import annotations
