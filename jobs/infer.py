@@ -328,6 +328,18 @@ def _prepare_group(store: RunStore, group: str, n_frames: int, n_atoms: int, cen
                         **identity)
 
 
+def _predict_chunk(featurizer: SoapFeaturizer, ensemble, numbers: np.ndarray,
+                   batch: FrameBatch, n_centres: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread (ppm, float32, (k, n_centres)) of one chunk; its features (the big
+    array) die on return, so a rank never holds two chunks' features at once."""
+    features = featurizer.features_arrays(numbers, batch.positions_a, batch.cell_a)
+    mean, std = ensemble.predict(features)
+    del features
+    shape = (len(batch.positions_a), n_centres)
+    return (np.asarray(mean, np.float32).reshape(shape),
+            np.asarray(std, np.float32).reshape(shape))
+
+
 def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
                  store: RunStore, shift: ShiftSpec = ShiftSpec(), ensemble=None) -> InferResult:
     """Shifts of every target nucleus of every frame of every system, into /infer/<system>.
@@ -413,11 +425,8 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
                     mean = shift_ppm(batch.a_iso_mhz[:, centres], shift).astype(np.float32)
                     std = np.zeros_like(mean)
                 else:
-                    features = featurizer.features_arrays(source.numbers, batch.positions_a,
-                                                          batch.cell_a)
-                    mean, std = ensemble.predict(features)
-                    mean = np.asarray(mean, np.float32).reshape(stop - start, len(centres))
-                    std = np.asarray(std, np.float32).reshape(stop - start, len(centres))
+                    mean, std = _predict_chunk(featurizer, ensemble, source.numbers, batch,
+                                               len(centres))
                 store.write_rows(f"{group}/shift_ppm", start, mean)
                 store.write_rows(f"{group}/shift_std_ppm", start, std)
                 store.write_rows(f"{group}/centre_positions_a", start,

@@ -131,20 +131,19 @@ class SoapFeaturizer:
             float32, shape ``(sum of centres over frames, n_features)``, frame-major (frame 0's
             centres first, in atom order), every row of unit L2 norm.
         """
-        blocks = []
-        for index, frame in enumerate(frames):
+        centres_of = [self.centre_indices(frame) for frame in frames]
+        out = np.empty((sum(len(c) for c in centres_of), self.n_features), np.float32)
+        row = 0
+        for index, (frame, centres) in enumerate(zip(frames, centres_of)):
             self.check_frame(frame, f"frame {index}")
-            centres = self.centre_indices(frame)
             if len(centres) == 0:
-                blocks.append(np.zeros((0, self.n_features), np.float32))
                 continue
             if self.periodic:
                 frame = wrapped(frame)
             rows = self._soap.create(frame, centers=centres.tolist(), n_jobs=1)
-            blocks.append(normalise_rows(np.asarray(rows, dtype=np.float64)))
-        if not blocks:
-            return np.zeros((0, self.n_features), np.float32)
-        return np.concatenate(blocks).astype(np.float32, copy=False)
+            out[row:row + len(centres)] = normalise_rows(np.asarray(rows, dtype=np.float64))
+            row += len(centres)
+        return out
 
     def features_arrays(self, numbers: np.ndarray, positions_a: np.ndarray,
                         cell_a: np.ndarray) -> np.ndarray:
