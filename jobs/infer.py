@@ -26,6 +26,7 @@ from engine.driver import StageResult
 from engine.failure import InputError
 from engine.progress import Progress
 from engine.store import RunStore
+from jobs.sites import framework_drift_a, framework_mask
 from jobs.soap import SoapFeaturizer
 from schemas.infer import InferSpec
 from schemas.shift import ShiftSpec
@@ -322,6 +323,8 @@ def _prepare_group(store: RunStore, group: str, n_frames: int, n_atoms: int, cen
     store.create_dataset(f"{group}/time_fs", (n_frames,), dtype="f8", fill_value=np.nan,
                          unit="fs")
     store.create_dataset(f"{group}/replica", (n_frames,), dtype="i4", fill_value=-2)
+    store.create_dataset(f"{group}/framework_drift_a", (n_frames, 3), dtype="f8",
+                         fill_value=np.nan, unit="angstrom")
     store.create_dataset(f"{group}/chunk_done", (n_chunks,), dtype="u1", fill_value=0)
     if not old or not store.exists(f"{group}/centre_index"):
         store.set_attrs(group, n_done=0, n_centres=n_c, n_atoms=n_atoms,
@@ -394,6 +397,7 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
                 raise InputError(f"infer: the model predicts {featurizer.centre} shifts; system "
                                  f"{system.name!r} observes {target}")
             featurizer.check_frame(Atoms(numbers=source.numbers), f"system {system.name!r}")
+        framework = framework_mask(source.numbers, target)
         identity = {"source": source.description, "model": model_name,
                     "chunk_frames": spec.chunk_frames, "n_frames": source.n_frames,
                     "shifts_from": spec.shifts_from}
@@ -434,6 +438,8 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
                 store.write_rows(f"{group}/cell_a", start, batch.cell_a)
                 store.write_rows(f"{group}/time_fs", start, batch.time_fs)
                 store.write_rows(f"{group}/replica", start, batch.replica)
+                store.write_rows(f"{group}/framework_drift_a", start, framework_drift_a(
+                    batch.positions_a, frame0.positions_a[0], batch.cell_a, framework))
                 store.write_rows(f"{group}/chunk_done", chunk, np.ones(1, np.uint8))
                 count = stop - start
             done_here += count
