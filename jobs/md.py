@@ -57,20 +57,27 @@ def dp_calculator(model_path: Path):
 
     The integrator keeps positions unwrapped (continuous, for diffusion); deepmd-kit gives the
     same energy and forces for positions outside the cell but warns for each, so the calculator
-    evaluates a wrapped copy.
+    evaluates wrapped positions (one copy of the atoms per call, as deepmd-kit's own).
     """
+    from ase.calculators.calculator import Calculator, all_changes
     from deepmd.calculator import DP
 
     class WrappingDP(DP):
         def calculate(self, atoms=None, properties=("energy", "forces", "virial"),
-                      system_changes=None):
-            source = atoms if atoms is not None else self.atoms
-            wrapped = source.copy()
-            scaled = source.cell.scaled_positions(source.positions) % 1.0
+                      system_changes=all_changes):
+            Calculator.calculate(self, atoms, properties, system_changes)  # self.atoms = copy
+            cell = self.atoms.cell.array
+            scaled = np.linalg.solve(cell.T, self.atoms.positions.T).T % 1.0
             scaled[scaled >= 1.0] = 0.0  # -1e-17 % 1.0 == 1.0
-            wrapped.set_positions(source.cell.cartesian_positions(scaled), apply_constraint=False)
-            super().calculate(wrapped, list(properties))
-            self.atoms = source.copy()
+            types = [self.type_dict[s] for s in self.atoms.get_chemical_symbols()]
+            energy, forces, virial = self.dp.eval(coords=(scaled @ cell).reshape(1, -1),
+                                                  cells=cell.reshape(1, -1),
+                                                  atom_types=types)[:3]
+            virial = virial[0].reshape(3, 3)
+            stress = -0.5 * (virial + virial.T) / abs(np.linalg.det(cell))
+            self.results = {"energy": energy[0][0], "free_energy": energy[0][0],
+                            "forces": forces[0], "virial": virial,
+                            "stress": stress.flat[[0, 4, 8, 5, 2, 1]]}
 
     return WrappingDP(model=str(model_path))
 

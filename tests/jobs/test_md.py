@@ -108,3 +108,21 @@ def test_kill_9_mid_md_then_resume(tmp_path, dynshift_bin):
                 assert np.allclose(np.diff(times), 5.0) and times[0] == 5.0
                 assert np.isfinite(group["positions_a"][:]).all()
                 assert group["positions_a"].shape == (40, 88, 3)
+
+
+def test_wrapping_calculator_equals_deepmd_on_unwrapped_positions():
+    from deepmd.calculator import DP
+
+    from jobs.md import dp_calculator
+    from jobs.structures import p2_cell
+    from schemas.potential import SHIPPED_MODEL
+
+    atoms = p2_cell("nmmo", "p6322")
+    atoms.rattle(0.05, seed=1)
+    atoms.positions[:5] += 2 * atoms.cell.array[0] - atoms.cell.array[2]  # outside the cell
+    other = atoms.copy()
+    atoms.calc, other.calc = DP(model=str(SHIPPED_MODEL)), dp_calculator(SHIPPED_MODEL)
+    assert abs(atoms.get_potential_energy() - other.get_potential_energy()) < 1e-8
+    assert np.allclose(atoms.get_forces(), other.get_forces(), atol=1e-8)
+    assert np.allclose(atoms.get_stress(), other.get_stress(), atol=1e-8)
+    assert np.abs(atoms.get_forces()).max() > 0.1
