@@ -24,7 +24,7 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMP_NUM_THREADS": "1"}
 
 
-def worker(n_frames: int, epochs: int, batch_size: int) -> None:
+def worker(n_frames: int, epochs: int, batch_size: int, result: str) -> None:
     """One rank count: featurise `n_frames` frames (sharded), train on their rows."""
     sys.path.insert(0, str(ROOT))
     from mpi4py import MPI
@@ -59,10 +59,10 @@ def worker(n_frames: int, epochs: int, batch_size: int) -> None:
         times[n_epochs] = time.perf_counter() - start
     samples_per_s = epochs * (len(y) - n_val) / (times[1 + epochs] - times[1])
     if ctx.is_root:
-        print(json.dumps({"ranks": ctx.size, "frames": n_frames, "soap_frames_per_s":
+        Path(result).write_text(json.dumps({"ranks": ctx.size, "frames": n_frames, "soap_frames_per_s":
                           round(n_frames / soap_s, 1), "train_rows": len(y) - n_val,
                           "batch_size": batch_size, "train_samples_per_s":
-                          round(samples_per_s, 1)}), flush=True)
+                          round(samples_per_s, 1)}))
 
 
 def main() -> int:
@@ -71,19 +71,21 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", metavar="RESULT_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.frames, args.epochs, args.batch_size)
+        worker(args.frames, args.epochs, args.batch_size, args.worker)
         return 0
+    import tempfile
+
     results = []
     for ranks in args.ranks:
-        command = ["mpirun", "-n", str(ranks), sys.executable, __file__, "--worker",
+        result = Path(tempfile.mkdtemp()) / "result.json"
+        command = ["mpirun", "-n", str(ranks), sys.executable, __file__, "--worker", str(result),
                    "--frames", str(args.frames), "--epochs", str(args.epochs),
                    "--batch-size", str(args.batch_size)]
-        run = subprocess.run(command, env={**os.environ, **MPI_ENV}, capture_output=True,
-                             text=True, check=True)
-        line = [ln for ln in run.stdout.splitlines() if ln.startswith("{")][-1]
+        subprocess.run(command, env={**os.environ, **MPI_ENV}, capture_output=True, check=True)
+        line = result.read_text()
         results.append(json.loads(line))
         print(line, flush=True)
     base = results[0]["train_samples_per_s"]
