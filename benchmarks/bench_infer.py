@@ -8,8 +8,13 @@ Run at 1 and 2 ranks (OMPI_* variables as in the Makefile)::
 Frames: the shared P2-NMMO frames (both stackings), jittered (Gaussian, --jitter-a) and
 written as one md trajectory into a scratch store (`/md/bench/r000`, unwrapped by random
 whole cell vectors, as an md trajectory is). Model: the shipped NN-NMR ensemble when it exists,
-else (or with --paper-size) a random ensemble of the paper's size (5 folds x 3 x 512, 6660
-SOAP features) - the cost of a prediction does not depend on the weights.
+else (or with --paper-size / --folds N) a random ensemble of N folds x 3 x 512 on 6660 SOAP
+features (the paper's size is 5 folds; the shipped model is 1 fold) - the cost of a prediction
+does not depend on the weights.
+
+The machine's OpenBLAS kernel choice matters for predict: OPENBLAS_CORETYPE=Haswell (AVX2)
+reaches ~120 GFLOP/s single-core float32 here, the auto-detected SkylakeX (AVX-512) kernel ~235;
+the JSON records which one ran.
 
 Measured in one run, every rank at once (so under the same load):
 1. the infer stage on a small trajectory (--frames / 10) and on the full one: frames/s (all
@@ -38,6 +43,16 @@ os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _openblas_kernel() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return ",".join(f"{i.get('internal_api')}:{i.get('architecture')}"
+                        for i in threadpool_info() if i.get("user_api") == "blas")
+    except ImportError:
+        return "unknown"
 
 
 def make_frames(n_frames: int, jitter_a: float, seed: int):
@@ -82,6 +97,8 @@ def main() -> None:
     parser.add_argument("--jitter-a", type=float, default=0.05)
     parser.add_argument("--paper-size", action="store_true",
                         help="a random 5 x 3x512 ensemble even when a shipped model exists")
+    parser.add_argument("--folds", type=int, default=None,
+                        help="a random N x 3x512 ensemble (1: the shipped model's size)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="write the figures here (rank 0)")
     args = parser.parse_args()
@@ -117,17 +134,19 @@ def main() -> None:
         loop_frames = positions[:args.loop_frames].copy()
         loop_cells = cells[:args.loop_frames].copy()
         del positions, cells
-        if SHIPPED_MODEL.exists() and not args.paper_size:
+        n_folds = args.folds or 5
+        if SHIPPED_MODEL.exists() and not args.paper_size and args.folds is None:
             ensemble = ShiftEnsemble.from_store(SHIPPED_MODEL)
             model = f"shipped {SHIPPED_MODEL.name}"
         else:
             featurizer = SoapFeaturizer(["Na", "Mg", "Mn", "O"])
-            for k, fold in enumerate(paper_size_folds(featurizer.n_features, seed=1)):
+            for k, fold in enumerate(paper_size_folds(featurizer.n_features, seed=1,
+                                                      n_folds=n_folds)):
                 write_fold_model(store, f"/train/folds/{k}", fold)
             store.set_attrs("/train", soap=featurizer.settings())
             store.flush()
             ensemble = ShiftEnsemble.from_store(store)
-            model = "random, paper size (5 folds x 3 x 512)"
+            model = f"random, {n_folds} fold(s) x 3 x 512"
         featurizer = featurizer_for(ensemble)
         widths = [k.shape[1] for k in ensemble._rest[0][0]] if ensemble._rest else []
         ctx.log(f"bench: {ctx.size} rank(s), {ctx.cores} core(s) each, model {model} "
@@ -189,14 +208,12 @@ def main() -> None:
                                          root=0)
 
         # stage split: SOAP alone and predict alone on one chunk (rank 0's view)
-        chunk = [Atoms(numbers=numbers, positions=p, cell=c, pbc=True)
-                 for p, c in zip(loop_frames, loop_cells)]
         start = time.process_time()
-        features = featurizer.features(chunk)
-        soap_ms = 1e3 * (time.process_time() - start) / len(chunk)
+        features = featurizer.features_arrays(numbers, loop_frames, loop_cells)
+        soap_ms = 1e3 * (time.process_time() - start) / len(loop_frames)
         start = time.process_time()
         ensemble.predict(features)
-        predict_ms = 1e3 * (time.process_time() - start) / len(chunk)
+        predict_ms = 1e3 * (time.process_time() - start) / len(loop_frames)
         split = ctx.comm.gather((soap_ms, predict_ms), root=0)
 
     if ctx.is_root:
@@ -208,7 +225,8 @@ def main() -> None:
                   "paper_style_loop_frames_per_cpu_s_per_rank": loop_cpu_rates,
                   "soap_cpu_ms_per_frame_per_rank": [s for s, _ in split],
                   "predict_cpu_ms_per_frame_per_rank": [p for _, p in split],
-                  "load_average": os.getloadavg()}
+                  "load_average": os.getloadavg(),
+                  "openblas": _openblas_kernel()}
         print(json.dumps(result, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))

@@ -72,3 +72,31 @@ def test_unknown_species_is_an_input_error(featurizer, frames):
     bad.numbers[20] = 28  # Ni
     with pytest.raises(InputError, match="Ni"):
         featurizer.features([bad])
+
+
+def test_float32_dscribe_equals_a_float64_reference(featurizer, frames):
+    # the speed-up (dscribe in single precision) must keep the features within 1e-5
+    from dscribe.descriptors import SOAP
+
+    reference = SOAP(species=SPECIES, r_cut=5.5, n_max=9, l_max=9, sigma=0.5, rbf="gto",
+                     periodic=True, sparse=False, dtype="float64")
+    expected = []
+    for frame in frames:
+        frame = frame.copy()
+        frame.wrap(eps=0.0)
+        rows = reference.create(frame, centers=np.flatnonzero(frame.numbers == 11).tolist())
+        expected.append(rows / np.linalg.norm(rows, axis=1, keepdims=True))
+    got = featurizer.features(frames)
+    np.testing.assert_allclose(got, np.concatenate(expected), rtol=0, atol=1e-5)
+    assert np.abs(got).max() > 0.1
+
+
+def test_arrays_path_wraps_unwrapped_positions_like_ase(featurizer, frames):
+    rng = np.random.default_rng(7)
+    positions = np.stack([f.positions for f in frames])
+    cells = np.stack([f.cell.array for f in frames])
+    images = rng.integers(-2, 3, positions.shape)
+    unwrapped = positions + np.einsum("fai,fij->faj", images, cells)
+    got = featurizer.features_arrays(frames[0].numbers, unwrapped, cells)
+    np.testing.assert_allclose(got, featurizer.features(frames), rtol=0, atol=1e-6)
+    assert got.shape == (16 * len(frames), 6660)
