@@ -243,13 +243,17 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
                                store.read(f"{g}/resume_momenta"),
                                store.read(f"{g}/resume_thermostat"))
         trajectories[task.group] = trajectory
-    frames_left = sum(spec.frames - saved[t.group] for t in mine)
+    # equilibration counts as its length in frames, so that the ETA holds from the start
+    equilibration_frames = spec.equilibration_steps // spec.save_every_steps
+    frames_left = sum(spec.frames - saved[t.group] + (equilibration_frames if saved[t.group] == 0
+                                                      else 0) for t in mine)
     ns_per_frame = interval_fs * 1e-6
     progress = Progress(ctx, "md", frames_left, "frames",
                         extra=lambda rate: f"{rate * ns_per_frame * 86400 / max(len(mine), 1):.3g}"
                                            " ns/day per replica")
     ctx.log(f"md: {len(tasks)} trajectories over {ctx.size} ranks, {spec.frames} frames each, "
-            f"every {interval_fs:g} fs; {sum(saved.values())} frames already in the store")
+            f"every {interval_fs:g} fs; {sum(saved.values())} frames already in the store "
+            f"(progress counts equilibration as {equilibration_frames} frames)")
     n_rounds = -(-spec.frames // spec.chunk_frames)
     for round_index in range(n_rounds):
         end = min(spec.frames, (round_index + 1) * spec.chunk_frames)
@@ -260,6 +264,7 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
             trajectory = trajectories[task.group]
             if start == 0:
                 trajectory.run(spec.equilibration_steps)
+                progress.update(equilibration_frames)
             _run_chunk(trajectory, task, start, end, spec, store, progress)
             saved[task.group] = end
         counts = ctx.comm.allgather({t.group: saved[t.group] for t in mine})
