@@ -1,7 +1,9 @@
 """The simulated systems: a structure and a supercell, shared by md, label, infer, analyze."""
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pathlib import Path
+
+from pydantic import Field, ValidationInfo, field_validator
 
 from schemas.base import Spec
 
@@ -21,6 +23,15 @@ class SystemSpec(Spec):
     """Repetitions of the structure along a, b, c (for large-cell studies)."""
     target_species: str = "Na"
     """Chemical symbol of the observed nucleus (the SOAP centres and shifts)."""
+
+    @field_validator("structure")
+    @classmethod
+    def _resolve_file(cls, value: str, info: ValidationInfo) -> str:
+        """A structure file is taken relative to the manifest's folder."""
+        base = (info.context or {}).get("base_dir")
+        if value.startswith(BUILTIN_PREFIX) or base is None or Path(value).is_absolute():
+            return value
+        return str(Path(base) / value)
 
     @field_validator("supercell")
     @classmethod

@@ -77,3 +77,11 @@ def test_manifest_is_frozen_and_every_field_documented():
             if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
                 walk(annotation, f"{path}{name}.")
     walk(Manifest, "")
+
+
+def test_structure_files_resolve_against_the_manifest_folder(tmp_path: Path):
+    text = ("stages: [md]\nsystems: [{name: a, structure: cells/a.cif}, "
+            "{name: b, structure: 'builtin:p2-nmmo-p6322'}]\n")
+    manifest = parse_manifest(text, base_dir=tmp_path)
+    assert manifest.system("a").structure == str(tmp_path / "cells" / "a.cif")
+    assert manifest.system("b").structure == "builtin:p2-nmmo-p6322"
