@@ -178,3 +178,33 @@ def test_dynshift_run_at_1_and_2_ranks(ranks, frames_file, featurizer, dynshift_
     if other.exists():
         with h5py.File(other, "r") as f:
             np.testing.assert_array_equal(f["/infer/p63mcm/shift_ppm"][()], shifts)
+
+
+def test_tf_gemm_predictor_equals_the_numpy_ensemble(featurizer, frames):
+    # the infer stage's fast path (TensorFlow's AVX-512 GEMMs) must give the ensemble's numbers
+    from jobs.infer import TfGemmEnsemble, fast_predictor
+
+    rng = np.random.default_rng(3)
+    folds = []
+    for _ in range(3):  # wider than the tiny stand-in, so the GEMMs are blocked like the real one
+        widths = [featurizer.n_features, 64, 32, 1]
+        kernels = [rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(np.float32)
+                   for a, b in zip(widths[:-1], widths[1:])]
+        biases = [rng.normal(0, 0.1, b).astype(np.float32) for b in widths[1:]]
+        folds.append(FoldModel(kernels, biases, np.zeros(widths[0], np.float32),
+                               np.ones(widths[0], np.float32), 1600.0, 400.0))
+    ensemble = ShiftEnsemble([f.folded() for f in folds], {"soap": featurizer.settings()})
+    fast = fast_predictor(ensemble, threads=1)
+    assert isinstance(fast, TfGemmEnsemble) and fast.settings is ensemble.settings
+    features = featurizer.features(frames[:3])
+    features = np.concatenate([features] * 40)  # 1920 rows, 2 GEMM chunks of 1024
+    fast.chunk_rows = 1024
+    mean, std = fast.predict(features)
+    expected_mean, expected_std = ensemble.predict(features)
+    assert mean.shape == expected_mean.shape == (1920,)
+    # float32 GEMMs summed in another order: equal to rounding (~1e-7 relative of ~2000 ppm)
+    np.testing.assert_allclose(mean, expected_mean, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(std, expected_std, rtol=0, atol=2e-3)
+    assert expected_std.max() > 10.0 and np.ptp(expected_mean) > 0.1
+    stand_in = object()
+    assert fast_predictor(stand_in) is stand_in
