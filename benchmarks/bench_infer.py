@@ -107,7 +107,7 @@ def main() -> None:
 
     from engine.context import RankContext
     from engine.store import RunStore
-    from jobs.infer import SHIPPED_MODEL, featurizer_for, infer_shifts
+    from jobs.infer import SHIPPED_MODEL, fast_predictor, featurizer_for, infer_shifts
     from jobs.nnmr import ShiftEnsemble, write_fold_model
     from jobs.soap import SoapFeaturizer
     from schemas.infer import InferSpec
@@ -213,8 +213,13 @@ def main() -> None:
         soap_ms = 1e3 * (time.process_time() - start) / len(loop_frames)
         start = time.process_time()
         ensemble.predict(features)
+        numpy_ms = 1e3 * (time.process_time() - start) / len(loop_frames)
+        predictor = fast_predictor(ensemble, ctx.cores)  # what the stage predicts with
+        predictor.predict(features)  # TensorFlow traces its function for this row count
+        start = time.process_time()
+        predictor.predict(features)
         predict_ms = 1e3 * (time.process_time() - start) / len(loop_frames)
-        split = ctx.comm.gather((soap_ms, predict_ms), root=0)
+        split = ctx.comm.gather((soap_ms, predict_ms, numpy_ms), root=0)
 
     if ctx.is_root:
         result = {"ranks": ctx.size, "cores_per_rank": ctx.cores, "model": model,
@@ -223,8 +228,10 @@ def main() -> None:
                   "paper_style_loop_frames_per_s_per_rank": loop_rates,
                   "paper_style_loop_frames_per_s_all_ranks": float(np.sum(loop_rates)),
                   "paper_style_loop_frames_per_cpu_s_per_rank": loop_cpu_rates,
-                  "soap_cpu_ms_per_frame_per_rank": [s for s, _ in split],
-                  "predict_cpu_ms_per_frame_per_rank": [p for _, p in split],
+                  "soap_cpu_ms_per_frame_per_rank": [s[0] for s in split],
+                  "predict_cpu_ms_per_frame_per_rank": [s[1] for s in split],
+                  "predictor": type(predictor).__name__,
+                  "predict_numpy_openblas_cpu_ms_per_frame_per_rank": [s[2] for s in split],
                   "load_average": os.getloadavg(),
                   "openblas": _openblas_kernel()}
         print(json.dumps(result, indent=1))
