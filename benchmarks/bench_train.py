@@ -29,9 +29,10 @@ def worker(n_frames: int, epochs: int, batch_size: int, result: str) -> None:
     sys.path.insert(0, str(ROOT))
     from mpi4py import MPI
 
-    from engine.context import RankContext
+    from engine.context import RankContext, limit_threads
 
-    ctx = RankContext.from_comm(MPI.COMM_WORLD)
+    limit_threads(1)  # one thread per rank at every rank count: the ranks scale, not threads
+    ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
     ctx.cores = 1
     import numpy as np
 
@@ -50,14 +51,11 @@ def worker(n_frames: int, epochs: int, batch_size: int, result: str) -> None:
     soap_s = time.perf_counter() - start
     y = centre_rows(frames, "Na", ShiftSpec()).shift_ppm
     n_val = len(y) // 10
-    times = {}
-    for n_epochs in (1, 1 + epochs):  # the first epoch includes tracing: subtract it
-        spec = TrainSpec(epochs=n_epochs, patience_epochs=n_epochs, batch_size=batch_size)
-        ctx.comm.Barrier()
-        start = time.perf_counter()
-        train_model(features[n_val:], y[n_val:], features[:n_val], y[:n_val], spec, ctx, 1)
-        times[n_epochs] = time.perf_counter() - start
-    samples_per_s = epochs * (len(y) - n_val) / (times[1 + epochs] - times[1])
+    # the first epoch includes tf.function tracing: the median of the later epochs counts
+    spec = TrainSpec(epochs=1 + epochs, patience_epochs=1 + epochs, batch_size=batch_size)
+    model = train_model(features[n_val:], y[n_val:], features[:n_val], y[:n_val], spec, ctx, 1)
+    epoch_s = float(np.median(model.curves["epoch_s"][1:]))
+    samples_per_s = (len(y) - n_val) / epoch_s
     if ctx.is_root:
         Path(result).write_text(json.dumps({"ranks": ctx.size, "frames": n_frames, "soap_frames_per_s":
                           round(n_frames / soap_s, 1), "train_rows": len(y) - n_val,

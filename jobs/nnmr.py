@@ -211,11 +211,12 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
         return float(np.sqrt(total / max(len(xv), 1)))
 
     rng = np.random.default_rng(seed)
-    curves = {"train_mse_std": [], "val_rmse_ppm": [], "learning_rate": []}
+    curves = {"train_mse_std": [], "val_rmse_ppm": [], "learning_rate": [], "epoch_s": []}
     best = (np.inf, 0, [v.numpy() for v in model.trainable_variables])
     started = time.monotonic()
     epoch = 0
     for epoch in range(1, spec.epochs + 1):
+        epoch_started = time.monotonic()
         order = rng.permutation(n_rows)
         sse_local = 0.0
         for step in range(steps_per_epoch):
@@ -224,6 +225,7 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
             sse_local += float(train_step(tf.constant(xs[mine]), tf.constant(ys[mine]),
                                           tf.constant(float(len(batch)))))
         train_mse = ctx.comm.allreduce(sse_local, op=MPI.SUM) / n_rows
+        curves["epoch_s"].append(time.monotonic() - epoch_started)  # training steps only
         rmse = val_rmse_ppm()
         lr = float(schedule(optimizer.iterations))
         curves["train_mse_std"].append(train_mse)
