@@ -21,7 +21,7 @@ from engine.context import RankContext
 from engine.driver import StageResult
 from engine.progress import Progress
 from engine.store import RunStore
-from jobs.potential import stored_model_file
+from jobs.potential import import_deepmd_tf, stored_model_file
 from jobs.structures import build_structure
 from schemas.md import MdSpec
 
@@ -60,6 +60,8 @@ def dp_calculator(model_path: Path):
     evaluates wrapped positions (one copy of the atoms per call, as deepmd-kit's own).
     """
     from ase.calculators.calculator import Calculator, all_changes
+
+    import_deepmd_tf()
     from deepmd.calculator import DP
 
     class WrappingDP(DP):

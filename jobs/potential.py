@@ -148,10 +148,26 @@ def run_dp(args: list[str], workdir: Path, threads: int, log_name: str) -> None:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}) in {workdir}:\n{tail}")
 
 
+def import_deepmd_tf() -> None:
+    """Import deepmd-kit's TensorFlow backend, keeping TensorFlow 2 behaviour for the process.
+
+    `deepmd.tf.env` calls `tf.disable_v2_behavior()` when first imported; later stages of the
+    same run (train, infer: Keras in eager mode) would then fail. Importing it once here and
+    switching v2 behaviour back on is safe: deepmd-kit builds its graphs and sessions itself.
+    Call this before the first DeepPot / DP of a process.
+    """
+    import deepmd.tf.env  # noqa: F401  (the import that disables v2 behaviour, done once)
+    import tensorflow as tf
+
+    if not tf.executing_eagerly():
+        tf.compat.v1.enable_v2_behavior()
+
+
 def evaluation_time_ms(model_path: Path, atoms, repeats: int = 20) -> float:
     """Median wall time (ms) of one energy + force evaluation of `atoms` by a DP model."""
     from deepmd.infer import DeepPot
 
+    import_deepmd_tf()
     model = DeepPot(str(model_path))
     types = _atom_types(atoms, model.get_type_map())
     coords, cells = atoms.positions.reshape(1, -1), atoms.cell.array.reshape(1, -1)
@@ -172,6 +188,7 @@ def holdout_errors(model_path: Path, frames) -> HoldoutErrors:
     """Energy (per atom) and force RMSE of a DP model on labelled frames."""
     from deepmd.infer import DeepPot
 
+    import_deepmd_tf()
     model = DeepPot(str(model_path))
     type_map = model.get_type_map()
     energy_sq, force_sq, n_force = [], 0.0, 0

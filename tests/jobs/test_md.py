@@ -126,3 +126,18 @@ def test_wrapping_calculator_equals_deepmd_on_unwrapped_positions():
     assert np.allclose(atoms.get_forces(), other.get_forces(), atol=1e-8)
     assert np.allclose(atoms.get_stress(), other.get_stress(), atol=1e-8)
     assert np.abs(atoms.get_forces()).max() > 0.1
+
+
+def test_deepmd_leaves_tensorflow_eager_for_later_stages():
+    """md then train/infer in one process: deepmd's import must not switch off TF2 behaviour."""
+    import tensorflow as tf
+
+    from jobs.md import dp_calculator
+    from jobs.structures import p2_cell
+    from schemas.potential import SHIPPED_MODEL
+
+    atoms = p2_cell("nmmo", "p63mcm")
+    atoms.calc = dp_calculator(SHIPPED_MODEL)
+    assert np.isfinite(atoms.get_potential_energy())
+    assert tf.executing_eagerly()
+    assert float(tf.reduce_sum(tf.constant([1.0, 2.0])).numpy()) == 3.0

@@ -22,3 +22,15 @@ def pytest_runtest_makereport(item, call):
             print(f"\n[rank {comm.rank}] FAILED {item.nodeid}\n{report.longreprtext}",
                   file=sys.stderr, flush=True)
             comm.Abort(1)
+
+
+@pytest.fixture
+def shared_tmp(tmp_path_factory):
+    """One temporary folder, the same on every rank (made on rank 0, broadcast)."""
+    from pathlib import Path
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    path = str(tmp_path_factory.mktemp("mpi")) if comm.rank == 0 else None
+    return Path(comm.bcast(path, root=0))

@@ -18,13 +18,6 @@ from schemas.system import SystemSpec
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "p2-nmmo"
 
 
-@pytest.fixture
-def shared_tmp(tmp_path_factory):
-    comm = MPI.COMM_WORLD
-    path = str(tmp_path_factory.mktemp("analyze_mpi")) if comm.rank == 0 else None
-    return Path(comm.bcast(path, root=0))
-
-
 def _fill(store, ctx, frames, system):
     """DFT frames as a file source, plus the same frames as two 'md replicas' with time."""
     put_labelled_frames(frames, system, ShiftSpec(), ctx, store)

@@ -9,14 +9,6 @@ from engine.context import RankContext
 from engine.store import RunStore
 
 
-@pytest.fixture
-def shared_tmp(tmp_path_factory):
-    """One temporary folder, the same on every rank."""
-    comm = MPI.COMM_WORLD
-    path = str(tmp_path_factory.mktemp("mpi")) if comm.rank == 0 else None
-    return comm.bcast(path, root=0)
-
-
 def test_every_rank_writes_its_block_of_one_dataset(shared_tmp):
     ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
     n = 11

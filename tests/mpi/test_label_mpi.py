@@ -15,14 +15,6 @@ from jobs.label import label_frames, labelled_frames
 from schemas import parse_manifest
 
 
-@pytest.fixture
-def shared_tmp(tmp_path_factory) -> Path:
-    """One temporary folder, the same on every rank."""
-    comm = MPI.COMM_WORLD
-    path = str(tmp_path_factory.mktemp("label")) if comm.rank == 0 else None
-    return Path(comm.bcast(path, root=0))
-
-
 def test_frames_are_sharded_labelled_once_and_agreed_on(shared_tmp, shared_data):
     ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
     plan = {"a/r000-f000001": ["exit"], "b/r000-f000002": ["unconverged"] * 2}

@@ -12,14 +12,6 @@ from schemas.md import MdSpec
 from schemas.system import SystemSpec
 
 
-@pytest.fixture
-def shared_tmp(tmp_path_factory):
-    """One temporary folder, the same on every rank."""
-    comm = MPI.COMM_WORLD
-    path = str(tmp_path_factory.mktemp("md")) if comm.rank == 0 else None
-    return comm.bcast(path, root=0)
-
-
 def test_two_systems_two_replicas_over_the_ranks(shared_tmp):
     ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
     systems = [SystemSpec(name="mcm", structure="builtin:p2-nmmo-p63mcm"),
