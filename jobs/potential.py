@@ -149,18 +149,26 @@ def run_dp(args: list[str], workdir: Path, threads: int, log_name: str) -> None:
 
 
 def import_deepmd_tf() -> None:
-    """Import deepmd-kit's TensorFlow backend, keeping TensorFlow 2 behaviour for the process.
+    """Import deepmd-kit's TensorFlow backend without switching TensorFlow 2 behaviour off.
 
-    `deepmd.tf.env` calls `tf.disable_v2_behavior()` when first imported; later stages of the
-    same run (train, infer: Keras in eager mode) would then fail. Importing it once here and
-    switching v2 behaviour back on is safe: deepmd-kit builds its graphs and sessions itself.
+    `deepmd.tf.env` calls `tf.compat.v1.disable_v2_behavior()` when first imported, which would
+    break Keras in eager mode (the train and infer stages) later in the same run, and cannot be
+    undone once TensorFlow has built a graph. deepmd-kit builds its own graphs and sessions and
+    gives the same numbers with v2 behaviour on (tested), so that one call is skipped.
     Call this before the first DeepPot / DP of a process.
     """
-    import deepmd.tf.env  # noqa: F401  (the import that disables v2 behaviour, done once)
-    import tensorflow as tf
+    import sys
 
-    if not tf.executing_eagerly():
-        tf.compat.v1.enable_v2_behavior()
+    if "deepmd.tf.env" in sys.modules:
+        return
+    import tensorflow.compat.v1 as tf_v1
+
+    disable = tf_v1.disable_v2_behavior
+    tf_v1.disable_v2_behavior = lambda: None
+    try:
+        import deepmd.tf.env  # noqa: F401
+    finally:
+        tf_v1.disable_v2_behavior = disable
 
 
 def evaluation_time_ms(model_path: Path, atoms, repeats: int = 20) -> float:
