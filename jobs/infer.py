@@ -346,14 +346,24 @@ class TfGemmEnsemble:
 
 
 def fast_predictor(ensemble, threads: int = 1):
-    """:class:`TfGemmEnsemble` of a ShiftEnsemble when TensorFlow imports, else the ensemble
-    itself; any other object (a stand-in with ``predict``) is returned unchanged."""
+    """:class:`TfGemmEnsemble` of a ShiftEnsemble when TensorFlow imports, runs eagerly and
+    agrees with the ensemble on a probe, else the ensemble itself; any other object (a
+    stand-in with ``predict``) is returned unchanged."""
     from jobs.nnmr import ShiftEnsemble
 
     if not isinstance(ensemble, ShiftEnsemble):
         return ensemble
     try:
-        return TfGemmEnsemble(ensemble, threads)
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():  # TF1 graph mode switched on by another stage
+            return ensemble
+        fast = TfGemmEnsemble(ensemble, threads)
+        probe = np.random.default_rng(0).random((4, ensemble.n_features), dtype=np.float32)
+        if not np.allclose(fast.predict_all(probe), ensemble.predict_all(probe),
+                           rtol=1e-5, atol=1e-2):
+            return ensemble
+        return fast
     except ImportError:
         return ensemble
 
