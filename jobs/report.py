@@ -354,8 +354,11 @@ def _fmt(value: float, digits: int = 0) -> str:
 
 def _summary(store, systems, figures, parity) -> str:
     lines = ["# dynshift report", ""]
+    from schemas.manifest import STAGE_ORDER
+
+    recorded = store.keys("/stages")
     stages = {name: store.attrs(f"/stages/{name}").get("status")
-              for name in store.keys("/stages")}
+              for name in STAGE_ORDER if name in recorded and name != "report"}
     if stages:
         lines += ["Stages: " + ", ".join(f"{k} ({v})" for k, v in stages.items()), ""]
     if not systems:
