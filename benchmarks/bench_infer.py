@@ -107,7 +107,8 @@ def main() -> None:
 
     from engine.context import RankContext
     from engine.store import RunStore
-    from jobs.infer import SHIPPED_MODEL, fast_predictor, featurizer_for, infer_shifts
+    from jobs.infer import SHIPPED_MODEL, featurizer_for, infer_shifts
+    from jobs.nnmr import fast_predictor
     from jobs.nnmr import ShiftEnsemble, write_fold_model
     from jobs.soap import SoapFeaturizer
     from schemas.infer import InferSpec

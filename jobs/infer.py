@@ -26,6 +26,7 @@ from engine.driver import StageResult
 from engine.failure import InputError
 from engine.progress import Progress
 from engine.store import RunStore
+from jobs.nnmr import fast_predictor
 from jobs.sites import framework_drift_a, framework_mask
 from jobs.soap import SoapFeaturizer
 from schemas.infer import InferSpec
@@ -269,103 +270,6 @@ def load_ensemble(spec: InferSpec, store: RunStore):
         raise InputError(f"infer: no model: this store has no /train, infer.model is not set, "
                          f"and the shipped model {SHIPPED_MODEL} is missing")
     return ShiftEnsemble.from_store(SHIPPED_MODEL), str(SHIPPED_MODEL)
-
-
-class TfGemmEnsemble:
-    """The same predictions as a :class:`jobs.nnmr.ShiftEnsemble`, with TensorFlow's GEMMs.
-
-    predict is FLOP-bound in one float32 GEMM: the first layers of all fold models at once
-    (rows x n_features @ n_features x sum of widths). numpy's OpenBLAS on this machine runs its
-    AVX2 (Haswell) kernel (the environment sets ``OPENBLAS_CORETYPE=Haswell``), ~110 GFLOP/s
-    per core; TensorFlow's CPU kernels use AVX-512, ~215 GFLOP/s. Same weights (the
-    ensemble's own folded float32 arrays), same layers; only the summation order of the
-    float32 GEMM differs (rounding level). Built from the ensemble; when TensorFlow cannot be
-    imported, use the ensemble itself (:func:`fast_predictor`).
-
-    Parameters
-    ----------
-    ensemble
-        A :class:`jobs.nnmr.ShiftEnsemble` (its folded weights are read, not copied twice).
-    threads
-        TensorFlow intra-op threads (the rank's cores); ignored when TF already started.
-    chunk_rows
-        Rows per GEMM (bounds the hidden activations: rows x sum of widths x 4 bytes).
-    """
-
-    def __init__(self, ensemble, threads: int = 1, chunk_rows: int = 4096):
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, int(threads)))
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:  # TF already started its pools (e.g. the train stage ran)
-            pass
-        self._tf = tf
-        self.ensemble = ensemble
-        self.settings = ensemble.settings
-        self.n_models = ensemble.n_models
-        self.n_features = ensemble.n_features
-        self.chunk_rows = chunk_rows
-        edges = np.cumsum([0] + list(ensemble._widths))
-        first_kernel = tf.constant(ensemble._first_kernel)
-        first_bias = tf.constant(ensemble._first_bias)
-        rest = [([tf.constant(k) for k in kernels], [tf.constant(b) for b in biases])
-                for kernels, biases in ensemble._rest]
-
-        @tf.function(reduce_retracing=True)
-        def every_model(rows):
-            hidden_all = tf.nn.relu(tf.matmul(rows, first_kernel) + first_bias)
-            outputs = []
-            for m, (kernels, biases) in enumerate(rest):
-                hidden = hidden_all[:, int(edges[m]):int(edges[m + 1])]
-                for i, (kernel, bias) in enumerate(zip(kernels, biases)):
-                    hidden = tf.matmul(hidden, kernel) + bias
-                    if i < len(kernels) - 1:
-                        hidden = tf.nn.relu(hidden)
-                outputs.append(hidden[:, 0])
-            return tf.stack(outputs)
-
-        self._every_model = every_model
-
-    def predict_all(self, features: np.ndarray) -> np.ndarray:
-        """Every model's shifts (ppm), shape (n_models, n_rows), float32."""
-        features = np.asarray(features, dtype=np.float32)
-        if features.ndim != 2 or features.shape[1] != self.n_features:
-            raise ValueError(f"features of shape {features.shape}; the model takes "
-                             f"(n, {self.n_features})")
-        out = np.empty((self.n_models, len(features)), dtype=np.float32)
-        for start in range(0, len(features), self.chunk_rows):
-            rows = features[start:start + self.chunk_rows]
-            out[:, start:start + len(rows)] = self._every_model(self._tf.constant(rows)).numpy()
-        return out
-
-    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Ensemble mean shift (ppm) and population std over the models (ppm) per row."""
-        every = self.predict_all(features)
-        return every.mean(axis=0), every.std(axis=0)
-
-
-def fast_predictor(ensemble, threads: int = 1):
-    """:class:`TfGemmEnsemble` of a ShiftEnsemble when TensorFlow imports, runs eagerly and
-    agrees with the ensemble on a probe, else the ensemble itself; any other object (a
-    stand-in with ``predict``) is returned unchanged."""
-    from jobs.nnmr import ShiftEnsemble
-
-    if not isinstance(ensemble, ShiftEnsemble):
-        return ensemble
-    try:
-        import tensorflow as tf
-
-        if not tf.executing_eagerly():  # TF1 graph mode switched on by another stage
-            return ensemble
-        fast = TfGemmEnsemble(ensemble, threads)
-        probe = np.random.default_rng(0).random((4, ensemble.n_features), dtype=np.float32)
-        if not np.allclose(fast.predict_all(probe), ensemble.predict_all(probe),
-                           rtol=1e-5, atol=1e-2):
-            return ensemble
-        return fast
-    except ImportError:
-        return ensemble
 
 
 def featurizer_for(ensemble) -> SoapFeaturizer:
