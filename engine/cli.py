@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         from engine.show import show_store
         return show_store(args.store)
     if args.command == "report":
+        if not args.store.is_file():
+            print(f"dynshift: no store at {args.store}", file=sys.stderr)
+            return EXIT_INPUT
         from jobs.report import report_from_store
         print(report_from_store(args.store, args.out))
         return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import h5py
@@ -11,8 +12,8 @@ from engine.store import _decode
 
 def show_store(path: Path) -> int:
     """Print a store's run record, stages with status and results, and every dataset."""
-    if not Path(path).exists():
-        print(f"dynshift: no store at {path}")
+    if not Path(path).is_file():
+        print(f"dynshift: no store at {path}", file=sys.stderr)
         return 2
     with h5py.File(path, "r", locking=False) as f:
         root = {k: _decode(v) for k, v in f.attrs.items()}

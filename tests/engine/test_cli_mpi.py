@@ -40,3 +40,10 @@ def test_bad_manifest_exits_2_before_any_work(tmp_path: Path, dynshift_bin):
     assert "seed: must be >= 0" in proc.stderr and "probe.x: unknown key" in proc.stderr
     assert proc.stderr.count("invalid manifest") == 1  # one message, not one per rank
     assert not (tmp_path / "run.h5").exists()
+
+
+def test_show_and_report_of_a_missing_store_exit_2(tmp_path: Path, dynshift_bin):
+    for command in ("show", "report"):
+        proc = _run([*dynshift_bin, command, str(tmp_path / "none.h5")])
+        assert proc.returncode == 2 and "no store at" in proc.stderr
+        assert "Traceback" not in proc.stderr
