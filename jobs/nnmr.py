@@ -286,32 +286,11 @@ def read_fold_model(store, group: str) -> FoldModel:
         best_epoch=int(attrs.get("best_epoch", 0)), epochs_run=int(attrs.get("epochs_run", 0)))
 
 
-class _H5Reader:
-    """The reading half of RunStore's interface over a plain read-only h5py file."""
+def _read_only_store(path):
+    """A store file opened read-only on this process alone (no MPI), e.g. the shipped model."""
+    from engine.store import RunStore
 
-    def __init__(self, path: Path):
-        import h5py
-
-        from engine.store import _decode
-
-        self._decode = _decode
-        self.file = h5py.File(path, "r", locking=False)
-
-    def exists(self, name):
-        return name in self.file
-
-    def read(self, name, selection=()):
-        return self.file[name][selection]
-
-    def attrs(self, name="/"):
-        return {k: self._decode(v) for k, v in self.file[name].attrs.items()} \
-            if name in self.file else {}
-
-    def keys(self, name="/"):
-        return list(self.file[name].keys()) if name in self.file else []
-
-    def close(self):
-        self.file.close()
+    return RunStore(Path(path), None, mode="r")
 
 
 class ShiftEnsemble:
@@ -347,7 +326,7 @@ class ShiftEnsemble:
     @classmethod
     def from_store(cls, store_or_path, group: str = "/train") -> "ShiftEnsemble":
         """Load every fold model under ``<group>/folds`` of a RunStore or a store file path."""
-        reader = _H5Reader(Path(store_or_path)) if isinstance(store_or_path, (str, Path)) \
+        reader = _read_only_store(store_or_path) if isinstance(store_or_path, (str, Path)) \
             else store_or_path
         try:
             if not reader.exists(f"{group}/folds"):

@@ -37,6 +37,17 @@ def _colours(class_names) -> dict:
     return {name: CLASS_COLOURS.get(name) or next(palette, "k") for name in class_names}
 
 
+def _save_figure(fig, path: Path, spec, tight: bool = True) -> str:
+    """Write a figure as PNG at the report's dpi, close it, and return its file name."""
+    import matplotlib.pyplot as plt
+
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=spec.dpi)
+    plt.close(fig)
+    return path.name
+
+
 def _spec_from_store(store: RunStore) -> ReportSpec:
     """The report settings of the manifest recorded in the store (defaults when absent)."""
     import yaml
@@ -199,11 +210,7 @@ def _histograms(store, systems, out_dir, spec) -> str:
             if len(filled):
                 ax.set_xlim(edges[filled[0]] - 100, edges[filled[-1] + 1] + 100)
     axes[-1, 0].set_xlabel("23Na shift (ppm)")
-    fig.tight_layout()
-    path = out_dir / "histograms.png"
-    fig.savefig(path, dpi=spec.dpi)
-    plt.close(fig)
-    return path.name
+    return _save_figure(fig, out_dir / "histograms.png", spec)
 
 
 def _maps(store, name, out_dir, spec) -> str:
@@ -253,10 +260,7 @@ def _maps(store, name, out_dir, spec) -> str:
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = out_dir / f"maps_{name}.png"
-    fig.savefig(path, dpi=spec.dpi)
-    plt.close(fig)
-    return path.name
+    return _save_figure(fig, out_dir / f"maps_{name}.png", spec, tight=False)
 
 
 def _time_axis(store, group) -> tuple[np.ndarray, str]:
@@ -286,11 +290,7 @@ def _running(store, systems, out_dir, spec) -> str:
         ax.set_ylabel("running average shift (ppm)")
         ax.set_title(f"{name} (grey: each Na)", fontsize=10)
         ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    path = out_dir / "running_average.png"
-    fig.savefig(path, dpi=spec.dpi)
-    plt.close(fig)
-    return path.name
+    return _save_figure(fig, out_dir / "running_average.png", spec)
 
 
 def _msd(store, systems, out_dir, spec) -> str:
@@ -311,11 +311,7 @@ def _msd(store, systems, out_dir, spec) -> str:
     ax.set_xlabel("lag (ns); shaded: fit window, dashed: fit")
     ax.set_ylabel("in-plane MSD (A^2)")
     ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    path = out_dir / "msd.png"
-    fig.savefig(path, dpi=spec.dpi)
-    plt.close(fig)
-    return path.name
+    return _save_figure(fig, out_dir / "msd.png", spec)
 
 
 def _parity(store, out_dir, spec) -> tuple[str, float, float, int]:
@@ -340,11 +336,7 @@ def _parity(store, out_dir, spec) -> tuple[str, float, float, int]:
     ax.set_ylabel("NN-NMR shift (ppm)")
     ax.set_title(f"CV test: RMSE {rmse:.0f} ppm, R2 {r2:.3f}, n = {len(dft)}", fontsize=9)
     ax.set_aspect("equal")
-    fig.tight_layout()
-    path = out_dir / "parity.png"
-    fig.savefig(path, dpi=spec.dpi)
-    plt.close(fig)
-    return path.name, rmse, r2, int(len(dft))
+    return _save_figure(fig, out_dir / "parity.png", spec), rmse, r2, int(len(dft))
 
 
 # ---- summary -------------------------------------------------------------------------------

@@ -10,34 +10,14 @@ Backends: ``vasp`` (:mod:`jobs.labellers.vasp`).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from ase import Atoms
 
 REASONS = ("exit", "timeout", "launch", "no_outcar", "truncated", "unconverged", "bad_outcar",
            "atom_count", "wrong_frame")
 """Reason codes of failed attempts (`exit` carries the exit status: ``exit_1``)."""
-
-
-@contextmanager
-def serial_ase() -> Iterator[None]:
-    """Make ASE's file I/O rank-local while inside (restored on exit).
-
-    With mpi4py imported, ``ase.io.read`` / ``ase.io.write`` read or write on rank 0 of
-    COMM_WORLD only and broadcast: a collective that deadlocks or misdirects ranks that each
-    read their own file (an OUTCAR per frame). Inside this block ASE sees a one-rank world.
-    """
-    import ase.parallel
-
-    world = ase.parallel.world
-    previous = world.__dict__.get("comm")
-    world.comm = ase.parallel.DummyMPI()
-    try:
-        yield
-    finally:
-        world.comm = previous
 
 
 class LabelError(Exception):

@@ -29,7 +29,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from engine.failure import InputError
-from jobs.labellers import LabelError, serial_ase
+from jobs.labellers import LabelError
 
 OUTPUT_LOG = "vasp.out"
 """The launch command's stdout and stderr, in the work directory."""
@@ -238,8 +238,7 @@ class VaspTemplate:
             raise LabelError("unconverged", f"{outcar}: SCF did not reach EDIFF "
                                             f"within NELM = {self.nelm}")
         try:
-            with serial_ase():  # read_outcar uses ase.io.read: keep it on this rank
-                result = read_outcar(outcar)
+            result = read_outcar(outcar)  # ASE is rank-local (engine.context)
         except InputError as exc:
             raise LabelError("bad_outcar", str(exc)) from None
         if len(result) != len(atoms):
