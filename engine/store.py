@@ -99,6 +99,7 @@ class RunStore:
 
         Non-scalar values (dicts, lists) are stored as JSON text.
         """
+        attrs = self._agreed(attrs)
         target = self.file[name] if name in self.file else self.file.require_group(name)
         for key, value in attrs.items():
             target.attrs[key] = _encode(value)
@@ -111,6 +112,7 @@ class RunStore:
         """
         if name in self.file:
             return self.file[name]
+        attrs = self._agreed(attrs)
         dataset = self.file.create_dataset(name, shape=shape, dtype=dtype, maxshape=maxshape,
                                            chunks=chunks, fillvalue=fill_value)
         for key, value in attrs.items():
@@ -132,6 +134,7 @@ class RunStore:
         Replaces an existing dataset of that name.
         """
         array = np.asarray(array)
+        attrs = self._agreed(attrs)
         self.delete(name)
         dataset = self.file.create_dataset(name, shape=array.shape, dtype=array.dtype)
         for key, value in attrs.items():
@@ -163,6 +166,13 @@ class RunStore:
         """Record a stage's status and results (collective)."""
         self.set_attrs(f"/stages/{stage}", status=status, updated_utc=_utc_now(), **attrs)
         self.flush()
+
+    def _agreed(self, attrs: dict) -> dict:
+        """Rank 0's attribute values on every rank: a collective attribute write with values
+        that differ between ranks (a wall time, a per-rank rate) corrupts the file."""
+        if self.ctx is not None and self.ctx.size > 1 and attrs:
+            return self.ctx.comm.bcast(attrs, root=0)
+        return attrs
 
     @property
     def _writer(self) -> bool:

@@ -54,3 +54,20 @@ def test_ase_reads_stay_on_their_rank(shared_tmp):
         assert len(ase.io.read(path)) == 1
     ctx.comm.Barrier()
     assert len(ase.io.read(path)) == ctx.rank + 1
+
+
+def test_attributes_that_differ_between_ranks_are_stored_as_rank_0s(shared_tmp):
+    """A per-rank value (a wall time, a rate) in a collective attribute write must not corrupt
+    the file: every rank's call stores rank 0's value."""
+    ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
+    with RunStore(f"{shared_tmp}/attrs.h5", ctx) as store:
+        per_rank = {"frames_per_s": 325.59 + 1000.123456 * ctx.rank, "rank": ctx.rank}
+        store.mark_stage("infer", "complete", elapsed_s=1.0 + ctx.rank, summary=per_rank)
+        store.create_dataset("/x", (2,), dtype="f8", note="r" * (ctx.rank + 1))
+        store.flush()
+    ctx.comm.Barrier()
+    with RunStore(f"{shared_tmp}/attrs.h5", ctx, "r") as store:
+        attrs = store.attrs("/stages/infer")
+        assert attrs["summary"] == {"frames_per_s": 325.59, "rank": 0}
+        assert attrs["elapsed_s"] == 1.0
+        assert store.attrs("/x")["note"] == "r"
