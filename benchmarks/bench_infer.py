@@ -99,13 +99,17 @@ def main() -> None:
                         help="a random 5 x 3x512 ensemble even when a shipped model exists")
     parser.add_argument("--folds", type=int, default=None,
                         help="a random N x 3x512 ensemble (1: the shipped model's size)")
+    parser.add_argument("--soap-kernel", default="auto", choices=["auto", "numba", "dscribe"],
+                        help="infer.soap_kernel of the stage run (the paper-style loop always "
+                             "uses dscribe)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="write the figures here (rank 0)")
     args = parser.parse_args()
 
-    from mpi4py import MPI
+    from engine.context import RankContext, mpi_environment_defaults
 
-    from engine.context import RankContext
+    mpi_environment_defaults()  # as `dynshift run` does, before MPI_Init
+    from mpi4py import MPI
     from engine.store import RunStore
     from jobs.infer import SHIPPED_MODEL, featurizer_for, infer_shifts
     from jobs.nnmr import fast_predictor
@@ -148,16 +152,17 @@ def main() -> None:
             store.flush()
             ensemble = ShiftEnsemble.from_store(store)
             model = f"random, {n_folds} fold(s) x 3 x 512"
-        featurizer = featurizer_for(ensemble)
+        featurizer = featurizer_for(ensemble, args.soap_kernel)
+        soap_kernel = featurizer.array_kernel()
         widths = [k.shape[1] for k in ensemble._rest[0][0]] if ensemble._rest else []
         ctx.log(f"bench: {ctx.size} rank(s), {ctx.cores} core(s) each, model {model} "
                 f"({ensemble.n_models} models, hidden {ensemble._widths[0]}+{widths}), "
-                f"{args.frames} frames")
+                f"{args.frames} frames, SOAP by {soap_kernel}")
         store.flush()
         rss_start = _peak_rss_mib()
 
         # ---- 1. the infer stage + reduce --------------------------------------------------
-        spec = InferSpec(chunk_frames=args.chunk_frames)
+        spec = InferSpec(chunk_frames=args.chunk_frames, soap_kernel=args.soap_kernel)
         figures = {}
         for name in ("small", "full"):
             ctx.comm.Barrier()
@@ -213,6 +218,9 @@ def main() -> None:
         features = featurizer.features_arrays(numbers, loop_frames, loop_cells)
         soap_ms = 1e3 * (time.process_time() - start) / len(loop_frames)
         start = time.process_time()
+        featurizer_for(ensemble, "dscribe").features_arrays(numbers, loop_frames, loop_cells)
+        dscribe_ms = 1e3 * (time.process_time() - start) / len(loop_frames)
+        start = time.process_time()
         ensemble.predict(features)
         numpy_ms = 1e3 * (time.process_time() - start) / len(loop_frames)
         predictor = fast_predictor(ensemble, ctx.cores)  # what the stage predicts with
@@ -220,7 +228,7 @@ def main() -> None:
         start = time.process_time()
         predictor.predict(features)
         predict_ms = 1e3 * (time.process_time() - start) / len(loop_frames)
-        split = ctx.comm.gather((soap_ms, predict_ms, numpy_ms), root=0)
+        split = ctx.comm.gather((soap_ms, predict_ms, numpy_ms, dscribe_ms), root=0)
 
     if ctx.is_root:
         result = {"ranks": ctx.size, "cores_per_rank": ctx.cores, "model": model,
@@ -229,7 +237,9 @@ def main() -> None:
                   "paper_style_loop_frames_per_s_per_rank": loop_rates,
                   "paper_style_loop_frames_per_s_all_ranks": float(np.sum(loop_rates)),
                   "paper_style_loop_frames_per_cpu_s_per_rank": loop_cpu_rates,
+                  "soap_kernel": soap_kernel,
                   "soap_cpu_ms_per_frame_per_rank": [s[0] for s in split],
+                  "soap_dscribe_cpu_ms_per_frame_per_rank": [s[3] for s in split],
                   "predict_cpu_ms_per_frame_per_rank": [s[1] for s in split],
                   "predictor": type(predictor).__name__,
                   "predict_numpy_openblas_cpu_ms_per_frame_per_rank": [s[2] for s in split],

@@ -27,9 +27,10 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
 def worker(n_frames: int, epochs: int, batch_size: int, result: str) -> None:
     """One rank count: featurise `n_frames` frames (sharded), train on their rows."""
     sys.path.insert(0, str(ROOT))
-    from mpi4py import MPI
+    from engine.context import RankContext, limit_threads, mpi_environment_defaults
 
-    from engine.context import RankContext, limit_threads
+    mpi_environment_defaults()  # as `dynshift run` does, before MPI_Init
+    from mpi4py import MPI
 
     limit_threads(1)  # one thread per rank at every rank count: the ranks scale, not threads
     ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)

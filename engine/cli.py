@@ -88,9 +88,10 @@ def _validate(path: Path) -> int:
 
 
 def _run(path: Path, store_path: Path | None, redo: tuple[str, ...]) -> int:
-    from mpi4py import MPI
+    from engine.context import RankContext, mpi_environment_defaults
 
-    from engine.context import RankContext
+    mpi_environment_defaults()  # before MPI_Init
+    from mpi4py import MPI
 
     comm = MPI.COMM_WORLD  # the one place the world communicator is named; passed on from here
     ctx = RankContext.from_comm(comm)

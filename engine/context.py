@@ -13,6 +13,22 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 """Environment variables that size a rank's thread pools (set before TF / numpy start them)."""
 
 
+MPI_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
+"""MPI settings dynshift runs with unless the environment sets them (read at MPI_Init).
+
+Open MPI's ranks busy-poll while they wait; a dynshift rank runs more threads than it owns
+cores (TensorFlow's compute thread and Horovod's background thread, which negotiates every
+HOROVOD_CYCLE_TIME ms), so a polling thread takes the core from the compute thread. Yielding
+when idle made 2-rank Horovod training 1.5x faster on the 2-core test machine (docs/nnmr.md)."""
+
+
+def mpi_environment_defaults() -> None:
+    """Put :data:`MPI_DEFAULTS` into the environment (a value already set wins); call it
+    before mpi4py is imported (MPI_Init reads them)."""
+    for name, value in MPI_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def cores_of_this_rank(local_size: int) -> int:
     """Cores this rank owns: its CPU binding if mpirun bound it, else the node's share."""
     affinity = len(os.sched_getaffinity(0))

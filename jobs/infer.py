@@ -272,11 +272,11 @@ def load_ensemble(spec: InferSpec, store: RunStore):
     return ShiftEnsemble.from_store(SHIPPED_MODEL), str(SHIPPED_MODEL)
 
 
-def featurizer_for(ensemble) -> SoapFeaturizer:
+def featurizer_for(ensemble, kernel: str = "dscribe") -> SoapFeaturizer:
     """The SOAP featurizer the ensemble was trained with (from its settings)."""
     settings = dict(getattr(ensemble, "settings", {}) or {})
     soap = settings.get("soap", settings)
-    featurizer = SoapFeaturizer.from_settings(soap)
+    featurizer = SoapFeaturizer.from_settings(soap, kernel)
     n_model = getattr(ensemble, "n_features", featurizer.n_features)
     if n_model != featurizer.n_features:
         raise InputError(f"infer: the model takes {n_model} features, its SOAP settings give "
@@ -373,13 +373,14 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
 
     labels = spec.shifts_from == "labels"
     model_name = "labels:fermi_contact_mhz"
-    featurizer = None
+    featurizer, soap_kernel = None, "none"
     if not labels:
         if ensemble is None:
             ensemble, model_name = load_ensemble(spec, store)
         else:
             model_name = getattr(ensemble, "name", type(ensemble).__name__)
-        featurizer = featurizer_for(ensemble)
+        featurizer = featurizer_for(ensemble, spec.soap_kernel)
+        soap_kernel = featurizer.array_kernel()
         ensemble = fast_predictor(ensemble, ctx.cores)
     started = time.monotonic()
     frames, computed_total = {}, 0
@@ -409,6 +410,7 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
             store.put(f"{group}/centre_index", centres.astype(np.int64))
             store.put(f"{group}/frame0_numbers", source.numbers.astype(np.int32))
             store.put(f"{group}/frame0_positions_a", frame0.positions_a[0], unit="angstrom")
+        store.set_attrs(group, soap_kernel=soap_kernel)
         store.flush()
         ctx.comm.Barrier()
         bounds = _chunk_bounds(source.n_frames, spec.chunk_frames)
@@ -418,7 +420,8 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
         n_local = int(sum(bounds[k + 1] - bounds[k] for k in mine))
         ctx.log(f"infer {system.name}: {source.n_frames} frames from {source.description}, "
                 f"{len(missing)} of {len(bounds) - 1} chunks to do, {len(centres)} {target} "
-                f"per frame, {'DFT labels' if labels else model_name}")
+                f"per frame, {'DFT labels' if labels else model_name}"
+                f"{'' if labels else f', SOAP by {soap_kernel}'}")
         progress = Progress(ctx, f"infer {system.name}", n_local)
         done_here = 0
         for round_index in range(rounds):

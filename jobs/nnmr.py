@@ -181,9 +181,25 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
     if hvd is not None:
         hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)
     size = ctx.size
+    # the validated (and kept) weights: an exponential moving average of the epoch-end weights
+    # (time constant spec.ema_epochs; it smooths the epoch-to-epoch noise of a small-batch
+    # Adam run), or the trained weights themselves
+    averaged, ema_decay, ema_weights = model, 0.0, None
+    if spec.ema_epochs > 0:
+        averaged = build_model(xs.shape[1], spec, seed)
+        ema_weights = model.get_weights()
+        averaged.set_weights(ema_weights)
+        ema_decay = float(np.exp(-1.0 / spec.ema_epochs))
+
+    # the training rows live in TensorFlow once; a step gathers its rows in the graph (no
+    # numpy copy + host-to-tensor copy per step) and the epoch's squared error is summed in a
+    # variable, read once per epoch (no synchronisation per step)
+    x_all, y_all = tf.constant(xs), tf.constant(ys)
+    sse_epoch = tf.Variable(0.0, dtype=tf.float64, trainable=False)
 
     @tf.function(reduce_retracing=True)
-    def train_step(xb, yb, n_global):
+    def train_step(rows, n_global):
+        xb, yb = tf.gather(x_all, rows), tf.gather(y_all, rows)
         with tf.GradientTape() as tape:
             pred = model(xb, training=True)[:, 0]
             sse = tf.reduce_sum(tf.square(pred - yb))
@@ -193,11 +209,11 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
         if hvd is not None:
             grads = hvd.grouped_allreduce(grads, op=hvd.Sum)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return sse
+        sse_epoch.assign_add(tf.cast(sse, tf.float64))
 
     @tf.function(reduce_retracing=True)
     def predict_step(xb):
-        return model(xb, training=False)[:, 0]
+        return averaged(xb, training=False)[:, 0]
 
     val_rows = ctx.block(len(xv))
 
@@ -212,19 +228,23 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
 
     rng = np.random.default_rng(seed)
     curves = {"train_mse_std": [], "val_rmse_ppm": [], "learning_rate": [], "epoch_s": []}
-    best = (np.inf, 0, [v.numpy() for v in model.trainable_variables])
+    best = (np.inf, 0, [v.numpy() for v in averaged.trainable_variables])
     started = time.monotonic()
     epoch = 0
     for epoch in range(1, spec.epochs + 1):
         epoch_started = time.monotonic()
         order = rng.permutation(n_rows)
-        sse_local = 0.0
+        sse_epoch.assign(0.0)
         for step in range(steps_per_epoch):
             batch = order[step * spec.batch_size:(step + 1) * spec.batch_size]
             mine = np.sort(batch[ctx.rank::size])
-            sse_local += float(train_step(tf.constant(xs[mine]), tf.constant(ys[mine]),
-                                          tf.constant(float(len(batch)))))
-        train_mse = ctx.comm.allreduce(sse_local, op=MPI.SUM) / n_rows
+            train_step(tf.constant(mine), tf.constant(float(len(batch))))
+        train_mse = ctx.comm.allreduce(float(sse_epoch.numpy()), op=MPI.SUM) / n_rows
+        if ema_weights is not None:
+            for average, current in zip(ema_weights, model.get_weights()):
+                average *= ema_decay
+                average += (1.0 - ema_decay) * current
+            averaged.set_weights(ema_weights)
         curves["epoch_s"].append(time.monotonic() - epoch_started)  # training steps only
         rmse = val_rmse_ppm()
         lr = float(schedule(optimizer.iterations))
@@ -232,7 +252,7 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
         curves["val_rmse_ppm"].append(rmse)
         curves["learning_rate"].append(lr)
         if rmse < best[0]:
-            best = (rmse, epoch, [v.numpy() for v in model.trainable_variables])
+            best = (rmse, epoch, [v.numpy() for v in averaged.trainable_variables])
         if epoch % 10 == 0 or epoch == 1:
             ctx.log(f"{log_prefix}: epoch {epoch}/{spec.epochs}, train mse {train_mse:.4f} "
                     f"(std units), val rmse {rmse:.1f} ppm (best {best[0]:.1f} @ {best[1]}), "

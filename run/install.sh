@@ -48,7 +48,7 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip "setuptools>=70" wheel
 say "python packages (deepmd-kit[cpu] pins tensorflow-cpu)"
 $PIP install -q "deepmd-kit[cpu]" "dscribe>=2.1" "mpi4py>=3.1" "pydantic>=2.5" PyYAML "ase>=3.23" \
-  dpdata matplotlib pytest "Cython>=3" pkgconfig numpy cloudpickle psutil packaging
+  numba dpdata matplotlib pytest "Cython>=3" pkgconfig numpy cloudpickle psutil packaging
 
 # 3. h5py against the MPI HDF5.
 if ! "$VENV/bin/python" -c 'import h5py,sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then

@@ -53,6 +53,9 @@ class TrainSpec(Spec):
     """Epochs over which the inverse-time decay divides the learning rate by 1 + rate."""
     batch_size: int = Field(default=256, ge=1)
     """GLOBAL batch size (rows); every rank takes its 1/size share of each batch."""
+    ema_epochs: float = Field(default=0.0, ge=0)
+    """Time constant (epochs) of an exponential moving average of the epoch-end weights; the
+    AVERAGED weights are validated, early-stopped and kept. 0: the raw weights."""
     epochs: int = Field(default=300, ge=1)
     """Maximum number of epochs per fold model."""
     patience_epochs: int = Field(default=40, ge=1)

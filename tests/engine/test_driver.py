@@ -1,6 +1,7 @@
 """The stage driver: completion recorded in the store, resume skips complete stages."""
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -76,3 +77,16 @@ def test_input_errors_exit_with_status_2(tmp_path, monkeypatch, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "input error: frames.extxyz, frame 3" in err and "Traceback" not in err
+
+
+def test_mpi_defaults_never_override_the_environment(monkeypatch):
+    from engine.context import MPI_DEFAULTS, mpi_environment_defaults
+
+    name = "OMPI_MCA_mpi_yield_when_idle"
+    assert MPI_DEFAULTS[name] == "1"
+    monkeypatch.setenv(name, "0")  # a site's choice wins
+    mpi_environment_defaults()
+    assert os.environ[name] == "0"
+    monkeypatch.delenv(name)
+    mpi_environment_defaults()
+    assert os.environ[name] == "1"

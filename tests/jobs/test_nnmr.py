@@ -76,6 +76,33 @@ def test_training_learns_a_smooth_function(ctx):
     assert model.curves["learning_rate"][19] == pytest.approx(spec.learning_rate / 2, rel=0.02)
 
 
+@pytest.mark.parametrize("ema_epochs", [0.0, 3.0])
+def test_kept_weights_are_the_validated_ones(ctx, ema_epochs):
+    """The returned weights give the best recorded validation RMSE (with a weight average:
+    the AVERAGED weights were validated and are the ones kept, not the last trained ones)."""
+    spec = TrainSpec(**{**TINY, "epochs": 25, "patience_epochs": 25, "ema_epochs": ema_epochs})
+    x, y = synthetic(800, 2)
+    xv, yv = synthetic(200, 3)
+    model = train_model(x, y, xv, yv, spec, ctx, seed=5)
+    rmse = regression_metrics(yv, model.predict_ppm(xv))["rmse_ppm"]
+    assert rmse == pytest.approx(model.curves["val_rmse_ppm"][model.best_epoch - 1], rel=1e-4)
+    assert rmse == pytest.approx(model.curves["val_rmse_ppm"].min(), rel=1e-4)
+
+
+def test_weight_average_smooths_the_validation_curve(ctx):
+    """A 5-epoch weight average follows the noisy trained weights more smoothly: its epoch-to-
+    epoch changes of validation RMSE are smaller (same seed, data and batches)."""
+    spec = dict(TINY, epochs=40, patience_epochs=40, learning_rate=1e-2, lr_decay_epochs=1000)
+    x, y = synthetic(800, 2)
+    xv, yv = synthetic(200, 3)
+    raw = train_model(x, y, xv, yv, TrainSpec(**spec), ctx, seed=5)
+    averaged = train_model(x, y, xv, yv, TrainSpec(**spec, ema_epochs=5.0), ctx, seed=5)
+    np.testing.assert_allclose(averaged.curves["train_mse_std"], raw.curves["train_mse_std"],
+                               rtol=1e-4)  # the same training run underneath
+    jitter = [np.abs(np.diff(m.curves["val_rmse_ppm"][10:])).mean() for m in (raw, averaged)]
+    assert jitter[1] < 0.7 * jitter[0], jitter
+
+
 def test_store_round_trip_and_float16(ctx, tmp_path):
     rng = np.random.default_rng(7)
     shapes = [(20, 8), (8, 1)]

@@ -15,7 +15,7 @@ def test_ranks_end_with_identical_weights():
     x = rng.random((400, 12)).astype(np.float32)
     y = 1500.0 + 2000.0 * x[:, 0] - 800.0 * x[:, 1] * x[:, 2]
     spec = TrainSpec(hidden_units=[16, 16], epochs=8, batch_size=50, patience_epochs=8,
-                     learning_rate=3e-3)
+                     learning_rate=3e-3, ema_epochs=2.0)
     model = train_model(x[:320], y[:320], x[320:], y[320:], spec, ctx, seed=9)
     flat = np.concatenate([w.ravel() for pair in zip(model.kernels, model.biases) for w in pair])
     every = ctx.comm.allgather(flat)
