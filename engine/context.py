@@ -19,7 +19,7 @@ MPI_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 Open MPI's ranks busy-poll while they wait; a dynshift rank runs more threads than it owns
 cores (TensorFlow's compute thread and Horovod's background thread, which negotiates every
 HOROVOD_CYCLE_TIME ms), so a polling thread takes the core from the compute thread. Yielding
-when idle made 2-rank Horovod training 1.5x faster on the 2-core test machine (docs/nnmr.md)."""
+when idle made 2-rank Horovod training 1.33x faster on the 2-core test machine (docs/nnmr.md)."""
 
 
 def mpi_environment_defaults() -> None:

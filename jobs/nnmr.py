@@ -267,6 +267,18 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
                      best_epoch=best[1], epochs_run=epoch)
 
 
+def model_name(fold: int, member: int = 0) -> str:
+    """Group name of a fold's network under ``/train/folds``: ``"3"`` for member 0 of fold 3,
+    ``"3.1"`` for its member 1."""
+    return f"{fold}" if member == 0 else f"{fold}.{member}"
+
+
+def model_key(name: str) -> tuple[int, int]:
+    """(fold, member) of a :func:`model_name`."""
+    fold, _, member = str(name).partition(".")
+    return int(fold), int(member or 0)
+
+
 # ---- metrics --------------------------------------------------------------------------------
 def regression_metrics(y_true_ppm: np.ndarray, y_pred_ppm: np.ndarray) -> dict[str, float]:
     """RMSE (ppm), MAE (ppm) and coefficient of determination R2 of predictions."""
@@ -354,7 +366,7 @@ class ShiftEnsemble:
 
                 raise InputError(f"{getattr(reader, 'file', reader)}: no trained model "
                                  f"(no {group}/folds); run the train stage first")
-            folds = sorted(reader.keys(f"{group}/folds"), key=int)
+            folds = sorted(reader.keys(f"{group}/folds"), key=model_key)
             models = [read_fold_model(reader, f"{group}/folds/{k}").folded() for k in folds
                       if reader.attrs(f"{group}/folds/{k}").get("complete", True)]
             settings = reader.attrs(group)
@@ -504,13 +516,15 @@ def export_ensemble(source, target, folds: list[int] | None = None,
     from engine.store import RunStore
 
     with RunStore(source, None, mode="r") as src, RunStore(target, None, mode="w") as dst:
-        kept = folds if folds is not None else sorted(int(k) for k in src.keys("/train/folds"))
+        names = sorted(src.keys("/train/folds"), key=model_key)
+        kept = folds if folds is not None else sorted({model_key(k)[0] for k in names})
         cv_fold = src.read("/train/cv/fold")
         rows = np.isin(cv_fold, kept)
-        for k in kept:
+        for k in (name for name in names if model_key(name)[0] in kept):
             model = read_fold_model(src, f"/train/folds/{k}")
             extra = {key: value for key, value in src.attrs(f"/train/folds/{k}").items()
-                     if key in ("rmse_ppm", "mae_ppm", "r2", "n_test_rows", "complete")}
+                     if key in ("rmse_ppm", "mae_ppm", "r2", "n_test_rows", "complete",
+                                "fold", "member")}
             write_fold_model(dst, f"/train/folds/{k}", model, dtype=weights_dtype, **extra)
             for name in src.keys(f"/train/curves/{k}"):
                 dst.put(f"/train/curves/{k}/{name}", src.read(f"/train/curves/{k}/{name}"))

@@ -20,8 +20,8 @@ from engine.failure import InputError
 from engine.progress import Progress
 from engine.store import RunStore
 from jobs.frames import FERMI_CONTACT_KEY, read_labelled_frames
-from jobs.nnmr import (FoldModel, ShiftEnsemble, read_fold_model, regression_metrics,
-                       train_model, write_fold_model)
+from jobs.nnmr import (FoldModel, ShiftEnsemble, model_name, read_fold_model,
+                       regression_metrics, train_model, write_fold_model)
 from jobs.shift import ppm_per_mhz, shift_ppm
 
 SEED_STREAM = 5
@@ -177,26 +177,35 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
     fold_of_row = fold_of_frame[rows.frame]
     predictions = np.full(len(rows.shift_ppm), np.nan)
     for fold in range(n_trained):
-        group = f"{GROUP}/folds/{fold}"
         test = fold_of_row == fold
-        if store.attrs(group).get("complete"):
-            ctx.log(f"train: fold {fold} complete in the store, reused")
-            model = read_fold_model(store, group)
-        else:
-            model = _train_fold(spec, seed, fold, fold_of_frame, rows, features, ctx)
-            metrics = regression_metrics(rows.shift_ppm[test], model.predict_ppm(features[test]))
-            write_fold_model(store, group, model, dtype=spec.weights_dtype, **metrics,
-                             n_test_rows=int(test.sum()), complete=False)
-            for name, curve in model.curves.items():
-                store.put(f"{GROUP}/curves/{fold}/{name}", curve)
-            store.set_attrs(group, complete=True)
-            store.flush()
-            ctx.log(f"train: fold {fold}: rmse {metrics['rmse_ppm']:.1f} ppm, "
-                    f"mae {metrics['mae_ppm']:.1f} ppm, r2 {metrics['r2']:.4f} "
-                    f"(best epoch {model.best_epoch} of {model.epochs_run})")
-        # predict with the weights as stored (float16 storage included)
-        stored = read_fold_model(store, group)
-        predictions[test] = stored.predict_ppm(features[test])
+        members = []
+        for member in range(spec.members_per_fold):
+            name = model_name(fold, member)
+            group = f"{GROUP}/folds/{name}"
+            if store.attrs(group).get("complete"):
+                ctx.log(f"train: model {name} complete in the store, reused")
+            else:
+                model = _train_fold(spec, seed, fold, member, fold_of_frame, rows, features,
+                                    ctx)
+                metrics = regression_metrics(rows.shift_ppm[test],
+                                             model.predict_ppm(features[test]))
+                write_fold_model(store, group, model, dtype=spec.weights_dtype, **metrics,
+                                 n_test_rows=int(test.sum()), fold=fold, member=member,
+                                 complete=False)
+                for curve_name, curve in model.curves.items():
+                    store.put(f"{GROUP}/curves/{name}/{curve_name}", curve)
+                store.set_attrs(group, complete=True)
+                store.flush()
+                ctx.log(f"train: model {name} (fold {fold}): rmse {metrics['rmse_ppm']:.1f} "
+                        f"ppm, mae {metrics['mae_ppm']:.1f} ppm, r2 {metrics['r2']:.4f} "
+                        f"(best epoch {model.best_epoch} of {model.epochs_run})")
+            # predict with the weights as stored (float16 storage included)
+            members.append(read_fold_model(store, group).predict_ppm(features[test]))
+        predictions[test] = np.mean(members, axis=0)
+        if len(members) > 1:
+            metrics = regression_metrics(rows.shift_ppm[test], predictions[test])
+            ctx.log(f"train: fold {fold}, mean of {len(members)} members: rmse "
+                    f"{metrics['rmse_ppm']:.1f} ppm, r2 {metrics['r2']:.4f}")
 
     done = ~np.isnan(predictions)
     cv = regression_metrics(rows.shift_ppm[done], predictions[done])
@@ -217,17 +226,24 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
                        cv["mae_ppm"], cv["r2"])
 
 
-def _train_fold(spec, seed: int, fold: int, fold_of_frame: np.ndarray, rows: LabelledRows,
-                features: np.ndarray, ctx: RankContext) -> FoldModel:
+def model_seed(seed: int, fold: int, member: int = 0) -> int:
+    """Seed of the weights, dropout and batch order of one network of a fold."""
+    key = [seed, SEED_STREAM, 2, fold] + ([member] if member else [])
+    return int(np.random.default_rng(key).integers(2 ** 31))
+
+
+def _train_fold(spec, seed: int, fold: int, member: int, fold_of_frame: np.ndarray,
+                rows: LabelledRows, features: np.ndarray, ctx: RankContext) -> FoldModel:
     train_frames = np.flatnonzero(fold_of_frame != fold)
     val_frames = validation_frames(train_frames, spec.validation_fraction, seed, fold)
     is_val = np.isin(rows.frame, val_frames)
     is_train = (fold_of_frame[rows.frame] != fold) & ~is_val
-    model_seed = int(np.random.default_rng([seed, SEED_STREAM, 2, fold]).integers(2 ** 31))
-    ctx.log(f"train: fold {fold}: {is_train.sum()} training rows, {is_val.sum()} validation "
-            f"rows ({len(val_frames)} frames)")
+    name = model_name(fold, member)
+    ctx.log(f"train: model {name} (fold {fold}): {is_train.sum()} training rows, "
+            f"{is_val.sum()} validation rows ({len(val_frames)} frames)")
     return train_model(features[is_train], rows.shift_ppm[is_train], features[is_val],
-                       rows.shift_ppm[is_val], spec, ctx, model_seed, log_prefix=f"fold {fold}")
+                       rows.shift_ppm[is_val], spec, ctx, model_seed(seed, fold, member),
+                       log_prefix=f"model {name}")
 
 
 def parity_png_path(store_path: str | Path) -> Path:

@@ -53,12 +53,12 @@ class TrainSpec(Spec):
     """Epochs over which the inverse-time decay divides the learning rate by 1 + rate."""
     batch_size: int = Field(default=256, ge=1)
     """GLOBAL batch size (rows); every rank takes its 1/size share of each batch."""
-    ema_epochs: float = Field(default=0.0, ge=0)
+    ema_epochs: float = Field(default=5.0, ge=0)
     """Time constant (epochs) of an exponential moving average of the epoch-end weights; the
     AVERAGED weights are validated, early-stopped and kept. 0: the raw weights."""
     epochs: int = Field(default=300, ge=1)
     """Maximum number of epochs per fold model."""
-    patience_epochs: int = Field(default=40, ge=1)
+    patience_epochs: int = Field(default=50, ge=1)
     """Early stopping: stop after this many epochs without a better validation loss; the best
     weights are kept."""
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
@@ -67,6 +67,10 @@ class TrainSpec(Spec):
     # ---- cross validation and the ensemble ---------------------------------------------------
     folds: int = Field(default=5, ge=2)
     """k of k-fold cross validation, split BY FRAME; the k fold models form the ensemble."""
+    members_per_fold: int = Field(default=1, ge=1)
+    """Networks trained per fold (other seeds, same split); a fold predicts their mean. The
+    cross-validation then measures an ensemble of this many networks; every network joins
+    the inference ensemble."""
     ensemble_folds: int | None = Field(default=None, ge=1)
     """Train only the first n folds (a smaller shipped model); null: all `folds`."""
     weights_dtype: Literal["float32", "float16"] = "float32"

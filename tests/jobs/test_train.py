@@ -26,6 +26,7 @@ train:
   batch_size: 32
   folds: 3
   ensemble_folds: 2
+  members_per_fold: 2
   weights_dtype: float16
 """
 
@@ -61,7 +62,10 @@ def test_store_layout_and_cv(trained_store):
     path, frames = trained_store
     with h5py.File(path, "r") as f:
         train = f["/train"]
-        assert sorted(train["folds"]) == ["0", "1"]
+        assert sorted(train["folds"]) == ["0", "0.1", "1", "1.1"]
+        assert train["folds/1.1"].attrs["fold"] == 1 and train["folds/1.1"].attrs["member"] == 1
+        # members of a fold: same split, other seeds
+        assert not np.array_equal(train["folds/0/kernel_0"][()], train["folds/0.1/kernel_0"][()])
         fold_of_frame = train["split/fold_of_frame"][()]
         assert fold_of_frame.shape == (12,)
         cv_fold = train["cv/fold"][()]
@@ -86,7 +90,7 @@ def test_store_layout_and_cv(trained_store):
 def test_fresh_process_ensemble_reproduces_out_of_fold(trained_store):
     path, frames = trained_store
     ensemble = ShiftEnsemble.from_store(path)
-    assert ensemble.n_models == 2 and ensemble.settings["centre"] == "Na"
+    assert ensemble.n_models == 4 and ensemble.settings["centre"] == "Na"
     featurizer = SoapFeaturizer.from_settings(ensemble.settings["soap"])
     with h5py.File(path, "r") as f:
         cv_fold, cv_frame = f["/train/cv/fold"][()], f["/train/cv/frame"][()]
@@ -94,6 +98,8 @@ def test_fresh_process_ensemble_reproduces_out_of_fold(trained_store):
     first = np.flatnonzero(cv_fold == 0)
     frame_ids = np.unique(cv_frame[first])
     every = ensemble.predict_all(featurizer.features([frames[i] for i in frame_ids]))
-    np.testing.assert_allclose(every[0], pred[first], rtol=1e-4, atol=0.05)
+    # models in (fold, member) order; a fold's out-of-fold prediction is its members' mean
+    np.testing.assert_allclose(every[:2].mean(axis=0), pred[first], rtol=1e-4, atol=0.05)
+    assert np.abs(every[0] - every[1]).max() > 0.01
     mean, std = ensemble.predict(featurizer.features(frames[:1]))
     assert mean.shape == std.shape == (16,) and np.all(std > 0)
