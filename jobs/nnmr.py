@@ -197,6 +197,10 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
     x_all, y_all = tf.constant(xs), tf.constant(ys)
     sse_epoch = tf.Variable(0.0, dtype=tf.float64, trainable=False)
 
+    @tf.function(jit_compile=spec.xla_optimizer_update)
+    def apply_step(grads):
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
     @tf.function(reduce_retracing=True)
     def train_step(rows, n_global):
         xb, yb = tf.gather(x_all, rows), tf.gather(y_all, rows)
@@ -208,7 +212,7 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
         grads = tape.gradient(loss, model.trainable_variables)
         if hvd is not None:
             grads = hvd.grouped_allreduce(grads, op=hvd.Sum)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        apply_step(grads)
         sse_epoch.assign_add(tf.cast(sse, tf.float64))
 
     @tf.function(reduce_retracing=True)
