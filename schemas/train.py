@@ -52,9 +52,9 @@ class TrainSpec(Spec):
     lr_decay_epochs: float = Field(default=50.0, gt=0)
     """Epochs over which the inverse-time decay divides the learning rate by 1 + rate."""
     xla_optimizer_update: bool = True
-    """Compile Adam's update of the weights with XLA (one fused kernel instead of a pass over
-    the 3.9 M weights per elementwise op: ~8 ms less per step on one CPU core). Every rank
-    repeats this update, so it also bounds the data-parallel speed-up (docs/nnmr.md)."""
+    """Compile the update of the weights (L2 gradient + Adam) with XLA: one fused pass over the
+    3.9 M weights instead of one per elementwise op. Every rank repeats this update, so its
+    cost also bounds the data-parallel speed-up at small batches (docs/nnmr.md)."""
     batch_size: int = Field(default=256, ge=1)
     """GLOBAL batch size (rows); every rank takes its 1/size share of each batch."""
     ema_epochs: float = Field(default=5.0, ge=0)
