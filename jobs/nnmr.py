@@ -2,8 +2,9 @@
 
 Training is data-parallel with Horovod: every rank holds the same training rows, takes its
 1/size share of every global batch, the gradients are summed with ``hvd.allreduce`` (each
-rank's loss is already divided by the GLOBAL batch count) and the variables start from rank 0's
-by ``hvd.broadcast_variables``; so every rank ends with the same weights.
+rank's loss is already divided by the GLOBAL batch count), the L2 gradient is added once in the
+weight update, and the variables start from rank 0's by ``hvd.broadcast_variables``; so every
+rank ends with the same weights.
 
 Inference needs no TensorFlow: :class:`ShiftEnsemble` reads the fold models' plain arrays from
 a run store, folds the feature and target standardisation into the first and last layers, and
@@ -92,28 +93,27 @@ def init_horovod(ctx: RankContext):
 
 
 def build_model(n_features: int, spec, seed: int):
-    """The Keras network: hidden relu layers with L2 and dropout, one linear output.
+    """The Keras network: hidden relu layers with dropout, one linear output. (The L2 penalty
+    on every kernel is applied by :func:`train_model` as its gradient, in the weight update.)
 
     Parameters
     ----------
     n_features
         Length of a SOAP vector.
     spec
-        A :class:`schemas.train.TrainSpec` (hidden_units, dropout, l2_lambda).
+        A :class:`schemas.train.TrainSpec` (hidden_units, dropout).
     seed
         Seed of the initial weights and the dropout masks.
     """
     import keras
 
     keras.utils.set_random_seed(seed)
-    regulariser = keras.regularizers.L2(spec.l2_lambda) if spec.l2_lambda > 0 else None
     layers = [keras.Input(shape=(n_features,))]
     for units in spec.hidden_units:
-        layers.append(keras.layers.Dense(units, activation="relu",
-                                         kernel_regularizer=regulariser))
+        layers.append(keras.layers.Dense(units, activation="relu"))
         if spec.dropout > 0:
             layers.append(keras.layers.Dropout(spec.dropout))
-    layers.append(keras.layers.Dense(1, kernel_regularizer=regulariser))
+    layers.append(keras.layers.Dense(1))
     return keras.Sequential(layers)
 
 
