@@ -9,8 +9,10 @@ export OMPI_MCA_btl_vader_single_copy_mechanism := none
 export OMPI_MCA_rmaps_base_oversubscribe := 1
 export HDF5_USE_FILE_LOCKING := FALSE
 MPIRUN  ?= mpirun
-# a hung MPI test must not hang CI: every MPI suite runs under a hard time limit
-MPI_TIMEOUT ?= 1800
+# a hung MPI test must not hang CI: every MPI suite runs under a hard time limit (s)
+MPI_TIMEOUT ?= 900
+# the MPI suites run at each of these rank counts (an even and an uneven split)
+MPI_RANKS ?= 2 3
 
 .PHONY: install demo test test-serial test-mpi clean
 
@@ -27,7 +29,7 @@ test-serial:
 	$(PY) -m pytest -q tests --ignore=tests/mpi
 
 test-mpi:
-	timeout -s KILL $(MPI_TIMEOUT) $(MPIRUN) -n 2 $(PY) -m pytest -q -p no:cacheprovider tests/mpi
+	MPIRUN="$(MPIRUN)" PY="$(PY)" RANKS="$(MPI_RANKS)" MPI_TIMEOUT=$(MPI_TIMEOUT) bash run/test-mpi.sh
 
 clean:
 	rm -rf demo .pytest_cache

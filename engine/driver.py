@@ -1,38 +1,20 @@
 """The stage driver: runs the manifest's stages in order, records each completion, resumes."""
 from __future__ import annotations
 
-import importlib
 import json
 import time
-from dataclasses import dataclass, field
 
 from engine.context import RankContext
 from engine.failure import fail_all_ranks
+from engine.stages import StageInputs, StageResult, stage_module, stage_spec
 from engine.store import STATUS_COMPLETE, STATUS_RUNNING, RunStore
 
-STAGE_MODULES = {
-    "probe": "jobs.probe",
-    "potential": "jobs.potential",
-    "md": "jobs.md",
-    "label": "jobs.label",
-    "train": "jobs.train",
-    "infer": "jobs.infer",
-    "analyze": "jobs.analyze",
-    "report": "jobs.report",
-}
-"""Each stage is one module of jobs/ with `run_stage(manifest, ctx, store) -> StageResult`."""
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """What a stage reports back: a few headline numbers, recorded in /stages/<name>."""
-
-    summary: dict = field(default_factory=dict)
+__all__ = ["StageResult", "StageInputs", "record_run", "run_stages", "stage_function"]
 
 
 def stage_function(name: str):
-    """The `run_stage` function of stage `name` (imported only when that stage runs)."""
-    return importlib.import_module(STAGE_MODULES[name]).run_stage
+    """The `run(spec, inputs)` entry of stage `name` (imported only when that stage runs)."""
+    return stage_module(name).run
 
 
 def record_run(store: RunStore, ctx: RankContext, manifest_text: str, versions: dict) -> None:
@@ -46,6 +28,7 @@ def record_run(store: RunStore, ctx: RankContext, manifest_text: str, versions: 
 
 def run_stages(manifest, ctx: RankContext, store: RunStore, force: tuple[str, ...] = ()) -> None:
     """Run every stage of the manifest in order, skipping those the store records complete."""
+    inputs = StageInputs.from_manifest(manifest, ctx, store)
     for name in manifest.stages:
         if store.stage_status(name) == STATUS_COMPLETE and name not in force:
             ctx.log(f"stage {name}: complete in the store, skipped")
@@ -54,12 +37,14 @@ def run_stages(manifest, ctx: RankContext, store: RunStore, force: tuple[str, ..
         store.mark_stage(name, STATUS_RUNNING, ranks=ctx.size)
         start = time.monotonic()
         try:
-            result = stage_function(name)(manifest, ctx, store)
+            result = stage_function(name)(stage_spec(manifest, name), inputs)
         except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
             fail_all_ranks(ctx.comm, name, exc)
             raise
         elapsed = time.monotonic() - start
-        summary = result.summary if result is not None else {}
+        if not isinstance(result, StageResult):
+            raise TypeError(f"stage {name} returned {type(result).__name__}, not a StageResult")
+        summary = result.summary()
         store.mark_stage(name, STATUS_COMPLETE, elapsed_s=round(elapsed, 3),
                          summary=json.loads(json.dumps(summary, default=float)))
         ctx.log(f"stage {name}: complete in {elapsed:.1f} s {_brief(summary)}")

@@ -20,20 +20,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.context import RankContext
-from engine.driver import StageResult
+from engine.stages import StageInputs, StageResult
 from engine.failure import InputError
 from engine.progress import Progress
 from engine.stats import (BinnedMoments, bin_index, block_average, fit_diffusion, grid_index,
                           moments_mean_std, reduce_moments, running_average)
 from engine.store import RunStore
+from jobs.infer import system_group as infer_group
 from jobs.sites import SiteSet, assign_sites, find_sites
 from schemas.analyze import AnalyzeSpec
 from schemas.system import SystemSpec
 
-INFER_GROUP = "/infer"
-"""Where the infer stage writes per-system shifts (its layout: docs/infer.md)."""
 ANALYZE_GROUP = "/analyze"
-"""Where this stage writes (layout: docs/analyze.md)."""
+"""The store group this stage owns: ``/analyze/<system>`` (layout: docs/analyze.md)."""
 DRIFT_DATASET = "framework_drift_a"
 """Optional (n_frames, 3) dataset of the source group: mean displacement of the framework
 cations from frame 0 (A), subtracted from the target positions before site assignment."""
@@ -157,7 +156,7 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
     SystemAnalysis
         Headline numbers (identical on every rank).
     """
-    source = source or f"{INFER_GROUP}/{system.name}"
+    source = source or infer_group(system.name)
     target = target or f"{ANALYZE_GROUP}/{system.name}"
     n_frames, n_centres = _check_source(system, store, source)
     sites = _read_sites(spec, system, ctx, store, source)
@@ -375,74 +374,36 @@ def _diffusion(spec: AnalyzeSpec, ctx: RankContext, store: RunStore, source: str
     return fit
 
 
-def put_labelled_frames(frames, system: SystemSpec, shift_spec, ctx: RankContext,
-                        store: RunStore, group: str | None = None,
-                        framework_species: list[str] | None = None) -> str:
-    """Write labelled frames (DFT shifts) in the infer stage's layout, as analyze input.
+@dataclass(frozen=True)
+class AnalyzeResult(StageResult):
+    """Per system: the mean shift, its standard error and D where the data support one."""
 
-    A labelled trajectory (e.g. the published DFT frames, each with a per-atom
-    ``fermi_contact_mhz``) is valid analyze input: its DFT shifts take the place of the
-    predictions. Every rank passes the same frames (collective; rank 0 writes).
+    systems: tuple = ()
+    """(name, mean_shift_ppm, stderr_ppm, d_cm2_s or None) per system."""
 
-    Parameters
-    ----------
-    frames
-        ase.Atoms with ``arrays["fermi_contact_mhz"]``, same atoms in the same order.
-    system
-        Its name names the group; its target species selects the centres.
-    shift_spec
-        The A_iso -> shift conversion (``manifest.shift``).
-    group
-        Where to write; default ``/infer/<system name>``.
-    framework_species
-        For the framework drift (see :func:`jobs.sites.framework_mask`).
-
-    Returns
-    -------
-    str
-        The group written.
-    """
-    from jobs.shift import shift_ppm
-    from jobs.sites import framework_drift_a, framework_mask
-
-    group = group or f"{INFER_GROUP}/{system.name}"
-    first = frames[0]
-    centres = np.flatnonzero(np.array(first.get_chemical_symbols()) == system.target_species)
-    if len(centres) == 0:
-        raise InputError(f"system {system.name}: frame 0 has no {system.target_species}")
-    positions = np.array([atoms.positions for atoms in frames])
-    cells = np.array([atoms.cell[:] for atoms in frames])
-    a_iso = np.array([atoms.arrays["fermi_contact_mhz"][centres] for atoms in frames])
-    mask = framework_mask(first.numbers, system.target_species, framework_species)
-    store.put(f"{group}/shift_ppm", shift_ppm(a_iso, shift_spec).astype(np.float32), unit="ppm")
-    store.put(f"{group}/centre_positions_a", positions[:, centres].astype(np.float32),
-              unit="A")
-    store.put(f"{group}/cell_a", cells, unit="A")
-    store.put(f"{group}/time_fs", np.full(len(frames), np.nan), unit="fs")
-    store.put(f"{group}/replica", np.full(len(frames), -1, dtype=np.int32))
-    store.put(f"{group}/centre_index", centres.astype(np.int32))
-    store.put(f"{group}/frame0_numbers", first.numbers.astype(np.int32))
-    store.put(f"{group}/frame0_positions_a", first.positions, unit="A")
-    store.put(f"{group}/{DRIFT_DATASET}", framework_drift_a(positions, first.positions, cells,
-                                                            mask), unit="A")
-    store.set_attrs(group, source="labelled frames (DFT shifts)")
-    store.flush()
-    return group
+    def summary(self) -> dict:
+        """``<system>_mean_shift_ppm``, ``<system>_stderr_ppm`` and ``<system>_d_cm2_s``."""
+        out = {}
+        for name, mean, stderr, d_cm2_s in self.systems:
+            out[f"{name}_mean_shift_ppm"] = round(mean, 2)
+            out[f"{name}_stderr_ppm"] = round(stderr, 2)
+            if d_cm2_s is not None:
+                out[f"{name}_d_cm2_s"] = float(f"{d_cm2_s:.4g}")
+        return out
 
 
 def analyze_systems(spec: AnalyzeSpec, systems: list[SystemSpec], ctx: RankContext,
-                    store: RunStore) -> StageResult:
+                    store: RunStore) -> AnalyzeResult:
     """Analyse every system of the manifest (collective); headline numbers per system."""
-    summary = {}
+    rows = []
     for system in systems:
         result = analyze_system(spec, system, ctx, store)
-        summary[f"{system.name}_mean_shift_ppm"] = round(result.mean_shift_ppm, 2)
-        summary[f"{system.name}_stderr_ppm"] = round(result.mean_shift_stderr_ppm, 2)
-        if np.isfinite(result.d_cm2_s):
-            summary[f"{system.name}_d_cm2_s"] = float(f"{result.d_cm2_s:.4g}")
-    return StageResult(summary)
+        d_cm2_s = float(result.d_cm2_s) if np.isfinite(result.d_cm2_s) else None
+        rows.append((system.name, float(result.mean_shift_ppm),
+                     float(result.mean_shift_stderr_ppm), d_cm2_s))
+    return AnalyzeResult(tuple(rows))
 
 
-def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
-    """Stage entry point used by the driver."""
-    return analyze_systems(manifest.analyze, manifest.systems, ctx, store)
+def run(spec: AnalyzeSpec, inputs: StageInputs) -> AnalyzeResult:
+    """Stage entry: statistics of every system's shifts into ``/analyze``."""
+    return analyze_systems(spec, list(inputs.systems), inputs.ctx, inputs.store)

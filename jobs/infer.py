@@ -22,10 +22,12 @@ import numpy as np
 from ase import Atoms
 
 from engine.context import RankContext
-from engine.driver import StageResult
+from engine.stages import StageInputs, StageResult
 from engine.failure import InputError
 from engine.progress import Progress
 from engine.store import RunStore
+from jobs.frame_checks import MIN_DISTANCE_A, check_frames
+from jobs.md import md_trajectories
 from jobs.nnmr import fast_predictor
 from jobs.sites import framework_drift_a, framework_mask
 from jobs.soap import SoapFeaturizer
@@ -35,6 +37,15 @@ from schemas.system import SystemSpec
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "data" / "nnmr-p2-nmmo.h5"
 """The NN-NMR ensemble shipped with dynshift (trained on the shared P2-NMMO frames)."""
+
+
+GROUP = "/infer"
+"""The store group this stage owns: ``/infer/<system>`` (layout: docs/infer.md)."""
+
+
+def system_group(system: str, root: str = GROUP) -> str:
+    """Store group of one system's shifts: what analyze reads."""
+    return f"{root}/{system}"
 
 
 # ---- frame sources -----------------------------------------------------------------------------
@@ -62,50 +73,42 @@ class StoreTrajectories:
     (else of the system group, else the dataset length) says how many frames are valid.
     """
 
-    def __init__(self, store: RunStore, system: str, skip_frames: int = 0, stride: int = 1):
-        self.store, self.group = store, f"/md/{system}"
-        replicas = sorted(k for k in store.keys(self.group)
-                          if k.startswith("r") and k[1:].isdigit()
-                          and store.exists(f"{self.group}/{k}/positions_a"))
-        if not replicas:
-            raise InputError(f"infer: no md trajectories of system {system!r} in the store "
-                             f"(no {self.group}/rNNN/positions_a); run the md stage or name a "
-                             f"file in infer.trajectories")
-        system_saved = store.attrs(self.group).get("n_saved")
-        self.segments = []  # (replica group, replica number, local frame indices)
-        for name in replicas:
-            path = f"{self.group}/{name}"
-            n_saved = store.attrs(path).get("n_saved", system_saved)
-            length = store.shape(f"{path}/positions_a")[0]
-            n_saved = length if n_saved is None else min(int(n_saved), length)
-            local = np.arange(skip_frames, n_saved, stride)
-            self.segments.append((path, int(name[1:]), local))
-        self.offsets = np.cumsum([0] + [len(s[2]) for s in self.segments])
+    def __init__(self, store: RunStore, system: str, skip_frames: int = 0, stride: int = 1,
+                 min_distance_a: float = MIN_DISTANCE_A):
+        self.store = store
+        self.min_distance_a = min_distance_a
+        try:
+            trajectories = md_trajectories(store, system)
+        except InputError as exc:
+            raise InputError(f"infer: {exc}, or name a file in infer.trajectories") from None
+        self.group = trajectories.group
+        self.trajectories = trajectories
+        self.segments = []  # (md Replica, local frame indices)
+        for replica in trajectories.replicas:
+            self.segments.append((replica, np.arange(skip_frames, replica.n_saved, stride)))
+        self.offsets = np.cumsum([0] + [len(s[1]) for s in self.segments])
         self.n_frames = int(self.offsets[-1])
-        if store.exists(f"{self.group}/numbers"):
-            self.numbers = np.asarray(store.read(f"{self.group}/numbers"), dtype=int)
-        else:
-            raise InputError(f"infer: {self.group}/numbers is missing in the store")
+        self.numbers = trajectories.numbers
         self.description = f"store:{self.group}"
 
     def read(self, start: int, stop: int) -> FrameBatch:
         """Frames [start, stop) of the global list."""
         parts = []
-        for (path, replica, local), first in zip(self.segments, self.offsets[:-1]):
+        for (replica, local), first in zip(self.segments, self.offsets[:-1]):
             lo, hi = max(start, first), min(stop, first + len(local))
             if lo >= hi:
                 continue
             wanted = local[lo - first:hi - first]
             step = int(wanted[1] - wanted[0]) if len(wanted) > 1 else 1
             selection = np.s_[int(wanted[0]):int(wanted[-1]) + 1:step]
-            positions = self.store.read(f"{path}/positions_a", selection)
-            cell = self.store.read(f"{path}/cell_a", selection)
-            if self.store.exists(f"{path}/time_fs"):
-                times = self.store.read(f"{path}/time_fs", selection)
-            else:
-                times = np.full(len(wanted), np.nan)
+            positions = self.trajectories.positions_a(replica, selection)
+            cell = self.trajectories.cell_a(replica, selection)
+            times = self.trajectories.time_fs(replica, selection)
+            path = replica.group
+            check_frames(positions, cell, self.numbers, f"infer: store group {path}", wanted,
+                         self.min_distance_a)
             parts.append(FrameBatch(positions, cell, times,
-                                    np.full(len(wanted), replica, dtype=np.int32)))
+                                    np.full(len(wanted), replica.number, dtype=np.int32)))
         return _concatenate(parts)
 
 
@@ -120,8 +123,9 @@ class FileTrajectory:
     """
 
     def __init__(self, path: Path, comm, skip_frames: int = 0, stride: int = 1,
-                 labels: bool = False):
+                 labels: bool = False, min_distance_a: float = MIN_DISTANCE_A):
         self.path, self.labels = Path(path), labels
+        self.min_distance_a = min_distance_a
         if not self.path.exists():
             raise InputError(f"infer.trajectories: {self.path}: no such file")
         self.kind = ("xyz" if self.path.suffix.lower() in (".xyz", ".extxyz") else
@@ -223,9 +227,12 @@ class FileTrajectory:
                           for f in frames])
         a_iso = (np.stack([np.asarray(f.arrays[FERMI_CONTACT_KEY], float) for f in frames])
                  if self.labels else None)
-        return FrameBatch(np.stack([f.positions for f in frames]),
-                          np.stack([f.cell.array for f in frames]), times,
-                          np.full(len(frames), -1, dtype=np.int32), a_iso)
+        positions = np.stack([f.positions for f in frames])
+        cells = np.stack([f.cell.array for f in frames])
+        check_frames(positions, cells, self.numbers, f"infer.trajectories: {self.path}",
+                     wanted, self.min_distance_a)
+        return FrameBatch(positions, cells, times, np.full(len(frames), -1, dtype=np.int32),
+                          a_iso)
 
 
 def _concatenate(parts: list[FrameBatch]) -> FrameBatch:
@@ -237,16 +244,19 @@ def _concatenate(parts: list[FrameBatch]) -> FrameBatch:
                       np.concatenate([p.replica for p in parts]))
 
 
-def frame_source(spec: InferSpec, system: SystemSpec, ctx: RankContext, store: RunStore):
-    """The frames of `system`: its file in ``spec.trajectories``, else the md stage's."""
+def frame_source(spec: InferSpec, system: SystemSpec, ctx: RankContext, store: RunStore,
+                 min_distance_a: float = MIN_DISTANCE_A):
+    """The frames of `system`: its file in ``spec.trajectories``, else the md stage's; every
+    frame read is checked (finite, no two atoms closer than `min_distance_a`)."""
     labels = spec.shifts_from == "labels"
     if system.name in spec.trajectories:
         return FileTrajectory(spec.trajectories[system.name], ctx.comm, spec.skip_frames,
-                              spec.stride, labels=labels)
+                              spec.stride, labels=labels, min_distance_a=min_distance_a)
     if labels:
         raise InputError(f"infer.shifts_from is 'labels' but infer.trajectories names no "
                          f"labelled file for system {system.name!r}")
-    return StoreTrajectories(store, system.name, spec.skip_frames, spec.stride)
+    return StoreTrajectories(store, system.name, spec.skip_frames, spec.stride,
+                             min_distance_a=min_distance_a)
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -264,7 +274,9 @@ def load_ensemble(spec: InferSpec, store: RunStore):
         if not Path(spec.model).exists():
             raise InputError(f"infer.model: {spec.model}: no such store file")
         return ShiftEnsemble.from_store(Path(spec.model)), str(spec.model)
-    if store.exists("/train/folds"):
+    from jobs.train import has_ensemble
+
+    if has_ensemble(store):
         return ShiftEnsemble.from_store(store), f"{store.path}:/train"
     if not SHIPPED_MODEL.exists():
         raise InputError(f"infer: no model: this store has no /train, infer.model is not set, "
@@ -286,7 +298,7 @@ def featurizer_for(ensemble, kernel: str = "dscribe") -> SoapFeaturizer:
 
 # ---- the stage --------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class InferResult:
+class InferResult(StageResult):
     """Frames per system, frames computed in this invocation, wall time and throughput."""
 
     frames: dict
@@ -345,7 +357,8 @@ def _predict_chunk(featurizer: SoapFeaturizer, ensemble, numbers: np.ndarray,
 
 
 def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
-                 store: RunStore, shift: ShiftSpec = ShiftSpec(), ensemble=None) -> InferResult:
+                 store: RunStore, shift: ShiftSpec = ShiftSpec(), ensemble=None,
+                 min_distance_a: float = MIN_DISTANCE_A) -> InferResult:
     """Shifts of every target nucleus of every frame of every system, into /infer/<system>.
 
     Parameters
@@ -385,8 +398,8 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
     started = time.monotonic()
     frames, computed_total = {}, 0
     for system in systems:
-        source = frame_source(spec, system, ctx, store)
-        group = f"/infer/{system.name}"
+        source = frame_source(spec, system, ctx, store, min_distance_a)
+        group = system_group(system.name)
         frame0 = source.read(0, 1)
         target = system.target_species
         from ase.data import atomic_numbers
@@ -399,7 +412,9 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
             if featurizer.centre != target:
                 raise InputError(f"infer: the model predicts {featurizer.centre} shifts; system "
                                  f"{system.name!r} observes {target}")
-            featurizer.check_frame(Atoms(numbers=source.numbers), f"system {system.name!r}")
+            featurizer.check_frame(Atoms(numbers=source.numbers),  # every frame's species
+                                   f"infer: system {system.name!r}, {source.description} frame "
+                                   f"{spec.skip_frames} (NN-NMR model {model_name})")
         framework = framework_mask(source.numbers, target)
         identity = {"source": source.description, "model": model_name,
                     "chunk_frames": spec.chunk_frames, "n_frames": source.n_frames,
@@ -463,9 +478,71 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
     return InferResult(frames, computed_total, time.monotonic() - started)
 
 
-def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
-    """Stage entry point used by the driver."""
-    if not manifest.systems:
+def run(spec: InferSpec, inputs: StageInputs) -> InferResult:
+    """Stage entry: shifts of every target nucleus of every frame into ``/infer``."""
+    if not inputs.systems:
         raise InputError("infer: the manifest has no systems")
-    result = infer_shifts(manifest.infer, manifest.systems, ctx, store, shift=manifest.shift)
-    return StageResult(result.summary())
+    checks = inputs.checks
+    return infer_shifts(spec, list(inputs.systems), inputs.ctx, inputs.store, shift=inputs.shift,
+                        min_distance_a=checks.min_distance_a if checks else MIN_DISTANCE_A)
+
+
+def put_labelled_frames(frames, system: SystemSpec, shift_spec: ShiftSpec, ctx: RankContext,
+                        store: RunStore, group: str | None = None) -> str:
+    """Write labelled frames (their DFT shifts) into this stage's layout, as analyze input.
+
+    The same datasets, dtypes and bookkeeping as :func:`infer_shifts` with
+    ``shifts_from: labels`` writes, from frames in memory (tests, distillation). Every rank
+    passes the same frames (collective; rank 0 writes).
+
+    Parameters
+    ----------
+    frames
+        ase.Atoms with ``arrays["fermi_contact_mhz"]``, same atoms in the same order.
+    system
+        Its name names the group; its target species selects the centres.
+    shift_spec
+        The A_iso -> shift conversion.
+    group
+        Where to write; default :func:`system_group` of the system.
+
+    Returns
+    -------
+    str
+        The group written.
+    """
+    from ase.data import atomic_numbers
+
+    from jobs.frames import FERMI_CONTACT_KEY
+    from jobs.shift import shift_ppm
+
+    group = group or system_group(system.name)
+    first = frames[0]
+    centres = np.flatnonzero(first.numbers == atomic_numbers[system.target_species])
+    if len(centres) == 0:
+        raise InputError(f"system {system.name}: frame 0 has no {system.target_species}")
+    n = len(frames)
+    positions = np.array([atoms.positions for atoms in frames])
+    cells = np.array([atoms.cell[:] for atoms in frames])
+    a_iso = np.array([atoms.arrays[FERMI_CONTACT_KEY][centres] for atoms in frames])
+    identity = {"source": "labelled frames (DFT shifts)", "model": "labels:fermi_contact_mhz",
+                "chunk_frames": n, "n_frames": n, "shifts_from": "labels"}
+    _prepare_group(store, group, n, len(first), centres, n, identity)
+    store.put(f"{group}/centre_index", centres.astype(np.int64))
+    store.put(f"{group}/frame0_numbers", first.numbers.astype(np.int32))
+    store.put(f"{group}/frame0_positions_a", first.positions, unit="angstrom")
+    if ctx.is_root:
+        mean = shift_ppm(a_iso, shift_spec).astype(np.float32)
+        store.write_rows(f"{group}/shift_ppm", 0, mean)
+        store.write_rows(f"{group}/shift_std_ppm", 0, np.zeros_like(mean))
+        store.write_rows(f"{group}/centre_positions_a", 0, positions[:, centres])
+        store.write_rows(f"{group}/cell_a", 0, cells)
+        store.write_rows(f"{group}/time_fs", 0, np.full(n, np.nan))
+        store.write_rows(f"{group}/replica", 0, np.full(n, -1, dtype=np.int32))
+        store.write_rows(f"{group}/framework_drift_a", 0, framework_drift_a(
+            positions, first.positions, cells, framework_mask(first.numbers,
+                                                              system.target_species)))
+        store.write_rows(f"{group}/chunk_done", 0, np.ones(1, np.uint8))
+    store.set_attrs(group, n_done=n)
+    store.flush()
+    return group

@@ -55,12 +55,15 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import atomic_numbers
 
 from engine.context import RankContext
-from engine.driver import StageResult
+from engine.stages import StageInputs, StageResult
 from engine.failure import AgreedFailure, InputError
 from engine.store import RunStore
 from jobs.labellers import Labeller, LabelError, make_labeller
+from jobs.md import md_trajectories
 
 LABEL_ROOT = "/label"
+"""The store group this stage owns (``/label/<system>``); read it with
+:func:`labelled_frames`."""
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, -1
 ERROR_BYTES, PATH_BYTES = 256, 512
 PROGRESS_EVERY_S = 60.0
@@ -69,7 +72,7 @@ _REPLICA_NAME = re.compile(r"^r(\d+)$")
 
 
 @dataclass(frozen=True)
-class LabelResult:
+class LabelResult(StageResult):
     """Counts of one label stage run (over all systems and ranks)."""
 
     n_selected: int
@@ -112,27 +115,18 @@ class SystemFrames:
 
 # ---- frame selection ----------------------------------------------------------------------
 def md_replicas(store: RunStore, system: str) -> list[tuple[int, str, int]]:
-    """(replica number, group name, saved frames) of every replica of `system` in /md.
+    """(replica number, replica name, saved frames) of every md replica of `system`.
 
     Raises
     ------
     InputError
         When the store has no md trajectories of `system`.
     """
-    replicas = []
-    for name in store.keys(f"/md/{system}"):
-        match = _REPLICA_NAME.match(name)
-        if match is None or not store.exists(f"/md/{system}/{name}/positions_a"):
-            continue
-        group = f"/md/{system}/{name}"
-        n_saved = store.attrs(group).get("n_saved")
-        if n_saved is None:
-            n_saved = store.shape(f"{group}/positions_a")[0]
-        replicas.append((int(match.group(1)), name, int(n_saved)))
-    if not replicas:
-        raise InputError(f"label: the store has no md trajectories of system '{system}' "
-                         f"(/md/{system}/r000/positions_a ...); run the md stage first")
-    return sorted(replicas)
+    try:
+        trajectories = md_trajectories(store, system)
+    except InputError as exc:
+        raise InputError(f"label: {exc}") from None
+    return [(r.number, r.group.rsplit("/", 1)[1], r.n_saved) for r in trajectories.replicas]
 
 
 def select_frames(spec, replicas: list[tuple[int, str, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +183,8 @@ def _prepare_system(spec, ctx: RankContext, store: RunStore, system) -> None:
     if n_frames == 0:
         raise InputError(f"label: system '{system.name}' has no saved md frames after "
                          f"label.skip_saved = {spec.skip_saved}")
-    numbers = np.asarray(store.read(f"/md/{system.name}/numbers"), dtype=np.int32)
+    trajectories = md_trajectories(store, system.name)
+    numbers = np.asarray(trajectories.numbers, dtype=np.int32)
     n_atoms = len(numbers)
     nan = float("nan")
     layout = [  # name, shape, dtype, fill value, unit
@@ -215,12 +210,11 @@ def _prepare_system(spec, ctx: RankContext, store: RunStore, system) -> None:
         times = np.full(n_frames, nan)
         for number in np.unique(replica):
             rows = np.flatnonzero(replica == number)
-            source = f"/md/{system.name}/{names[int(number)]}"
+            source = trajectories.replica(int(number))
             picks = frame[rows]
-            raw_positions = store.read(f"{source}/positions_a", picks)
-            raw_cells = store.read(f"{source}/cell_a", picks)
-            if store.exists(f"{source}/time_fs"):
-                times[rows] = store.read(f"{source}/time_fs", picks)
+            raw_positions = trajectories.positions_a(source, picks)
+            raw_cells = trajectories.cell_a(source, picks)
+            times[rows] = trajectories.time_fs(source, picks)
             for row, xyz, cell in zip(rows, raw_positions, raw_cells):
                 atoms = Atoms(numbers=numbers, positions=xyz, cell=cell, pbc=True)
                 atoms.wrap()
@@ -499,13 +493,17 @@ def _finish(spec, ctx: RankContext, store: RunStore, all_frames: list[SystemFram
     return result
 
 
-def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
-    """Stage entry point used by the driver."""
-    result = label_frames(manifest.label, ctx, store, manifest.systems, manifest.shift)
-    return StageResult(result.summary())
+def run(spec, inputs: StageInputs) -> LabelResult:
+    """Stage entry: label the selected md frames of every system (spec: LabelSpec)."""
+    return label_frames(spec, inputs.ctx, inputs.store, list(inputs.systems), inputs.shift)
 
 
 # ---- reading labels back ------------------------------------------------------------------
+def has_labels(store: RunStore) -> bool:
+    """True when the store holds a label stage's results."""
+    return store.exists(LABEL_ROOT)
+
+
 def labelled_frames(store: RunStore, systems: list[str] | None = None) -> list[Atoms]:
     """The done frames of the label stage, in the form of :func:`jobs.frames.read_outcar`.
 

@@ -18,9 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from engine.context import RankContext
-from engine.driver import StageResult
+from engine.seeds import SeedStreams
+from engine.stages import StageInputs, StageResult
 from engine.progress import Progress
 from engine.store import RunStore
+from jobs.frame_checks import (MD_MAX_TEMPERATURE_FACTOR, MIN_DISTANCE_A, UnstableDynamics,
+                               check_frames, check_species, frame_problem)
 from jobs.potential import import_deepmd_tf, stored_model_file
 from jobs.structures import build_structure
 from schemas.md import MdSpec
@@ -29,8 +32,34 @@ RNG_STATE_BYTES = 512
 """Size of the fixed-length field that holds a replica's thermostat RNG state (JSON)."""
 
 
+GROUP = "/md"
+"""The store group this stage owns: ``/md/<system>`` (attrs, ``numbers``) and one group per
+replica, ``/md/<system>/r000`` ... (see :func:`replica_group`). Read it with
+:func:`md_trajectories`."""
+
+
+def system_group(system: str, root: str = GROUP) -> str:
+    """Store group of one system's trajectories."""
+    return f"{root}/{system}"
+
+
+def replica_group(system: str, replica: int, root: str = GROUP) -> str:
+    """Store group of one replica's trajectory."""
+    return f"{root}/{system}/r{replica:03d}"
+
+
 class StoppedOnPurpose(RuntimeError):
     """Raised by the diagnostics knob md.stop_after_frames."""
+
+
+@dataclass(frozen=True)
+class MdResult(StageResult):
+    """Trajectories run, frames each, their mean temperature and the save interval."""
+
+    trajectories: int
+    frames_per_trajectory: int
+    mean_temperature_k: float
+    save_interval_fs: float
 
 
 @dataclass(frozen=True)
@@ -44,7 +73,7 @@ class MdTask:
     @property
     def group(self) -> str:
         """Store group of this trajectory."""
-        return f"/md/{self.system}/r{self.replica:03d}"
+        return replica_group(self.system, self.replica)
 
 
 def md_tasks(systems, replicas: int) -> list[MdTask]:
@@ -88,7 +117,8 @@ def dp_calculator(model_path: Path):
 class Trajectory:
     """One replica's ASE NVT integrator with a DP calculator, and its resumable state."""
 
-    def __init__(self, atoms, calculator, spec: MdSpec, seed_key: list[int]):
+    def __init__(self, atoms, calculator, spec: MdSpec, velocity_rng: np.random.Generator,
+                 thermostat_rng: np.random.Generator):
         from ase import units
         from ase.constraints import FixCom
         from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
@@ -101,9 +131,9 @@ class Trajectory:
         self.spec = spec
         self.atoms = atoms.copy()
         self.atoms.calc = calculator
-        self.rng = np.random.default_rng([*seed_key, 2])
+        self.rng = thermostat_rng
         MaxwellBoltzmannDistribution(self.atoms, temperature_K=spec.temperature_k,
-                                     rng=np.random.default_rng([*seed_key, 1]), comm=serial)
+                                     rng=velocity_rng, comm=serial)
         Stationary(self.atoms)
         timestep = spec.timestep_fs * units.fs
         if spec.thermostat == "langevin":
@@ -194,7 +224,8 @@ def _check_compatible(store: RunStore, task: MdTask, spec: MdSpec, n_atoms: int)
 
 # ---- the verb ----------------------------------------------------------------------------------
 def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed: int,
-                 base_dir: Path | None = None, model_fallback: Path | None = None) -> StageResult:
+                 base_dir: Path | None = None, model_fallback: Path | None = None,
+                 checks=None) -> "MdResult":
     """Run every system's replicas (round robin over ranks) and stream frames into the store.
 
     Parameters
@@ -206,17 +237,22 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     ctx, store
         Rank context and run store.
     seed
-        The manifest seed; replica r of system i draws from default_rng([seed, 5, i, r, ...]).
+        The manifest seed; replica r of system i draws from the streams md.velocities and
+        md.thermostat at (i, r) (engine.seeds).
     base_dir
         Folder for relative structure paths.
     model_fallback
         Model file when the store holds none (``potential.model``; default the shipped one).
+    checks
+        The frame checks (schemas.checks.ChecksSpec; None: the defaults): the structure is
+        checked before the first step and every saved frame after it (:func:`_check_frame`).
     """
+    seeds = SeedStreams(seed)
     tasks = md_tasks(systems, spec.replicas)
     structures = [build_structure(s, base_dir) for s in systems]
     for i, system in enumerate(systems):
-        store.put(f"/md/{system.name}/numbers", structures[i].numbers.astype(np.int64))
-        store.set_attrs(f"/md/{system.name}", structure=system.structure,
+        store.put(f"{system_group(system.name)}/numbers", structures[i].numbers.astype(np.int64))
+        store.set_attrs(system_group(system.name), structure=system.structure,
                         supercell=list(system.supercell), n_atoms=len(structures[i]))
     interval_fs = spec.save_every_steps * spec.timestep_fs
     for task in tasks:  # collective: same order everywhere
@@ -226,8 +262,8 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
         store.set_attrs(task.group, save_interval_fs=interval_fs, timestep_fs=spec.timestep_fs,
                         temperature_k=spec.temperature_k, thermostat=spec.thermostat,
                         equilibration_steps=spec.equilibration_steps,
-                        n_requested=spec.frames, seed_key=[seed, 5, task.system_index,
-                                                           task.replica])
+                        n_requested=spec.frames,
+                        seed_key=seeds.key("md.velocities", task.system_index, task.replica))
     store.flush()
     saved = {t.group: int(store.read(f"{t.group}/resume_saved")[0]) for t in tasks}
     mine = [tasks[i] for i in ctx.round_robin(len(tasks))]
@@ -237,7 +273,8 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     trajectories: dict[str, Trajectory] = {}
     for task in mine:
         trajectory = Trajectory(structures[task.system_index], calculator, spec,
-                                [seed, 5, task.system_index, task.replica])
+                                seeds.rng("md.velocities", task.system_index, task.replica),
+                                seeds.rng("md.thermostat", task.system_index, task.replica))
         done = saved[task.group]
         if done > 0:
             g = task.group
@@ -257,6 +294,7 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
             f"every {interval_fs:g} fs; {sum(saved.values())} frames already in the store "
             f"(progress counts equilibration as {equilibration_frames} frames)")
     n_rounds = -(-spec.frames // spec.chunk_frames)
+    saved_at_entry = dict(saved)
     for round_index in range(n_rounds):
         end = min(spec.frames, (round_index + 1) * spec.chunk_frames)
         for task in mine:
@@ -264,10 +302,12 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
             if start >= end:
                 continue
             trajectory = trajectories[task.group]
+            if start == saved_at_entry[task.group]:  # before this run's first step
+                _check_start(trajectory, task, start, checks)
             if start == 0:
                 trajectory.run(spec.equilibration_steps)
                 progress.update(equilibration_frames)
-            _run_chunk(trajectory, task, start, end, spec, store, progress)
+            _run_chunk(trajectory, task, start, end, spec, store, progress, checks)
             saved[task.group] = end
         counts = ctx.comm.allgather({t.group: saved[t.group] for t in mine})
         merged = {k: v for part in counts for k, v in part.items()}
@@ -283,27 +323,67 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     for task in mine:
         temperatures.append(float(np.mean(store.read(f"{task.group}/temperature_k"))))
     all_temperatures = [t for part in ctx.comm.allgather(temperatures) for t in part]
-    return StageResult({"trajectories": len(tasks), "frames_per_trajectory": spec.frames,
-                        "mean_temperature_k": float(np.mean(all_temperatures)),
-                        "save_interval_fs": interval_fs})
+    return MdResult(trajectories=len(tasks), frames_per_trajectory=spec.frames,
+                    mean_temperature_k=float(np.mean(all_temperatures)),
+                    save_interval_fs=interval_fs)
+
+
+def _check_start(trajectory: Trajectory, task: MdTask, start: int, checks=None) -> None:
+    """Refuse, before a replica's first step, a structure with species the DP model does not
+    know (its type_map), non-finite positions or two atoms too close (InputError, exit 2)."""
+    atoms = trajectory.atoms
+    where = f"md: system {task.system!r}, replica {task.group}"
+    type_map = getattr(atoms.calc, "type_dict", None)  # deepmd-kit's DP calculator
+    if type_map is not None:
+        check_species(atoms.numbers, list(type_map), where, "the DP model")
+    min_distance_a = MIN_DISTANCE_A if checks is None else checks.min_distance_a
+    what = "starting structure" if start == 0 else "resumed"
+    check_frames(atoms.positions, atoms.cell.array, atoms.numbers, f"{where} ({what})",
+                 max(start - 1, 0), min_distance_a)
+
+
+def _check_frame(task: MdTask, frame: int, saved: int, time_fs: float, positions_a: np.ndarray,
+                 cell_a: np.ndarray, numbers: np.ndarray, temperature_k: float,
+                 energy_ev: float, spec: MdSpec, checks=None) -> None:
+    """Stop a replica whose structure exploded (UnstableDynamics, exit 2): a non-finite
+    position, cell or energy, two atoms closer than ``checks.min_distance_a``, or a temperature
+    above ``checks.md_max_temperature_factor`` times ``md.temperature_k``."""
+    min_distance_a = MIN_DISTANCE_A if checks is None else checks.min_distance_a
+    factor = MD_MAX_TEMPERATURE_FACTOR if checks is None else checks.md_max_temperature_factor
+    problem = frame_problem(positions_a, cell_a, numbers, min_distance_a)
+    if problem is None and not np.isfinite(energy_ev):
+        problem = f"potential energy {energy_ev} eV"
+    if problem is None and not temperature_k <= factor * spec.temperature_k:
+        problem = (f"temperature {temperature_k:.4g} K > checks.md_max_temperature_factor x "
+                   f"md.temperature_k = {factor:g} x {spec.temperature_k:g} K")
+    if problem is None:
+        return
+    raise UnstableDynamics(
+        f"md: system {task.system!r}, replica {task.group} exploded at frame {frame} "
+        f"(t = {time_fs:g} fs after equilibration): {problem}. Its {saved} frames saved before "
+        f"are kept in the store (a rerun repeats the same steps: change md.timestep_fs, "
+        f"md.temperature_k, the structure or the DP model)")
 
 
 def _run_chunk(trajectory: Trajectory, task: MdTask, start: int, end: int, spec: MdSpec,
-               store: RunStore, progress: Progress) -> None:
-    """Run frames start..end-1 of one replica and write them with the resume state."""
+               store: RunStore, progress: Progress, checks=None) -> None:
+    """Run frames start..end-1 of one replica and write them with the resume state; every
+    frame is checked (:func:`_check_frame`) before it is kept."""
     atoms = trajectory.atoms
     n = end - start
     positions = np.empty((n, len(atoms), 3))
     cells = np.empty((n, 3, 3))
     temperature, energy = np.empty(n), np.empty(n)
+    interval_fs = spec.save_every_steps * spec.timestep_fs
     for k in range(n):
         trajectory.run(spec.save_every_steps)
         positions[k] = atoms.get_positions()
         cells[k] = atoms.cell.array
         temperature[k] = atoms.get_temperature()
         energy[k] = atoms.get_potential_energy()
+        _check_frame(task, start + k, start, interval_fs * (start + k + 1), positions[k],
+                     cells[k], atoms.numbers, temperature[k], energy[k], spec, checks)
         progress.update(1)
-    interval_fs = spec.save_every_steps * spec.timestep_fs
     g = task.group
     store.write_rows(f"{g}/positions_a", start, positions)
     store.write_rows(f"{g}/cell_a", start, cells)
@@ -316,7 +396,91 @@ def _run_chunk(trajectory: Trajectory, task: MdTask, start: int, end: int, spec:
     store.write_rows(f"{g}/resume_saved", 0, np.array([end]))
 
 
-def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
-    """Stage entry point used by the driver."""
-    return run_replicas(manifest.md, manifest.systems, ctx, store, manifest.seed,
-                        model_fallback=manifest.potential.model)
+def run(spec: MdSpec, inputs: StageInputs) -> MdResult:
+    """Stage entry: every system's replicas (spec: MdSpec) into ``/md``."""
+    return run_replicas(spec, list(inputs.systems), inputs.ctx, inputs.store, inputs.seeds.seed,
+                        model_fallback=inputs.dp_model, checks=inputs.checks)
+
+
+# ---- the reader other stages use ------------------------------------------------------------
+@dataclass(frozen=True)
+class Replica:
+    """One replica's trajectory in the store."""
+
+    number: int
+    group: str
+    n_saved: int
+    """Valid frames (the attribute ``n_saved``, else the dataset length)."""
+
+
+@dataclass(frozen=True)
+class MdTrajectories:
+    """The md stage's trajectories of one system, as later stages read them (no communication).
+
+    Attributes
+    ----------
+    system
+        The system's name.
+    numbers
+        Atomic numbers of its atoms.
+    replicas
+        The replicas in replica order.
+    """
+
+    store: RunStore
+    system: str
+    numbers: np.ndarray
+    replicas: tuple[Replica, ...]
+
+    @property
+    def group(self) -> str:
+        """The system's store group (for messages)."""
+        return self.replicas[0].group.rsplit("/", 1)[0]
+
+    def replica(self, number: int) -> Replica:
+        """The replica with this number."""
+        for replica in self.replicas:
+            if replica.number == number:
+                return replica
+        raise KeyError(f"{self.system}: no md replica {number}")
+
+    def positions_a(self, replica: Replica, selection=()) -> np.ndarray:
+        """Positions (A, unwrapped) of `selection` of the replica's frames."""
+        return self.store.read(f"{replica.group}/positions_a", selection)
+
+    def cell_a(self, replica: Replica, selection=()) -> np.ndarray:
+        """Cells (A, rows are the vectors) of `selection` of the replica's frames."""
+        return self.store.read(f"{replica.group}/cell_a", selection)
+
+    def time_fs(self, replica: Replica, selection=()) -> np.ndarray:
+        """Simulated time (fs, 0 = end of equilibration) of `selection` of the frames."""
+        return self.store.read(f"{replica.group}/time_fs", selection)
+
+
+def md_trajectories(store: RunStore, system: str, root: str = GROUP) -> MdTrajectories:
+    """The trajectories of `system` in the store.
+
+    Raises
+    ------
+    InputError
+        When the store holds no md trajectory of `system`.
+    """
+    from engine.failure import InputError
+
+    group = system_group(system, root)
+    found = []
+    for name in store.keys(group):
+        if not (name.startswith("r") and name[1:].isdigit()):
+            continue
+        path = f"{group}/{name}"
+        if not store.exists(f"{path}/positions_a"):
+            continue
+        length = store.shape(f"{path}/positions_a")[0]
+        n_saved = store.attrs(path).get("n_saved")
+        n_saved = length if n_saved is None else min(int(n_saved), length)
+        found.append(Replica(int(name[1:]), path, int(n_saved)))
+    if not found or not store.exists(f"{group}/numbers"):
+        raise InputError(f"the store has no md trajectories of system {system!r} "
+                         f"(no {group}/r000/positions_a ...); run the md stage first")
+    return MdTrajectories(store, system, np.asarray(store.read(f"{group}/numbers"), dtype=int),
+                          tuple(sorted(found, key=lambda r: r.number)))

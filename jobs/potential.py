@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from engine.context import RankContext
-from engine.driver import StageResult
+from engine.external import run_program
 from engine.failure import InputError
+from engine.seeds import SeedStreams
+from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
 from schemas.potential import SHIPPED_MODEL, PotentialSpec
 
@@ -90,7 +91,7 @@ def split_holdout(n_frames: int, fraction: float, rng: np.random.Generator) -> t
 def deepmd_input(spec: PotentialSpec, train_systems: list[str], valid_systems: list[str],
                  seed: int) -> dict:
     """The deepmd-kit training input (se_e2_a + energy fitting) for `spec`."""
-    seeds = np.random.default_rng([seed, 101]).integers(1, 2**31 - 1, size=3).tolist()
+    seeds = SeedStreams(seed).rng("potential.deepmd").integers(1, 2**31 - 1, size=3).tolist()
     training = {
         "training_data": {"systems": train_systems, "batch_size": 1},
         "numb_steps": spec.steps, "seed": seeds[2], "disp_file": "lcurve.out",
@@ -122,30 +123,22 @@ def deepmd_input(spec: PotentialSpec, train_systems: list[str], valid_systems: l
 
 
 # ---- running deepmd-kit ------------------------------------------------------------------------
-def _child_env(threads: int) -> dict:
-    """Environment for a deepmd-kit subprocess: our threads, no inherited MPI job variables."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMIX_", "OMPI_COMM", "OMPI_MCA_ess", "OMPI_MCA_orte",
-                                "OMPI_MCA_pmix", "OMPI_FILE_LOCATION", "OMPI_UNIVERSE",
-                                "OMPI_FIRST_RANKS", "OMPI_APP_CTX", "OMPI_NUM_APP_CTX",
-                                "OMPI_ARGV", "OMPI_MCA_initial_wdir", "OMPI_MCA_shmem",
-                                "OMPI_MCA_ras", "OMPI_MCA_rmaps_ppr", "OMPI_NUMPROC", "PMI_"))}
-    for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "DP_INTRA_OP_PARALLELISM_THREADS"):
-        env[name] = str(threads)
+def _thread_env(threads: int) -> dict:
+    """Thread settings of a deepmd-kit subprocess (the rest: engine.external)."""
+    env = {name: str(threads) for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                                           "DP_INTRA_OP_PARALLELISM_THREADS")}
     env["TF_NUM_INTEROP_THREADS"] = env["DP_INTER_OP_PARALLELISM_THREADS"] = "1"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 
 
 def run_dp(args: list[str], workdir: Path, threads: int, log_name: str) -> None:
     """Run ``dp --tf <args>`` (deepmd-kit's CLI, this interpreter) in `workdir`, logging."""
     command = [sys.executable, "-m", "deepmd", "--tf", *args]
-    with open(workdir / log_name, "a") as log:
-        done = subprocess.run(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                              env=_child_env(threads), check=False)
-    if done.returncode != 0:
+    status = run_program(command, workdir, workdir / log_name, _thread_env(threads))
+    if status != 0:
         tail = (workdir / log_name).read_text()[-2000:]
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}) in {workdir}:\n{tail}")
+        raise RuntimeError(f"{' '.join(command)} failed ({status}) in {workdir}:\n{tail}")
 
 
 def import_deepmd_tf() -> None:
@@ -233,7 +226,7 @@ def train_model(spec: PotentialSpec, frames_per_file: list, workdir: Path, seed:
         The frozen model to use, and a report: hold-out RMSE, timings, sizes, the input.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([seed, 4, 1])
+    rng = SeedStreams(seed).rng("potential.holdout")
     train_systems, valid_systems, held_out = [], [], []
     for number, (path, frames) in enumerate(zip(spec.frames, frames_per_file)):
         if not frames:
@@ -278,8 +271,22 @@ def train_model(spec: PotentialSpec, frames_per_file: list, workdir: Path, seed:
     return chosen, report
 
 
+@dataclass(frozen=True)
+class PotentialResult(StageResult):
+    """The model the run uses: trained here or not, its size, and its hold-out errors."""
+
+    trained: bool
+    model_mb: float
+    metrics: tuple = ()
+    """(name, value) pairs: hold-out RMSEs, timings, sizes of the training report."""
+
+    def summary(self) -> dict:
+        """trained, model_mb and every metric by name."""
+        return {"trained": self.trained, "model_mb": self.model_mb, **dict(self.metrics)}
+
+
 def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
-                  seed: int = 2022) -> StageResult:
+                  seed: int = 2022) -> "PotentialResult":
     """Put a DP model into the store: the given / shipped one, or one trained on `spec.frames`.
 
     Training runs on rank 0 (deepmd-kit as a subprocess); the other ranks wait. The model bytes
@@ -315,9 +322,10 @@ def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
     store.put_bytes(MODEL_PATH, blob, **report)
     store.set_attrs("/potential", type_map=list(spec.type_map))
     store.flush()
-    summary = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
-    summary["model_mb"] = len(blob) / 2**20
-    return StageResult(summary)
+    numbers = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
+    numbers.pop("trained", None)
+    return PotentialResult(trained=bool(report.get("trained")), model_mb=len(blob) / 2**20,
+                           metrics=tuple(sorted(numbers.items())))
 
 
 @contextmanager
@@ -342,6 +350,6 @@ def stored_model_file(store: RunStore, fallback: Path | None = None):
     yield path
 
 
-def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
-    """Stage entry point used by the driver."""
-    return fit_potential(manifest.potential, ctx, store, manifest.seed)
+def run(spec: PotentialSpec, inputs: StageInputs) -> PotentialResult:
+    """Stage entry: the DP model of the run into ``/potential`` (spec: PotentialSpec)."""
+    return fit_potential(spec, inputs.ctx, inputs.store, inputs.seeds.seed)

@@ -7,12 +7,26 @@ import time
 
 import numpy as np
 
+from dataclasses import dataclass
+
 from engine.context import RankContext
-from engine.driver import StageResult
+from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
 
+GROUP = "/probe"
+"""The store group this stage owns: ``cores`` (one row per rank), attribute ``hosts``."""
 
-def probe_ranks(spec, ctx: RankContext, store: RunStore) -> StageResult:
+
+@dataclass(frozen=True)
+class ProbeResult(StageResult):
+    """What the probe found: ranks, distinct hosts and cores over all ranks."""
+
+    ranks: int
+    hosts: int
+    cores_total: int
+
+
+def probe_ranks(spec, ctx: RankContext, store: RunStore) -> ProbeResult:
     """Record host and cores of every rank in /probe; check an Allreduce and parallel writes."""
     from mpi4py import MPI
 
@@ -21,19 +35,18 @@ def probe_ranks(spec, ctx: RankContext, store: RunStore) -> StageResult:
     if spec.others_wait_s:
         time.sleep(spec.others_wait_s)
     hosts = ctx.comm.allgather(socket.gethostname())
-    store.create_dataset("/probe/cores", (ctx.size,), dtype="i4", unit="cores")
-    store.write_rows("/probe/cores", ctx.rank, [ctx.cores])
+    store.create_dataset(f"{GROUP}/cores", (ctx.size,), dtype="i4", unit="cores")
+    store.write_rows(f"{GROUP}/cores", ctx.rank, [ctx.cores])
     rank_sum = ctx.comm.allreduce(ctx.rank, op=MPI.SUM)
     if rank_sum != ctx.size * (ctx.size - 1) // 2:
         raise RuntimeError(f"Allreduce gave {rank_sum}; the MPI installation is broken")
-    store.set_attrs("/probe", hosts=hosts)
+    store.set_attrs(GROUP, hosts=hosts)
     ctx.comm.Barrier()
     store.flush()
-    cores = store.read("/probe/cores")
-    return StageResult({"ranks": ctx.size, "hosts": len(set(hosts)),
-                        "cores_total": int(np.sum(cores))})
+    cores = store.read(f"{GROUP}/cores")
+    return ProbeResult(ranks=ctx.size, hosts=len(set(hosts)), cores_total=int(np.sum(cores)))
 
 
-def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
-    """Stage entry point used by the driver."""
-    return probe_ranks(manifest.probe, ctx, store)
+def run(spec, inputs: StageInputs) -> ProbeResult:
+    """Stage entry: probe the ranks of ``inputs.ctx`` (spec: ProbeSpec)."""
+    return probe_ranks(spec, inputs.ctx, inputs.store)

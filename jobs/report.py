@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.context import RankContext
-from engine.driver import StageResult
+from dataclasses import dataclass
+
+from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
+from jobs.analyze import ANALYZE_GROUP
+from jobs.train import CV_GROUP
 from schemas.report import ReportSpec
 
-ANALYZE_GROUP = "/analyze"
-CV_GROUP = "/train/cv"
 CLASS_COLOURS = {"Na_edge": "tab:red", "unassigned": "0.6"}
 """Fixed colours of some site classes; face-sharing classes take tab10 colours in order."""
 
@@ -71,6 +72,9 @@ def report_from_store(store_path: str | Path, out_dir: str | Path | None = None)
         Output folder; default ``<store stem>-report/`` beside the store.
     """
     store_path = Path(store_path)
+    from engine.store import check_store
+
+    check_store(store_path)  # StoreDamaged (exit 2 in the CLI) before h5py meets a bad file
     with RunStore(store_path, None, mode="r") as store:
         spec = _spec_from_store(store)
         return write_report(store, Path(out_dir) if out_dir else default_out_dir(store_path),
@@ -396,9 +400,16 @@ def _summary(store, systems, figures, parity) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
-    """Stage entry point: rank 0 writes the report after every rank finished writing."""
-    spec = manifest.report
+@dataclass(frozen=True)
+class ReportResult(StageResult):
+    """Where the report's summary was written."""
+
+    report: str
+
+
+def run(spec: ReportSpec, inputs: StageInputs) -> ReportResult:
+    """Stage entry: rank 0 writes the report after every rank finished writing."""
+    ctx, store = inputs.ctx, inputs.store
     out_dir = Path(spec.out_dir) if spec.out_dir else default_out_dir(store.path)
     ctx.comm.Barrier()
     store.flush()
@@ -407,4 +418,4 @@ def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
         summary = render_report(data, out_dir, spec)
         ctx.log(f"report: {summary}")
     ctx.comm.Barrier()
-    return StageResult({"report": str(out_dir / "summary.md")})
+    return ReportResult(str(out_dir / "summary.md"))

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.context import RankContext
-from engine.driver import StageResult
+from engine.seeds import SeedStreams
+from engine.stages import StageInputs, StageResult
 from engine.failure import InputError
 from engine.progress import Progress
 from engine.store import RunStore
@@ -24,13 +25,20 @@ from jobs.nnmr import (FoldModel, ShiftEnsemble, model_name, read_fold_model,
                        regression_metrics, train_model, write_fold_model)
 from jobs.shift import ppm_per_mhz, shift_ppm
 
-SEED_STREAM = 5
-"""This stage's key in numpy.random.default_rng([manifest.seed, SEED_STREAM, ...])."""
 GROUP = "/train"
+"""The store group this stage owns (layout: docs/nnmr.md); read it with
+jobs.nnmr.ShiftEnsemble.from_store."""
+CV_GROUP = f"{GROUP}/cv"
+"""Out-of-fold predictions: ``shift_dft_ppm``, ``shift_pred_ppm`` ... (what the report plots)."""
+
+
+def has_ensemble(store: RunStore, group: str = GROUP) -> bool:
+    """True when the store holds a trained ensemble of this stage."""
+    return store.exists(f"{group}/folds")
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainResult(StageResult):
     """Headline numbers of a training run (the out-of-fold cross-validation metrics)."""
 
     n_frames: int
@@ -39,6 +47,12 @@ class TrainResult:
     cv_rmse_ppm: float
     cv_mae_ppm: float
     cv_r2: float
+
+    def summary(self) -> dict:
+        """Frames, centres, folds and the cross-validation metrics."""
+        return {"frames": self.n_frames, "centres": self.n_rows, "folds": self.folds_trained,
+                "cv_rmse_ppm": self.cv_rmse_ppm, "cv_mae_ppm": self.cv_mae_ppm,
+                "cv_r2": self.cv_r2}
 
 
 @dataclass
@@ -94,7 +108,7 @@ def frame_folds(n_frames: int, folds: int, seed: int) -> np.ndarray:
     """Fold (0..folds-1) of every frame: a seeded permutation dealt round-robin."""
     if n_frames < folds:
         raise InputError(f"train: {n_frames} frames cannot make {folds} folds")
-    rng = np.random.default_rng([seed, SEED_STREAM, 0])
+    rng = SeedStreams(seed).rng("train.folds")
     fold_of_frame = np.empty(n_frames, dtype=np.int64)
     fold_of_frame[rng.permutation(n_frames)] = np.arange(n_frames) % folds
     return fold_of_frame
@@ -103,7 +117,7 @@ def frame_folds(n_frames: int, folds: int, seed: int) -> np.ndarray:
 def validation_frames(train_frames: np.ndarray, fraction: float, seed: int,
                       fold: int) -> np.ndarray:
     """Frames of a fold's training set held out for early stopping (at least one)."""
-    rng = np.random.default_rng([seed, SEED_STREAM, 1, fold])
+    rng = SeedStreams(seed).rng("train.validation", fold)
     n_val = max(1, int(round(fraction * len(train_frames))))
     return np.sort(rng.choice(train_frames, n_val, replace=False))
 
@@ -113,9 +127,9 @@ def load_frames(spec, store: RunStore) -> list:
     frames = []
     for path in spec.frames:
         frames.extend(read_labelled_frames(path))
-    if store.exists("/label"):
-        from jobs.label import labelled_frames
+    from jobs.label import has_labels, labelled_frames
 
+    if has_labels(store):
         frames.extend(labelled_frames(store))
     if not frames:
         raise InputError("train: no labelled frames (train.frames is empty and the store "
@@ -228,8 +242,7 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
 
 def model_seed(seed: int, fold: int, member: int = 0) -> int:
     """Seed of the weights, dropout and batch order of one network of a fold."""
-    key = [seed, SEED_STREAM, 2, fold] + ([member] if member else [])
-    return int(np.random.default_rng(key).integers(2 ** 31))
+    return SeedStreams(seed).integer("train.network", fold, member)
 
 
 def _train_fold(spec, seed: int, fold: int, member: int, fold_of_frame: np.ndarray,
@@ -274,12 +287,9 @@ def write_parity_png(path: Path, dft_ppm: np.ndarray, pred_ppm: np.ndarray,
     plt.close(fig)
 
 
-def run_stage(manifest, ctx: RankContext, store: RunStore) -> StageResult:
-    """Stage entry point used by the driver."""
-    result = train_ensemble(manifest.train, manifest.shift, manifest.seed, ctx, store)
-    return StageResult({"frames": result.n_frames, "centres": result.n_rows,
-                        "folds": result.folds_trained, "cv_rmse_ppm": result.cv_rmse_ppm,
-                        "cv_mae_ppm": result.cv_mae_ppm, "cv_r2": result.cv_r2})
+def run(spec, inputs: StageInputs) -> TrainResult:
+    """Stage entry: the k-fold NN-NMR ensemble into ``/train`` (spec: TrainSpec)."""
+    return train_ensemble(spec, inputs.shift, inputs.seeds.seed, inputs.ctx, inputs.store)
 
 
-__all__ = ["ShiftEnsemble", "train_ensemble", "run_stage", "TrainResult"]
+__all__ = ["ShiftEnsemble", "train_ensemble", "run", "TrainResult"]

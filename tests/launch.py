@@ -4,18 +4,17 @@ from __future__ import annotations
 import os
 import subprocess
 
-MPI_CONFIG = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "OMPI_MCA_")
+from engine.external import launch_environment
 
 
 def launch_env() -> dict:
     """The environment for launching `mpirun` from a test process.
 
     A test process that initialised MPI itself (a singleton) carries OMPI_* / PMIX_* variables
-    that would make a child mpirun think it runs inside a job; keep only configuration ones.
+    that would make a child mpirun think it runs inside a job: engine.external drops them
+    (the one place that knows them), keeping configuration ones.
     """
-    return {k: v for k, v in os.environ.items()
-            if not (k.startswith(("OMPI_", "PMIX_", "OPAL_", "ORTE_", "HYDRA_", "PMI_"))
-                    and not k.startswith(MPI_CONFIG))}
+    return launch_environment()
 
 
 def run_command(args, timeout=300, cwd=None, **kwargs):

@@ -18,8 +18,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -28,6 +26,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from engine.external import ProgramTimeout, run_program
 from engine.failure import InputError
 from jobs.labellers import LabelError
 
@@ -63,23 +62,6 @@ def format_incar_value(value) -> str:
     return str(value)
 
 
-LAUNCHER_VARIABLES = ("PMIX_", "PMI_", "OMPI_COMM_WORLD_", "OMPI_MCA_orte_", "OMPI_MCA_ess",
-                      "OMPI_MCA_pmix", "OMPI_MCA_initial_wdir", "OMPI_MCA_shmem_RUNTIME",
-                      "OMPI_FILE_LOCATION", "OMPI_APP_CTX_", "OMPI_FIRST_RANKS",
-                      "OMPI_NUM_APP_CTX", "OMPI_UNIVERSE_SIZE", "OMPI_COMMAND", "MPI_LOCALRANKID",
-                      "MPI_LOCALNRANKS", "HYDRA_")
-"""Prefixes of the variables an MPI launcher gives its ranks (Open MPI, PMIx, MPICH/Hydra).
-They are not passed on: the DFT program is its own MPI job, not a member of dynshift's."""
-
-
-def launch_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without the MPI launcher's rank variables, plus `extra`."""
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith(LAUNCHER_VARIABLES)}
-    environment.update(extra or {})
-    return environment
-
-
 def expand_command(command, cores: int, rank: int) -> tuple[str, ...]:
     """The launch command with `{cores}` and `{rank}` replaced in each argument (no shell)."""
     return tuple(str(arg).replace("{cores}", str(cores)).replace("{rank}", str(rank))
@@ -112,40 +94,13 @@ class VaspProfile:
             ``timeout`` past `walltime_s` (the process group is killed), ``launch`` when the
             program cannot be started.
         """
-        environment = launch_environment(self.env)
-        with open(work_dir / OUTPUT_LOG, "ab") as log:
-            try:
-                process = subprocess.Popen(list(self.command), cwd=work_dir, stdout=log,
-                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           env=environment, start_new_session=True)
-            except OSError as exc:
-                raise LabelError("launch", f"{self.command[0]}: {exc.strerror}") from None
-            try:
-                return process.wait(timeout=self.walltime_s)
-            except subprocess.TimeoutExpired:
-                _end_process_group(process, self.kill_grace_s)
-                raise LabelError("timeout", f"killed after {self.walltime_s:g} s") from None
-            except BaseException:  # the rank is being stopped: take the job down with it
-                _end_process_group(process, 0.0)
-                raise
-
-
-def _end_process_group(process: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the process group of `process`, SIGKILL it after `grace_s`, and reap it."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
         try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers that left the leader
-    except ProcessLookupError:
-        pass
+            return run_program(self.command, work_dir, work_dir / OUTPUT_LOG, self.env,
+                               self.walltime_s, self.kill_grace_s)
+        except OSError as exc:
+            raise LabelError("launch", f"{self.command[0]}: {exc.strerror}") from None
+        except ProgramTimeout:
+            raise LabelError("timeout", f"killed after {self.walltime_s:g} s") from None
 
 
 @dataclass(frozen=True)

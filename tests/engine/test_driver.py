@@ -8,7 +8,10 @@ import types
 import pytest
 from mpi4py import MPI
 
+from dataclasses import dataclass
+
 from engine import driver
+from engine.stages import STAGES, StageResult
 from engine.context import RankContext
 from engine.store import RunStore
 from schemas import parse_manifest
@@ -19,22 +22,26 @@ def counting_stages(monkeypatch):
     """Two stand-in stages; the second fails while `fail` is set."""
     calls = {"probe": 0, "potential": 0, "fail": True}
 
-    def first(manifest, ctx, store):
-        calls["probe"] += 1
-        store.put("/probe/value", [1.0, 2.0])
-        return driver.StageResult({"value": 3.0})
+    @dataclass(frozen=True)
+    class ValueResult(StageResult):
+        value: float
 
-    def second(manifest, ctx, store):
+    def first(spec, inputs):
+        calls["probe"] += 1
+        inputs.store.put("/probe/value", [1.0, 2.0])
+        return ValueResult(3.0)
+
+    def second(spec, inputs):
         calls["potential"] += 1
         if calls["fail"]:
             raise RuntimeError("stopped on purpose")
-        return driver.StageResult({})
+        return StageResult()
 
     for name, function in (("probe", first), ("potential", second)):
         module = types.ModuleType(f"fake_{name}")
-        module.run_stage = function
+        module.run = function
         monkeypatch.setitem(sys.modules, f"fake_{name}", module)
-        monkeypatch.setitem(driver.STAGE_MODULES, name, f"fake_{name}")
+        monkeypatch.setitem(STAGES, name, f"fake_{name}")
     return calls
 
 
@@ -64,13 +71,13 @@ def test_stopped_run_resumes_without_redoing_the_first_stage(tmp_path, counting_
 def test_input_errors_exit_with_status_2(tmp_path, monkeypatch, capsys):
     from engine.failure import InputError
 
-    def bad(manifest, ctx, store):
+    def bad(spec, inputs):
         raise InputError("frames.extxyz, frame 3: no fermi_contact_mhz")
 
     module = types.ModuleType("fake_bad")
-    module.run_stage = bad
+    module.run = bad
     monkeypatch.setitem(sys.modules, "fake_bad", module)
-    monkeypatch.setitem(driver.STAGE_MODULES, "probe", "fake_bad")
+    monkeypatch.setitem(STAGES, "probe", "fake_bad")
     ctx = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
     with RunStore(tmp_path / "run.h5", ctx) as store, pytest.raises(SystemExit) as stop:
         driver.run_stages(parse_manifest("stages: [probe]"), ctx, store)

@@ -9,7 +9,8 @@ from mpi4py import MPI
 from engine.context import RankContext
 from engine.failure import InputError
 from engine.store import RunStore
-from jobs.analyze import analyze_system, frame_timeline, put_labelled_frames
+from jobs.analyze import analyze_system, frame_timeline
+from jobs.infer import put_labelled_frames
 from jobs.shift import shift_ppm
 from schemas.analyze import AnalyzeSpec
 from schemas.shift import ShiftSpec

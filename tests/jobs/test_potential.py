@@ -52,7 +52,7 @@ def test_without_frames_the_shipped_model_goes_into_the_store(tmp_path):
     with RunStore(tmp_path / "s.h5", ctx) as store:
         result = fit_potential(PotentialSpec(), ctx, store)
         assert store.get_bytes(MODEL_PATH) == SHIPPED_MODEL.read_bytes()
-        assert result.summary["trained"] is False
+        assert result.summary()["trained"] is False
         with stored_model_file(store) as local:
             assert local.read_bytes() == SHIPPED_MODEL.read_bytes()
         assert not local.exists()
@@ -85,7 +85,7 @@ def test_tiny_training_run_end_to_end(tmp_path, shared_data):
         result = fit_potential(spec, ctx, store, seed=5)
         attrs = store.attrs(MODEL_PATH)
         blob = store.get_bytes(MODEL_PATH)
-    assert result.summary["trained"] is True and attrs["holdout_frames"] == 2
+    assert result.summary()["trained"] is True and attrs["holdout_frames"] == 2
     assert np.isfinite(attrs["force_rmse_ev_per_a"]) and attrs["force_rmse_ev_per_a"] > 0
     assert blob == (tmp_path / "s.h5.potential" / "frozen.pb").read_bytes()
     assert (tmp_path / "s.h5.potential" / "lcurve.out").read_text().count("\n") >= 3

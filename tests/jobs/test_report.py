@@ -11,7 +11,8 @@ from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from jobs.analyze import analyze_system, put_labelled_frames
+from jobs.analyze import analyze_system
+from jobs.infer import put_labelled_frames
 from jobs.report import report_from_store
 from schemas.analyze import AnalyzeSpec
 from schemas.shift import ShiftSpec

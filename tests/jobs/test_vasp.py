@@ -138,7 +138,8 @@ def test_grouping_permutation_is_stable_by_first_appearance():
 
 
 def test_launch_environment_drops_the_ranks_mpi_identity(monkeypatch):
-    from jobs.labellers.vasp import expand_command, launch_environment
+    from engine.external import launch_environment
+    from jobs.labellers.vasp import expand_command
 
     monkeypatch.setenv("PMIX_RANK", "1")
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")

@@ -36,7 +36,7 @@ def test_a_stage_runs_on_a_split_communicator(shared_tmp):
     ctx = RankContext.from_comm(sub, set_threads=False)
     with RunStore(f"{shared_tmp}/split{world.rank % 2}.h5", ctx) as store:
         result = probe_ranks(ProbeSpec(), ctx, store)
-        assert result.summary["ranks"] == sub.size
+        assert result.summary()["ranks"] == sub.size
         assert store.shape("/probe/cores") == (sub.size,)
     sub.Free()
 
