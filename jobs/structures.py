@@ -25,7 +25,7 @@ import numpy as np
 from ase import Atoms
 
 from engine.failure import InputError
-from schemas.system import BUILTIN_PREFIX, SystemSpec
+from schemas.system import BUILTIN_NAMES, BUILTIN_PREFIX, SystemSpec
 
 _THIRD = 1.0 / 3.0
 TM_SITES = ((0.0, 0.0), (_THIRD, 2 * _THIRD), (2 * _THIRD, _THIRD))
@@ -50,9 +50,6 @@ _NA_SIXTHS = {
               (4, 1, 1), (5, 0, 1)),
 }
 """Occupied Na prisms of each stacking (see the module docstring), in sixths of a and b."""
-
-BUILTIN_NAMES = ("p2-nmmo-p63mcm", "p2-nmmo-p6322", "p2-nnmo-p63mcm", "p2-nnmo-p6322")
-"""Names accepted after ``builtin:``."""
 
 
 def p2_cell(composition: str = "nmmo", stacking: str = "p63mcm") -> Atoms:

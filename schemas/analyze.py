@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from schemas.base import Spec
+from schemas.base import Element, Spec, SpecError
 
 
 class AnalyzeSpec(Spec):
@@ -12,7 +12,7 @@ class AnalyzeSpec(Spec):
     site_radius_a: float = Field(default=0.8, gt=0)
     """A target nucleus belongs to a site when it lies within this distance (A) of the site's
     centre in the xy plane (and in the site's interlayer slab); 0.8 A in Lin et al."""
-    framework_species: list[str] | None = None
+    framework_species: list[Element] | None = Field(default=None, min_length=1)
     """Chemical symbols of the cations of the transition-metal layers (e.g. [Mn, Mg]); null:
     every species except the target species and the anions (O, F, S, Se, Te, Cl, Br, I, N,
     P)."""
@@ -42,13 +42,22 @@ class AnalyzeSpec(Spec):
 
     @model_validator(mode="after")
     def _check(self) -> "AnalyzeSpec":
+        problems = []
         low, high = self.histogram_range_ppm
         if not high > low:
-            raise ValueError("histogram_range_ppm must be (low, high) with high > low")
-        if (high - low) / self.histogram_bin_ppm > 100000:
-            raise ValueError("histogram_range_ppm / histogram_bin_ppm gives > 100000 bins")
+            problems.append(("histogram_range_ppm", f"must be (low, high) with high > low (got "
+                                                    f"{list(self.histogram_range_ppm)})"))
+        elif (high - low) / self.histogram_bin_ppm > 100000:
+            problems.append(("histogram_bin_ppm", f"histogram_range_ppm / histogram_bin_ppm gives "
+                                                  f"> 100000 bins (got {self.histogram_bin_ppm})"))
+        elif self.histogram_bin_ppm > high - low:
+            problems.append(("histogram_bin_ppm", f"wider than histogram_range_ppm (got "
+                                                  f"{self.histogram_bin_ppm} > {high - low})"))
         if self.msd_fit_window_fs is not None:
             start, end = self.msd_fit_window_fs
             if not (end > start >= 0):
-                raise ValueError("msd_fit_window_fs must be (start, end) with end > start >= 0")
+                problems.append(("msd_fit_window_fs", "must be (start, end) with end > start >= 0"
+                                                      f" (got {list(self.msd_fit_window_fs)})"))
+        if problems:
+            raise SpecError(*problems)
         return self

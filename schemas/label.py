@@ -5,9 +5,9 @@ import re
 from pathlib import Path
 from typing import Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from schemas.base import InputPath, Spec
+from schemas.base import Element, InputPath, NonEmptyText, Spec, SpecError
 
 IncarValue = Union[bool, int, float, str, list[Union[bool, int, float, str]]]
 """A value of one INCAR tag: a scalar or a list (written space-separated)."""
@@ -18,7 +18,7 @@ _INCAR_TAG = re.compile(r"^[A-Z][A-Z0-9_]*$")
 class VaspSpec(Spec):
     """How to run VASP: the launch command (profile) and the input it is given (template)."""
 
-    command: list[str] = Field(default=["vasp_std"], min_length=1)
+    command: list[NonEmptyText] = Field(default=["vasp_std"], min_length=1)
     """The launch command as an argument list, run in each frame's work directory, e.g.
     `["srun", "--exact", "-N", "1", "-n", "32", "vasp_std"]` (see docs/label.md for mapping
     ranks x cores on Slurm). `{cores}` and `{rank}` in an argument become the rank's cores and
@@ -29,13 +29,13 @@ class VaspSpec(Spec):
     and counts as a failed attempt ("timeout")."""
     kill_grace_s: float = Field(default=10.0, ge=0)
     """After SIGTERM on a time-out, seconds to wait before SIGKILL."""
-    env: dict[str, str] = {}
+    env: dict[NonEmptyText, str] = {}
     """Extra environment variables for the launch (e.g. `OMP_NUM_THREADS: "1"`)."""
     potcar_dir: InputPath | None = None
     """Folder of the user's POTCARs: `<potcar_dir>/<name>/POTCAR` (or `<potcar_dir>/<name>`
     as a file) for each species' POTCAR name (relative to the manifest's folder). Required
     for the vasp labeller."""
-    potcar: dict[str, str] = {}
+    potcar: dict[Element, NonEmptyText] = {}
     """Species -> POTCAR name in `potcar_dir` (e.g. `{Na: Na_pv, Mg: Mg_pv, Mn: Mn_pv, O: O}`);
     a species not listed uses its own symbol."""
     kpoints: tuple[int, int, int] = (2, 2, 2)
@@ -52,7 +52,7 @@ class VaspSpec(Spec):
     nupdown: float | None = None
     """NUPDOWN: fixed difference of up and down electrons (48 for the 88-atom P2-NMMO cell, all
     Mn4+ spins aligned); not written when null."""
-    ngyromag: dict[str, float] = {}
+    ngyromag: dict[Element, float] = {}
     """NGYROMAG per species (MHz/T); VASP's A_tot scales with it. Species not listed get the
     shift section's `gyromagnetic_factor` (100 in the lin2022-nmmo preset), so A_tot and the
     A -> shift conversion use one convention."""
@@ -65,8 +65,23 @@ class VaspSpec(Spec):
     def _tags(cls, value: dict[str, IncarValue]) -> dict[str, IncarValue]:
         bad = [tag for tag in value if not _INCAR_TAG.match(tag)]
         if bad:
-            raise ValueError(f"INCAR tags must be upper-case letters/digits/_: {bad}")
+            raise ValueError(f"INCAR tags must be upper-case letters/digits/_ (got {bad})")
         return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "VaspSpec":
+        problems = []
+        if not self.command[0].strip():
+            problems.append(("command.0", f"the program is blank (got {self.command[0]!r})"))
+        if min(self.kpoints) < 1:
+            problems.append(("kpoints", f"every k-point count must be >= 1 (got "
+                                        f"{list(self.kpoints)})"))
+        bad_env = [k for k in self.env if "=" in k or not k.strip()]
+        if bad_env:
+            problems.append(("env", f"variable names without '=' or blanks (got {bad_env})"))
+        if problems:
+            raise SpecError(*problems)
+        return self
 
 
 class LabelSpec(Spec):

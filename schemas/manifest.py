@@ -9,15 +9,16 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from schemas.analyze import AnalyzeSpec
-from schemas.base import Spec
+from schemas.base import Spec, SpecError, duplicates
+from schemas.checks import ChecksSpec
 from schemas.infer import InferSpec
 from schemas.label import LabelSpec
 from schemas.md import MdSpec
 from schemas.potential import PotentialSpec
 from schemas.probe import ProbeSpec
 from schemas.report import ReportSpec
-from schemas.shift import ShiftSpec
-from schemas.system import SystemSpec
+from schemas.shift import SHIFT_PRESETS, ShiftSpec
+from schemas.system import BUILTIN_NAMES, BUILTIN_PREFIX, SystemSpec
 from schemas.train import TrainSpec
 
 STAGE_ORDER = ("probe", "potential", "md", "label", "train", "infer", "analyze", "report")
@@ -56,17 +57,14 @@ class Manifest(Spec):
     """Settings of the analyze stage."""
     report: ReportSpec = ReportSpec()
     """Settings of the report stage."""
+    checks: ChecksSpec = ChecksSpec()
+    """Frame sanity checks (all stages)."""
 
     @model_validator(mode="after")
     def _check(self) -> "Manifest":
-        order = [STAGE_ORDER.index(s) for s in self.stages]
-        if order != sorted(set(order)):
-            raise ValueError(f"stages must be unique and in the order {', '.join(STAGE_ORDER)}")
-        names = [s.name for s in self.systems]
-        if len(names) != len(set(names)):
-            raise ValueError(f"system names must be unique, got {names}")
-        if {"md", "label", "analyze"} & set(self.stages) and not self.systems:
-            raise ValueError("stages md/label/analyze need at least one entry in `systems`")
+        problems = _cross_section_problems(self)
+        if problems:
+            raise SpecError(*problems)
         return self
 
     def system(self, name: str) -> SystemSpec:
@@ -75,6 +73,121 @@ class Manifest(Spec):
             if system.name == name:
                 return system
         raise KeyError(name)
+
+
+def _cross_section_problems(manifest: Manifest) -> list[tuple[str, str]]:
+    """Contradictions between sections (and with the stages that run), one per culprit."""
+    problems: list[tuple[str, str]] = []
+    stages = set(manifest.stages)
+    repeated = duplicates(manifest.stages)
+    order = [STAGE_ORDER.index(s) for s in manifest.stages]
+    if repeated:
+        problems.append(("stages", f"every stage at most once (got {', '.join(repeated)} twice)"))
+    elif order != sorted(order):
+        problems.append(("stages", f"must be in the order {', '.join(STAGE_ORDER)} (got "
+                                   f"{', '.join(manifest.stages)})"))
+    names = [s.name for s in manifest.systems]
+    for index, system in enumerate(manifest.systems):
+        if names.index(system.name) != index:
+            problems.append((f"systems.{index}.name", f"system names must be unique (got "
+                                                      f"{system.name!r} twice)"))
+        if system.structure.startswith(BUILTIN_PREFIX) and \
+                system.structure[len(BUILTIN_PREFIX):] not in BUILTIN_NAMES:
+            problems.append((f"systems.{index}.structure", f"unknown built-in structure (got "
+                             f"{system.structure!r}; known: "
+                             f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)})"))
+    needing = [s for s in ("md", "label", "infer", "analyze") if s in stages]
+    if needing and not manifest.systems:
+        problems.append(("systems", f"stages {', '.join(needing)} need at least one system "
+                                    "(got none)"))
+    problems += _shift_problems(manifest.shift)
+
+    infer = manifest.infer
+    for key in infer.trajectories:
+        if key not in names:
+            problems.append((f"infer.trajectories.{key}", f"no system named {key!r} in systems "
+                                                          f"(known: {', '.join(names) or '-'})"))
+    if "infer" in stages and infer.shifts_from == "labels":
+        if not infer.trajectories:
+            problems.append(("infer.trajectories", "infer.shifts_from: labels takes the DFT shifts"
+                                                   " of a labelled file per system (got none)"))
+        else:
+            for name in names:
+                if name not in infer.trajectories:
+                    problems.append(("infer.trajectories", f"no labelled file for system "
+                                     f"{name!r} (infer.shifts_from: labels needs one per system)"))
+    model_runs = "train" in stages or ("infer" in stages and infer.shifts_from == "model"
+                                       and infer.model is None)
+    if model_runs:
+        for index, system in enumerate(manifest.systems):
+            if system.target_species != manifest.train.centre:
+                problems.append((f"systems.{index}.target_species",
+                                 f"differs from train.centre, the nucleus of the shift model "
+                                 f"(got {system.target_species!r}, train.centre "
+                                 f"{manifest.train.centre!r})"))
+    framework = manifest.analyze.framework_species
+    if framework is not None and "analyze" in stages:
+        for system in manifest.systems:
+            if system.target_species in framework:
+                problems.append(("analyze.framework_species",
+                                 f"holds the target species {system.target_species!r} of "
+                                 f"system {system.name!r} (got {framework})"))
+                break
+
+    md = manifest.md
+    if "md" in stages:
+        from_md = [s for s in manifest.systems if s.name not in infer.trajectories]
+        if "label" in stages and manifest.label.skip_saved >= md.frames:
+            problems.append(("label.skip_saved", f"skips every saved md frame (got "
+                                                 f"{manifest.label.skip_saved} >= md.frames "
+                                                 f"{md.frames})"))
+        if "infer" in stages and from_md and infer.skip_frames >= md.frames:
+            problems.append(("infer.skip_frames", f"skips every md frame of system "
+                                                  f"{from_md[0].name!r} (got {infer.skip_frames}"
+                                                  f" >= md.frames {md.frames})"))
+        elif "analyze" in stages and from_md and "infer" in stages:
+            problems += _analyze_window_problems(manifest)
+    return problems
+
+
+def _analyze_window_problems(manifest: Manifest) -> list[tuple[str, str]]:
+    """analyze settings that the md trajectories (md -> infer -> analyze) cannot fill."""
+    md, infer, analyze = manifest.md, manifest.infer, manifest.analyze
+    problems = []
+    per_replica = -(-(md.frames - infer.skip_frames) // infer.stride)
+    if analyze.blocks_per_replica > per_replica:
+        problems.append(("analyze.blocks_per_replica", f"more blocks than frames per replica "
+                                                       f"(got {analyze.blocks_per_replica} > "
+                                                       f"{per_replica} frames)"))
+    if analyze.msd_fit_window_fs is not None and per_replica >= 3:
+        max_lag = int(min(per_replica - 1, max(1, analyze.msd_max_lag_fraction * per_replica)))
+        longest_fs = max_lag * md.save_every_steps * md.timestep_fs * infer.stride
+        if analyze.msd_fit_window_fs[0] >= longest_fs:
+            problems.append(("analyze.msd_fit_window_fs",
+                             f"starts past the longest MSD lag of the md trajectories (got "
+                             f"{list(analyze.msd_fit_window_fs)} fs; longest lag "
+                             f"{longest_fs:g} fs)"))
+    return problems
+
+
+def _shift_problems(shift: ShiftSpec) -> list[tuple[str, str]]:
+    """The shift constants: complete without a preset, and T > Theta."""
+    try:
+        shift.constants()
+    except ValueError:
+        pass
+    else:
+        return []
+    values = dict(SHIFT_PRESETS[shift.preset]) if shift.preset else {}
+    values.update({k: getattr(shift, k) for k in SHIFT_PRESETS["lin2022-nmmo"]
+                   if getattr(shift, k) is not None})
+    missing = [n for n in SHIFT_PRESETS["lin2022-nmmo"] if n not in values]
+    if missing:
+        return [(f"shift.{name}", "required when shift.preset is null (got null)")
+                for name in missing]
+    return [("shift.temperature_k", f"must exceed shift.theta_k (got temperature_k "
+                                    f"{values['temperature_k']:g} <= theta_k "
+                                    f"{values['theta_k']:g})")]
 
 
 class ManifestError(Exception):
@@ -114,29 +227,112 @@ def _section_fields(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+def _shown(value) -> str:
+    """A short repr of a bad input for a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_union_tag(part) -> bool:
+    """Whether a part of an error location names a branch of a union, not a field."""
+    return isinstance(part, str) and part != "[key]" and ("[" in part or part in (
+        "bool", "int", "float", "str", "list", "dict", "tuple", "none", "is-instance"))
+
+
+def _message(err: dict) -> str:
+    """The message of one pydantic error, in the manifest's words."""
+    kind, message = err["type"], err["msg"]
+    got = f" (got {_shown(err['input'])})" if "input" in err else ""
+    if kind == "extra_forbidden":
+        known = _section_fields(tuple(p for p in err["loc"][:-1] if not _is_union_tag(p)))
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        return "unknown key" + (f" (did you mean {close[0]}?)" if close else
+                                f" (known: {', '.join(known)})" if known else "")
+    if kind in _BOUNDS:
+        return f"must be {_BOUNDS[kind]} {next(iter(err['ctx'].values()))}{got}"
+    if kind == "missing":
+        if err["loc"] and isinstance(err["loc"][-1], int):
+            return f"too few values (entry {err['loc'][-1]} is missing)"
+        return "required, but missing"
+    if kind == "finite_number":
+        return f"must be a finite number{got}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping of keys (a section){got}"
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+        return message if "(got" in message else message + got
+    return message + got
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
-    lines = []
+    lines: list[str] = []
+    unions: dict[str, list[dict]] = {}
     for err in exc.errors(include_url=False):
-        path = ".".join(str(p) for p in err["loc"]) or "(manifest)"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            known = _section_fields(err["loc"][:-1])
-            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            message = "unknown key" + (f" (did you mean {close[0]}?)" if close else
-                                       f" (known: {', '.join(known)})" if known else "")
-        elif err["type"] in _BOUNDS:
-            message = f"must be {_BOUNDS[err['type']]} {next(iter(err['ctx'].values()))}" \
-                      f" (got {err['input']!r})"
-        elif err["type"] == "missing":
-            message = "required, but missing"
-        elif message.startswith("Value error, "):
-            message = message[len("Value error, "):]
-        lines.append(f"{path}: {message}")
+        parts = [p for p in err["loc"] if not _is_union_tag(p)]
+        tags = len(err["loc"]) - len(parts)
+        parts = [p for p in parts if p != "[key]"]
+        path = ".".join(str(p) for p in parts)
+        error = (err.get("ctx") or {}).get("error")
+        if isinstance(error, SpecError):
+            for field, message in error.problems:
+                where = ".".join(p for p in (path, field) if p)
+                lines.append(f"{where or '(manifest)'}: {message}")
+            continue
+        if tags:  # a branch of a union: one line for all branches
+            if path not in unions:
+                unions[path] = []
+                lines.append(path)  # placeholder, filled below
+            unions[path].append(err)
+            continue
+        lines.append(f"{path or '(manifest)'}: {_message(err)}")
+    for path, errors in unions.items():
+        finite = [e for e in errors if e["type"] == "finite_number"]
+        if finite:
+            text = _message(finite[0])
+        else:
+            messages = list(dict.fromkeys(e["msg"].removeprefix("Value error, ")
+                                          for e in errors))
+            got = f" (got {_shown(errors[0]['input'])})" if "input" in errors[0] else ""
+            text = "not a valid value: " + "; or ".join(messages) + got
+        lines[lines.index(path)] = f"{path}: {text}"
     return lines
 
 
-def parse_manifest(text: str, source: str = "<manifest>", base_dir: Path | None = None) -> Manifest:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML safe loader that refuses a key given twice in one mapping (YAML keeps the last
+    silently, so a second `md:` section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            try:
+                key = self.construct_object(key_node, deep=True)
+                hash(key)
+            except Exception:  # noqa: BLE001 - the base class reports unhashable keys
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def parse_manifest(text: str, source: str = "<manifest>", base_dir: Path | None = None,
+                   check_files: bool = False, store: Path | None = None) -> Manifest:
     """Validate manifest YAML text; relative input paths resolve against `base_dir`.
+
+    Parameters
+    ----------
+    text, source
+        The YAML text and where it came from (for messages).
+    base_dir
+        Folder that relative input paths are taken from (the manifest's folder).
+    check_files
+        Also check the file system (schemas.inputs.input_problems): every input file and
+        folder exists and holds what the stages need.
+    store
+        The store the run will use (`dynshift run --store`); default the manifest's.
 
     Raises
     ------
@@ -144,22 +340,48 @@ def parse_manifest(text: str, source: str = "<manifest>", base_dir: Path | None 
         With one line per bad field, named by its dotted path (``md.replicas: ...``).
     """
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
-        raise ManifestError(source, [f"not valid YAML: {exc}"]) from None
+        detail = " ".join(str(exc).split())
+        raise ManifestError(source, [f"(manifest): not valid YAML: {detail}"]) from None
+    if data is None:
+        raise ManifestError(source, ["(manifest): the file is empty (it needs at least "
+                                     "`stages: [...]`)"])
     if not isinstance(data, dict):
-        raise ManifestError(source, ["the manifest must be a YAML mapping of sections"])
+        raise ManifestError(source, [f"(manifest): must be a YAML mapping of sections (got "
+                                     f"{type(data).__name__} {_shown(data)})"])
     try:
-        return Manifest.model_validate(data, context={"base_dir": base_dir})
+        manifest = Manifest.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise ManifestError(source, _format_errors(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a validator that failed in an unforeseen way
+        raise ManifestError(source, [f"(manifest): cannot be validated "
+                                     f"({type(exc).__name__}: {exc})"]) from None
+    if check_files:
+        from schemas.inputs import input_problems
+
+        try:
+            problems = input_problems(manifest, store)
+        except Exception as exc:  # noqa: BLE001 - never a traceback for an input
+            problems = [f"(manifest): the input files cannot be checked "
+                        f"({type(exc).__name__}: {exc})"]
+        if problems:
+            raise ManifestError(source, problems)
+    return manifest
 
 
-def load_manifest(path: str | Path) -> tuple[Manifest, str]:
-    """Read and validate a manifest file; returns the model and the text it came from."""
+def load_manifest(path: str | Path, store: Path | None = None) -> tuple[Manifest, str]:
+    """Read and validate a manifest file, and check its input files and folders.
+
+    Returns the model and the text it came from; `store` is the store the run will use when it
+    is not the manifest's own (``dynshift run --store``).
+    """
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ManifestError(str(path), [f"cannot read: {exc.strerror}"]) from None
-    return parse_manifest(text, str(path), path.resolve().parent), text
+        raise ManifestError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ManifestError(str(path), [f"{path}: not a text file (not UTF-8)"]) from None
+    return parse_manifest(text, str(path), path.resolve().parent, check_files=True,
+                          store=store), text

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from schemas.base import Spec
+from schemas.base import Spec, SpecError
 
 
 class MdSpec(Spec):
@@ -34,4 +34,11 @@ class MdSpec(Spec):
     """Frames written to the store at a time (a killed run loses at most one chunk)."""
     stop_after_frames: int | None = Field(default=None, ge=1)
     """Diagnostics: stop the stage with an error once every replica saved at least this many
-    frames (tests resume; a following run continues the trajectories)."""
+    frames (tests resume; a following run continues the trajectories); < frames."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "MdSpec":
+        if self.stop_after_frames is not None and self.stop_after_frames >= self.frames:
+            raise SpecError(("stop_after_frames", f"must be < frames, or it never stops (got "
+                                                  f"{self.stop_after_frames} >= {self.frames})"))
+        return self

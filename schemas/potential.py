@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import InputPath, Spec
+from schemas.base import Element, InputPath, Spec, SpecError, Width, duplicates
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "jobs" / "data" / "dp-p2-nmmo.pb"
 """The DP model shipped for P2-Na2/3(Mg1/3Mn2/3)O2 (used when nothing is trained or given)."""
@@ -25,7 +25,7 @@ class PotentialSpec(Spec):
     frames: list[InputPath] = []
     """Labelled frames to train on (extended XYZ with energy and forces, or VASP OUTCARs); one
     deepmd system per file (one composition per file)."""
-    type_map: list[str] = ["Na", "Mg", "Mn", "O"]
+    type_map: list[Element] = Field(default=["Na", "Mg", "Mn", "O"], min_length=1)
     """Element of each DP atom type (order fixes the model's types)."""
     holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     """Fraction of the frames of each file held out from training for the RMSE report."""
@@ -33,13 +33,14 @@ class PotentialSpec(Spec):
     """Cut-off radius of the se_e2_a descriptor (A)."""
     rcut_smooth_a: float = Field(default=0.5, ge=0)
     """Start of the smooth switch-off of the descriptor (A)."""
-    sel: list[int] | Literal["auto"] = "auto"
-    """Maximum neighbours of each type within rcut_a ("auto": deepmd-kit counts them)."""
-    embedding_neurons: list[int] = [16, 32, 64]
+    sel: list[Annotated[int, Field(ge=1)]] | Literal["auto"] = "auto"
+    """Maximum neighbours of each type within rcut_a, one entry per type_map entry ("auto":
+    deepmd-kit counts them)."""
+    embedding_neurons: list[Width] = Field(default=[16, 32, 64], min_length=1)
     """Hidden layer widths of the embedding net."""
     axis_neurons: int = Field(default=8, ge=1)
     """Size of the embedding sub-matrix (axis_neuron) of se_e2_a."""
-    fitting_neurons: list[int] = [128, 128, 128]
+    fitting_neurons: list[Width] = Field(default=[128, 128, 128], min_length=1)
     """Hidden layer widths of the fitting net."""
     precision: Literal["float32", "float64"] = "float32"
     """Floating-point precision of the networks (float32 evaluates faster)."""
@@ -63,8 +64,30 @@ class PotentialSpec(Spec):
 
     @model_validator(mode="after")
     def _check(self) -> "PotentialSpec":
+        problems = []
         if self.model is not None and self.frames:
-            raise ValueError("give either `model` (no training) or `frames` (train), not both")
+            problems.append(("model", "give either `model` (no training) or `frames` (train), "
+                                      f"not both (got model {self.model} and "
+                                      f"{len(self.frames)} frames files)"))
         if self.rcut_smooth_a >= self.rcut_a:
-            raise ValueError("rcut_smooth_a must be smaller than rcut_a")
+            problems.append(("rcut_smooth_a", f"must be smaller than rcut_a (got "
+                                              f"{self.rcut_smooth_a} >= {self.rcut_a})"))
+        repeated = duplicates(self.type_map)
+        if repeated:
+            problems.append(("type_map", f"every element once (got {repeated} twice)"))
+        if self.sel != "auto" and len(self.sel) != len(self.type_map):
+            problems.append(("sel", f"one entry per type_map entry ({len(self.type_map)}) "
+                                    f"(got {len(self.sel)}: {self.sel})"))
+        if self.stop_lr > self.start_lr:
+            problems.append(("stop_lr", f"must be <= start_lr (got {self.stop_lr} > "
+                                        f"{self.start_lr})"))
+        for name in ("energy_prefactors", "force_prefactors"):
+            if min(getattr(self, name)) < 0:
+                problems.append((name, f"loss prefactors must be >= 0 (got "
+                                       f"{list(getattr(self, name))})"))
+        if self.energy_prefactors == (0, 0) and self.force_prefactors == (0, 0):
+            problems.append(("force_prefactors", "energy and force prefactors are all 0: "
+                                                 "nothing to fit"))
+        if problems:
+            raise SpecError(*problems)
         return self

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from schemas.base import Spec
+from schemas.base import Spec, SpecError
 
 
 class ReportSpec(Spec):
@@ -17,4 +17,14 @@ class ReportSpec(Spec):
     dpi: int = Field(default=150, ge=50, le=600)
     """Resolution of the PNG figures (dots per inch)."""
     histogram_xlim_ppm: tuple[float, float] | None = None
-    """Shift axis range of the histogram figures (ppm); null: where the counts are."""
+    """Shift axis range of the histogram figures (ppm), (low, high); null: where the counts
+    are."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReportSpec":
+        if self.histogram_xlim_ppm is not None:
+            low, high = self.histogram_xlim_ppm
+            if not high > low:
+                raise SpecError(("histogram_xlim_ppm", f"must be (low, high) with high > low "
+                                                       f"(got {list(self.histogram_xlim_ppm)})"))
+        return self

@@ -5,9 +5,23 @@ from pathlib import Path
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from schemas.base import Spec
+from schemas.base import Element, Spec
 
 BUILTIN_PREFIX = "builtin:"
+
+BUILTIN_NAMES = ("p2-nmmo-p63mcm", "p2-nmmo-p6322", "p2-nnmo-p63mcm", "p2-nnmo-p6322")
+"""Names accepted after ``builtin:`` (the cells of jobs/structures.py)."""
+
+BUILTIN_SPECIES = {"nmmo": ("Na", "Mg", "Mn", "O"), "nnmo": ("Na", "Ni", "Mn", "O")}
+"""Species of the built-in cells by composition (``p2-<composition>-<stacking>``)."""
+
+BUILTIN_ATOMS = 88
+"""Atoms of every built-in cell (Na16 M8 Mn16 O48)."""
+
+
+def builtin_species(structure: str) -> tuple[str, ...]:
+    """Species of a ``builtin:`` structure (no structure is built)."""
+    return BUILTIN_SPECIES[structure[len(BUILTIN_PREFIX):].split("-")[1]]
 
 
 class SystemSpec(Spec):
@@ -15,13 +29,13 @@ class SystemSpec(Spec):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """Name of the system; used as its group name in the store (letters, digits, `_.-`)."""
-    structure: str
+    structure: str = Field(min_length=1)
     """`builtin:<name>` (e.g. `builtin:p2-nmmo-p63mcm`, `builtin:p2-nmmo-p6322`,
     `builtin:p2-nnmo-p63mcm`) or a path to any ASE-readable structure file (relative to the
     manifest's folder)."""
     supercell: tuple[int, int, int] = (1, 1, 1)
     """Repetitions of the structure along a, b, c (for large-cell studies)."""
-    target_species: str = "Na"
+    target_species: Element = "Na"
     """Chemical symbol of the observed nucleus (the SOAP centres and shifts)."""
 
     @field_validator("structure")
@@ -37,5 +51,5 @@ class SystemSpec(Spec):
     @classmethod
     def _positive(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
         if min(value) < 1:
-            raise ValueError("every supercell multiple must be >= 1")
+            raise ValueError(f"every supercell multiple must be >= 1 (got {list(value)})")
         return value

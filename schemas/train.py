@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import InputPath, Spec
+from schemas.base import Element, InputPath, Spec, SpecError, Width, duplicates
 
 
 class TrainSpec(Spec):
@@ -16,21 +16,21 @@ class TrainSpec(Spec):
     OUTCAR* files); the label stage's frames in the store are added when that stage ran."""
 
     # ---- SOAP (dscribe) of the target nuclei -----------------------------------------------
-    species: list[str] = ["Na", "Mg", "Mn", "O"]
+    species: list[Element] = Field(default=["Na", "Mg", "Mn", "O"], min_length=1)
     """Chemical species of the SOAP basis (every species of the frames; order is irrelevant)."""
-    centre: str = "Na"
+    centre: Element = "Na"
     """The target nucleus: SOAP centres and the shifts learned."""
-    soap_r_cut_a: float = Field(default=5.5, gt=0)
-    """SOAP cutoff radius (A); paper: 5.5."""
+    soap_r_cut_a: float = Field(default=5.5, gt=1)
+    """SOAP cutoff radius (A), > 1 (dscribe's GTO basis); paper: 5.5."""
     soap_sigma_a: float = Field(default=0.5, gt=0)
     """Width of the SOAP atomic Gaussians (A); paper: 0.5."""
     soap_n_max: int = Field(default=9, ge=1)
     """Radial basis functions of SOAP; paper: 9."""
-    soap_l_max: int = Field(default=9, ge=0)
-    """Maximum degree of the SOAP spherical harmonics; paper: 9."""
+    soap_l_max: int = Field(default=9, ge=0, le=20)
+    """Maximum degree of the SOAP spherical harmonics (0..20); paper: 9."""
 
     # ---- the network -------------------------------------------------------------------------
-    hidden_units: list[int] = Field(default=[512, 512, 512], min_length=1)
+    hidden_units: list[Width] = Field(default=[512, 512, 512], min_length=1)
     """Width of each hidden (relu) layer; paper: 3 x 512."""
     dropout: float = Field(default=0.1, ge=0, lt=1)
     """Dropout rate after every hidden layer."""
@@ -85,8 +85,16 @@ class TrainSpec(Spec):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
+        problems = []
         if self.centre not in self.species:
-            raise ValueError(f"centre {self.centre!r} must be one of species {self.species}")
+            problems.append(("centre", f"must be one of species {self.species} (got "
+                                       f"{self.centre!r})"))
+        repeated = duplicates(self.species)
+        if repeated:
+            problems.append(("species", f"every element once (got {repeated} twice)"))
         if self.ensemble_folds is not None and self.ensemble_folds > self.folds:
-            raise ValueError("ensemble_folds must be <= folds")
+            problems.append(("ensemble_folds", f"must be <= folds (got {self.ensemble_folds} > "
+                                               f"{self.folds})"))
+        if problems:
+            raise SpecError(*problems)
         return self

@@ -11,6 +11,7 @@ import pytest
 from mpi4py import MPI
 
 from engine.context import RankContext
+from engine.failure import InputError
 from engine.store import RunStore
 from jobs.infer import infer_shifts
 from jobs.nnmr import FoldModel, ShiftEnsemble, write_fold_model
@@ -159,7 +160,7 @@ def test_dynshift_run_at_1_and_2_ranks(ranks, frames_file, featurizer, dynshift_
                 write_fold_model(store, f"/train/folds/{k}", fold)
             store.set_attrs("/train", soap=featurizer.settings())
     manifest = folder / f"m{ranks}.yaml"
-    manifest.write_text(f"stages: [infer]\nsystems: [{{name: p63mcm, structure: x}}]\n"
+    manifest.write_text(f"stages: [infer]\nsystems: [{{name: p63mcm, structure: {frames_file}}}]\n"
                         f"infer: {{model: {model}, chunk_frames: 3,\n"
                         f"        trajectories: {{p63mcm: {frames_file}}}}}\n")
     out = folder / f"run{ranks}.h5"
@@ -208,3 +209,70 @@ def test_tf_gemm_predictor_equals_the_numpy_ensemble(featurizer, frames):
     assert expected_std.max() > 10.0 and np.ptp(expected_mean) > 0.1
     stand_in = object()
     assert fast_predictor(stand_in) is stand_in
+
+
+# ---- bad frames at run time ------------------------------------------------------------------
+def _spoil(frames, kind: str):
+    """Copies of `frames` with a NaN coordinate in frame 7 (atom 12) or atoms 3 and 40 of
+    frame 5 moved 0.1 A apart."""
+    frames = [f.copy() for f in frames]
+    if kind == "nan":
+        frames[7].positions[12, 0] = np.nan
+    else:
+        direction = frames[5].positions[40] - frames[5].positions[3]
+        frames[5].positions[40] = frames[5].positions[3] + 0.1 * direction / np.linalg.norm(
+            direction)
+    return frames
+
+
+@pytest.mark.parametrize("kind,ranks,expected", [
+    ("nan", 1, "frame 7: non-finite coordinate (atom 12 (Na): [nan, "),
+    ("close", 2, "frame 5: atoms 3 (Na) and 40 (O) are 0.10 A apart "
+                 "(< checks.min_distance_a = 0.5 A)")])
+def test_dynshift_run_refuses_a_bad_frame_of_a_trajectory_file(kind, ranks, expected, frames,
+                                                                dynshift_bin, tmp_path):
+    path = tmp_path / f"{kind}.extxyz"
+    ase.io.write(path, _spoil(frames, kind), format="extxyz")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("stages: [infer, analyze]\n"
+                        f"systems: [{{name: p63mcm, structure: {path}}}]\n"
+                        f"infer: {{chunk_frames: 3, trajectories: {{p63mcm: {path}}}}}\n")
+    from launch import launch_env
+
+    done = subprocess.run(["mpirun", "-n", str(ranks), *dynshift_bin, "run", str(manifest),
+                           "--store", str(tmp_path / "s.h5")], capture_output=True, text=True,
+                          timeout=300, env=dict(launch_env(), OMP_NUM_THREADS="1"))
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"infer.trajectories: {path}: {expected}" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_bad_frame_in_the_md_store_names_its_replica_group(frames, ctx, ensemble, tmp_path):
+    spec = InferSpec(chunk_frames=4, skip_frames=1)
+    system = [SystemSpec(name="p63mcm", structure="x")]
+    with RunStore(tmp_path / "s.h5", ctx) as store:
+        _write_md(store, frames)
+        positions = store.read("/md/p63mcm/r001/positions_a")
+        positions[4, 30] = positions[4, 31] + 0.2  # 0.35 A apart
+        store.put("/md/p63mcm/r001/positions_a", positions)
+        with pytest.raises(InputError, match=r"^infer: store group /md/p63mcm/r001: frame 4: "
+                                             r"atoms 30 \(Mn\) and 31 \(Mn\) are 0\.35 A apart"):
+            infer_shifts(spec, system, ctx, store, ensemble=ensemble)
+        # the manifest's threshold reaches the check; the 3 chunks before the bad one were kept
+        result = infer_shifts(spec, system, ctx, store, ensemble=ensemble, min_distance_a=0.3)
+    assert result.frames == {"p63mcm": 17} and result.frames_computed == 17 - 3 * 4
+
+
+def test_a_species_unknown_to_the_model_names_the_file(frames, ctx, ensemble, tmp_path):
+    frames = [f.copy() for f in frames]
+    for frame in frames:
+        frame.numbers[0] = 3  # a Li in place of the first Na
+    path = tmp_path / "li.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    spec = InferSpec(trajectories={"p63mcm": path}, skip_frames=2)
+    with RunStore(tmp_path / "s.h5", ctx) as store:
+        with pytest.raises(InputError, match=rf"^infer: system 'p63mcm', file:{path} frame 2 "
+                                             r"\(NN-NMR model .*\): species \['Li'\] not among "
+                                             r"the SOAP species"):
+            infer_shifts(spec, [SystemSpec(name="p63mcm", structure="x")], ctx, store,
+                         ensemble=ensemble)
