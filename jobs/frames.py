@@ -24,6 +24,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from engine.failure import InputError
+from jobs.frame_checks import MIN_DISTANCE_A, check_frames
 
 FERMI_CONTACT_KEY = "fermi_contact_mhz"
 """Per-atom array name of the isotropic Fermi-contact coupling A_tot (MHz)."""
@@ -70,13 +71,17 @@ def _parse_hyperfine(lines: list[str], path: Path) -> np.ndarray:
     return np.asarray(values, dtype=float)
 
 
-def read_outcar(path: str | Path) -> Atoms:
+def read_outcar(path: str | Path, min_distance_a: float | None = None) -> Atoms:
     """Read the last ionic step of a VASP OUTCAR with its Fermi-contact couplings.
 
     Parameters
     ----------
     path
         The OUTCAR file (a run with ``LHYPERFINE = .TRUE.``).
+    min_distance_a
+        When given, the structure is checked (:func:`jobs.frame_checks.check_frames`: finite
+        positions and cell, no two atoms closer than this, A); None: not checked (the VASP
+        labeller reads back the frames it wrote).
 
     Returns
     -------
@@ -89,7 +94,7 @@ def read_outcar(path: str | Path) -> Atoms:
     ------
     InputError
         When the file is missing, truncated, has no hyperfine table, or its table does not
-        have one row per atom.
+        have one row per atom; when checked, for a non-finite or too close structure.
     """
     import ase.io
 
@@ -112,6 +117,9 @@ def read_outcar(path: str | Path) -> Atoms:
     if "forces" not in results or ("free_energy" not in results and "energy" not in results):
         raise InputError(f"{path}: no energy/forces of the last ionic step (truncated?)")
     energy_ev = float(results.get("free_energy", results.get("energy")))
+    if min_distance_a is not None:
+        check_frames(frame.positions, frame.cell.array, frame.numbers, str(path), 0,
+                     min_distance_a)
     forces = np.array(results["forces"], dtype=float)
     atoms = Atoms(frame.get_chemical_symbols(), positions=frame.positions, cell=frame.cell,
                   pbc=True)
@@ -124,7 +132,7 @@ def read_outcar(path: str | Path) -> Atoms:
     return atoms
 
 
-def _read_extxyz(path: Path) -> list[Atoms]:
+def _read_extxyz(path: Path, min_distance_a: float = MIN_DISTANCE_A) -> list[Atoms]:
     import ase.io
 
     try:
@@ -141,11 +149,14 @@ def _read_extxyz(path: Path) -> list[Atoms]:
         if not np.all(np.isfinite(values)):
             raise InputError(f"{path}: frame {index}: '{FERMI_CONTACT_KEY}' is not finite")
         atoms.arrays[FERMI_CONTACT_KEY] = values.reshape(len(atoms))
+        check_frames(atoms.positions, atoms.cell.array, atoms.numbers, str(path), index,
+                     min_distance_a)
         atoms.info.setdefault("source", f"{path}@{index}")
     return frames
 
 
-def read_labelled_frames(path: str | Path) -> list[Atoms]:
+def read_labelled_frames(path: str | Path, min_distance_a: float = MIN_DISTANCE_A
+                         ) -> list[Atoms]:
     """Read labelled frames from an extended XYZ file, an OUTCAR, or a folder of OUTCARs.
 
     Parameters
@@ -154,6 +165,9 @@ def read_labelled_frames(path: str | Path) -> list[Atoms]:
         An extended XYZ file (every frame with a per-atom ``fermi_contact_mhz`` column), a VASP
         OUTCAR (a file named ``OUTCAR*``), or a directory whose files named ``OUTCAR*`` are
         read in sorted order.
+    min_distance_a
+        Two atoms of a frame closer than this (A, minimum image; ``checks.min_distance_a``)
+        are refused, as are non-finite positions or cells.
 
     Returns
     -------
@@ -164,24 +178,25 @@ def read_labelled_frames(path: str | Path) -> list[Atoms]:
     Raises
     ------
     InputError
-        For a missing path, an empty folder, or a frame without couplings.
+        For a missing path, an empty folder, a frame without couplings, or a frame with a
+        non-finite position or cell or two atoms too close (the file and frame named).
     """
     path = Path(path)
     if path.is_dir():
         outcars = sorted(p for p in path.iterdir() if p.is_file() and is_outcar(p))
         if not outcars:
             raise InputError(f"{path}: a folder without files named OUTCAR*")
-        return [read_outcar(p) for p in outcars]
+        return [read_outcar(p, min_distance_a) for p in outcars]
     if not path.exists():
         raise InputError(f"{path}: no such file or folder of labelled frames")
     if is_outcar(path):
-        return [read_outcar(path)]
-    return _read_extxyz(path)
+        return [read_outcar(path, min_distance_a)]
+    return _read_extxyz(path, min_distance_a)
 
 
-def read_many(paths) -> list[Atoms]:
+def read_many(paths, min_distance_a: float = MIN_DISTANCE_A) -> list[Atoms]:
     """Frames of several paths (see :func:`read_labelled_frames`), concatenated in order."""
     frames: list[Atoms] = []
     for path in paths:
-        frames.extend(read_labelled_frames(path))
+        frames.extend(read_labelled_frames(path, min_distance_a))
     return frames

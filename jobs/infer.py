@@ -28,7 +28,7 @@ from engine.progress import Progress
 from engine.store import RunStore
 from jobs.frame_checks import MIN_DISTANCE_A, check_frames
 from jobs.md import md_trajectories
-from jobs.nnmr import fast_predictor
+from jobs.nnmr import choose_predictor
 from jobs.sites import framework_drift_a, framework_mask
 from jobs.soap import SoapFeaturizer
 from schemas.infer import InferSpec
@@ -284,6 +284,33 @@ def load_ensemble(spec: InferSpec, store: RunStore):
     return ShiftEnsemble.from_store(SHIPPED_MODEL), str(SHIPPED_MODEL)
 
 
+PREDICTOR_TIMED_FRAMES = 32
+"""Frames (at most one chunk) of feature rows that infer times its two predictors on."""
+
+
+def predictor_for(ensemble, spec: InferSpec, ctx: RankContext, store: RunStore,
+                  model_name: str, centres_per_frame: int):
+    """The predictor infer uses: the faster on this machine of numpy and TensorFlow
+    (:func:`jobs.nnmr.choose_predictor`, timed on every rank, collective), or the one an earlier
+    start of this run recorded for the same model (a resumed run gives the same digits).
+
+    Logs the choice and both timings in one line and records them as attributes of ``/infer``:
+    ``predictor`` (``numpy`` | ``tensorflow``), ``predictor_numpy_ms_per_frame``,
+    ``predictor_tensorflow_ms_per_frame``, ``predictor_timed_rows``, ``predictor_model``.
+    """
+    recorded = store.attrs(GROUP)
+    if recorded.get("predictor_model") != model_name:
+        recorded = None
+    predictor, choice = choose_predictor(
+        ensemble, ctx, centres_per_frame, frames=min(PREDICTOR_TIMED_FRAMES, spec.chunk_frames),
+        recorded=recorded)
+    if choice.source != "stand-in":
+        if choice.source == "timed":
+            store.set_attrs(GROUP, **choice.attrs(), predictor_model=model_name)
+        ctx.log(f"infer: {choice.log_line()}")
+    return predictor, choice
+
+
 def featurizer_for(ensemble, kernel: str = "dscribe") -> SoapFeaturizer:
     """The SOAP featurizer the ensemble was trained with (from its settings)."""
     settings = dict(getattr(ensemble, "settings", {}) or {})
@@ -394,7 +421,7 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
             model_name = getattr(ensemble, "name", type(ensemble).__name__)
         featurizer = featurizer_for(ensemble, spec.soap_kernel)
         soap_kernel = featurizer.array_kernel()
-        ensemble = fast_predictor(ensemble, ctx.cores)
+    predictor_choice = None  # timed at the first system: a chunk of its nuclei's rows
     started = time.monotonic()
     frames, computed_total = {}, 0
     for system in systems:
@@ -415,6 +442,9 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
             featurizer.check_frame(Atoms(numbers=source.numbers),  # every frame's species
                                    f"infer: system {system.name!r}, {source.description} frame "
                                    f"{spec.skip_frames} (NN-NMR model {model_name})")
+            if predictor_choice is None:
+                ensemble, predictor_choice = predictor_for(ensemble, spec, ctx, store,
+                                                           model_name, len(centres))
         framework = framework_mask(source.numbers, target)
         identity = {"source": source.description, "model": model_name,
                     "chunk_frames": spec.chunk_frames, "n_frames": source.n_frames,

@@ -81,12 +81,100 @@ def md_tasks(systems, replicas: int) -> list[MdTask]:
     return [MdTask(i, s.name, r) for i, s in enumerate(systems) for r in range(replicas)]
 
 
+DEEPMD_FACE_MARGIN = 2.0 ** -40
+"""Fractional distance (~1e-11 A in these cells) from a cell face within which a position is
+moved inwards before deepmd-kit sees it (see :func:`deepmd_positions`)."""
+
+
+def deepmd_cell_fraction(positions_a: np.ndarray, cell_a: np.ndarray) -> np.ndarray:
+    """The fractional coordinates deepmd-kit's CPU neighbour search bins atoms by.
+
+    deepmd-kit's ProdEnvMatA op (``source/op/tf/prod_env_mat_multi_device.cc``
+    ``_norm_copy_coord_cpu``) wraps the positions it is given itself
+    (``normalize_coord_cpu``, ``source/lib/src/coord.cc``: fractional coordinate from its own
+    reciprocal cell, ``fmod`` 1, +1 when negative, back to Cartesian) and then bins them into
+    cells (``build_clist``, ``source/lib/src/neighbor_list.cc``), re-deriving the fractional
+    coordinate once more. A coordinate of -1e-17 becomes 1.0 there, which is past the last cell:
+    it prints "loc idx out of upper bound". This function repeats that arithmetic operation by
+    operation in float64 (the wheel's libraries use no fused multiply-add), so its result is
+    the value deepmd-kit bins, to the bit.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_atoms, 3) fractional coordinates; deepmd-kit expects each in [0, 1).
+    """
+    b = np.asarray(cell_a, dtype=np.float64).ravel()
+    volume = abs(b[0] * (b[4] * b[8] - b[7] * b[5]) - b[1] * (b[3] * b[8] - b[6] * b[5])
+                 + b[2] * (b[3] * b[7] - b[6] * b[4]))
+    inv = 1.0 / volume
+    rec = np.empty((3, 3))  # region.cc compute_rec_boxt / SimulationRegion::computeRecBox
+    rec[0, 0] = (b[4] * b[8] - b[7] * b[5]) * inv
+    rec[1, 1] = (b[0] * b[8] - b[6] * b[2]) * inv
+    rec[2, 2] = (b[0] * b[4] - b[3] * b[1]) * inv
+    rec[0, 1] = (-b[3] * b[8] + b[6] * b[5]) * inv
+    rec[0, 2] = (b[3] * b[7] - b[6] * b[4]) * inv
+    rec[1, 0] = (-b[1] * b[8] + b[7] * b[2]) * inv
+    rec[1, 2] = (-b[0] * b[7] + b[6] * b[1]) * inv
+    rec[2, 0] = (b[1] * b[5] - b[4] * b[2]) * inv
+    rec[2, 1] = (-b[0] * b[5] + b[3] * b[2]) * inv
+    box = b.reshape(3, 3)
+
+    def to_fraction(r):  # tensor_dot_vec: o_i = r0 rec_i0 + r1 rec_i1 + r2 rec_i2
+        return np.stack([r[:, 0] * rec[i, 0] + r[:, 1] * rec[i, 1] + r[:, 2] * rec[i, 2]
+                         for i in range(3)], axis=1)
+
+    def to_cartesian(f):  # tensor_t_dot_vec: o_j = f0 box_0j + f1 box_1j + f2 box_2j
+        return np.stack([f[:, 0] * box[0, j] + f[:, 1] * box[1, j] + f[:, 2] * box[2, j]
+                         for j in range(3)], axis=1)
+
+    fraction = np.fmod(to_fraction(np.asarray(positions_a, dtype=np.float64)), 1.0)
+    fraction = np.where(fraction < 0.0, fraction + 1.0, fraction)
+    return to_fraction(to_cartesian(fraction))
+
+
+def deepmd_positions(positions_a: np.ndarray, cell_a: np.ndarray) -> np.ndarray:
+    """Positions wrapped into the cell such that deepmd-kit bins every atom inside it.
+
+    The fractional coordinates are wrapped into [0, 1); an atom that deepmd-kit's own
+    re-derivation (:func:`deepmd_cell_fraction`) would still put on or past a face (an atom
+    of an idealised cell at a fractional 0, which rounding turns into -1e-17 there) is moved
+    2**-39 of a cell vector inwards (~2e-11 A); every other atom keeps its wrapped position.
+
+    Raises
+    ------
+    RuntimeError
+        If an atom still fails the check after the move (never seen; it would mean deepmd-kit
+        changed its arithmetic).
+    """
+    cell = np.asarray(cell_a, dtype=np.float64)
+    scaled = np.linalg.solve(cell.T, np.asarray(positions_a, dtype=np.float64).T).T % 1.0
+    scaled[scaled >= 1.0] = 0.0  # -1e-17 % 1.0 == 1.0
+    coords = scaled @ cell
+    for attempt in range(2):
+        fraction = deepmd_cell_fraction(coords, cell)
+        bad = (fraction < 0.0) | (fraction > 1.0 - DEEPMD_FACE_MARGIN)
+        if not bad.any():
+            return coords
+        if attempt == 1:
+            break
+        inner = 2.0 * DEEPMD_FACE_MARGIN  # the face it is nearest to, in our wrapping
+        scaled[bad] = np.where(scaled[bad] < 0.5, inner, 1.0 - inner)
+        rows = bad.any(axis=1)
+        coords[rows] = scaled[rows] @ cell
+    raise RuntimeError(f"deepmd_positions: atoms {np.flatnonzero(bad.any(axis=1)).tolist()} "
+                       "still lie on a cell face as deepmd-kit computes it")
+
+
 def dp_calculator(model_path: Path):
     """deepmd-kit's ASE calculator for a frozen model, fed wrapped positions.
 
     The integrator keeps positions unwrapped (continuous, for diffusion); deepmd-kit gives the
-    same energy and forces for positions outside the cell but warns for each, so the calculator
-    evaluates wrapped positions (one copy of the atoms per call, as deepmd-kit's own).
+    same energy and forces for positions outside the cell, but an atom that its own wrapping
+    puts on the upper cell face (e.g. one at a fractional coordinate of exactly 0 in an
+    idealised cell) is binned past the last cell with a "loc idx out of upper bound" warning,
+    so the calculator evaluates :func:`deepmd_positions` (one copy of the atoms per call, as
+    deepmd-kit's own).
     """
     from ase.calculators.calculator import Calculator, all_changes
 
@@ -98,10 +186,9 @@ def dp_calculator(model_path: Path):
                       system_changes=all_changes):
             Calculator.calculate(self, atoms, properties, system_changes)  # self.atoms = copy
             cell = self.atoms.cell.array
-            scaled = np.linalg.solve(cell.T, self.atoms.positions.T).T % 1.0
-            scaled[scaled >= 1.0] = 0.0  # -1e-17 % 1.0 == 1.0
+            coords = deepmd_positions(self.atoms.positions, cell)
             types = [self.type_dict[s] for s in self.atoms.get_chemical_symbols()]
-            energy, forces, virial = self.dp.eval(coords=(scaled @ cell).reshape(1, -1),
+            energy, forces, virial = self.dp.eval(coords=coords.reshape(1, -1),
                                                   cells=cell.reshape(1, -1),
                                                   atom_types=types)[:3]
             virial = virial[0].reshape(3, 3)
@@ -360,9 +447,11 @@ def _check_frame(task: MdTask, frame: int, saved: int, time_fs: float, positions
         return
     raise UnstableDynamics(
         f"md: system {task.system!r}, replica {task.group} exploded at frame {frame} "
-        f"(t = {time_fs:g} fs after equilibration): {problem}. Its {saved} frames saved before "
-        f"are kept in the store (a rerun repeats the same steps: change md.timestep_fs, "
-        f"md.temperature_k, the structure or the DP model)")
+        f"(t = {time_fs:g} fs after equilibration): {problem}. "
+        + (f"Its {saved} frames saved before (0..{saved - 1}) are kept in the store"
+           if saved else "It had saved no frame yet")
+        + " (a rerun repeats the same steps: change md.timestep_fs, md.temperature_k, the "
+          "structure or the DP model)")
 
 
 def _run_chunk(trajectory: Trajectory, task: MdTask, start: int, end: int, spec: MdSpec,

@@ -26,6 +26,7 @@ from engine.failure import InputError
 from engine.seeds import SeedStreams
 from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
+from jobs.frame_checks import MIN_DISTANCE_A
 from schemas.potential import SHIPPED_MODEL, PotentialSpec
 
 MODEL_PATH = "/potential/model.pb"
@@ -149,17 +150,25 @@ def import_deepmd_tf() -> None:
     undone once TensorFlow has built a graph. deepmd-kit builds its own graphs and sessions and
     gives the same numbers with v2 behaviour on (tested), so that one call is skipped.
     Call this before the first DeepPot / DP of a process.
+
+    Quiet: TensorFlow is imported by :func:`engine.context.import_tensorflow`, and loading
+    deepmd-kit's op library (whose CUDA half announces libcudart on stderr) runs inside
+    :func:`engine.context.quiet_native_stderr`; a failure to find libcudart still prints.
     """
     import sys
 
+    from engine.context import import_tensorflow, quiet_native_stderr
+
     if "deepmd.tf.env" in sys.modules:
         return
+    import_tensorflow()
     import tensorflow.compat.v1 as tf_v1
 
     disable = tf_v1.disable_v2_behavior
     tf_v1.disable_v2_behavior = lambda: None
     try:
-        import deepmd.tf.env  # noqa: F401
+        with quiet_native_stderr():
+            import deepmd.tf.env  # noqa: F401
     finally:
         tf_v1.disable_v2_behavior = disable
 
@@ -286,11 +295,13 @@ class PotentialResult(StageResult):
 
 
 def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
-                  seed: int = 2022) -> "PotentialResult":
+                  seed: int = 2022, min_distance_a: float = MIN_DISTANCE_A) -> "PotentialResult":
     """Put a DP model into the store: the given / shipped one, or one trained on `spec.frames`.
 
     Training runs on rank 0 (deepmd-kit as a subprocess); the other ranks wait. The model bytes
-    land in ``/potential/model.pb`` with the hold-out RMSE in its attributes.
+    land in ``/potential/model.pb`` with the hold-out RMSE in its attributes. A labelled frame
+    with a non-finite position or cell, or two atoms closer than `min_distance_a` (A), is
+    refused (InputError naming the file and frame).
     """
     report: dict = {}
     if not spec.frames:
@@ -304,7 +315,7 @@ def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
 
         # every rank reads: ASE's reader is collective over its own MPI world (rank 0 reads
         # and broadcasts), so a read on rank 0 alone would wait for the others forever
-        frames_per_file = [read_labelled_frames(path) for path in spec.frames]
+        frames_per_file = [read_labelled_frames(path, min_distance_a) for path in spec.frames]
         result = None
         if ctx.is_root:
             workdir = Path(str(store.path) + ".potential")
@@ -352,4 +363,5 @@ def stored_model_file(store: RunStore, fallback: Path | None = None):
 
 def run(spec: PotentialSpec, inputs: StageInputs) -> PotentialResult:
     """Stage entry: the DP model of the run into ``/potential`` (spec: PotentialSpec)."""
-    return fit_potential(spec, inputs.ctx, inputs.store, inputs.seeds.seed)
+    min_distance_a = inputs.checks.min_distance_a if inputs.checks else MIN_DISTANCE_A
+    return fit_potential(spec, inputs.ctx, inputs.store, inputs.seeds.seed, min_distance_a)

@@ -20,6 +20,7 @@ from engine.stages import StageInputs, StageResult
 from engine.failure import InputError
 from engine.progress import Progress
 from engine.store import RunStore
+from jobs.frame_checks import MIN_DISTANCE_A
 from jobs.frames import FERMI_CONTACT_KEY, read_labelled_frames
 from jobs.nnmr import (FoldModel, ShiftEnsemble, model_name, read_fold_model,
                        regression_metrics, train_model, write_fold_model)
@@ -122,11 +123,12 @@ def validation_frames(train_frames: np.ndarray, fraction: float, seed: int,
     return np.sort(rng.choice(train_frames, n_val, replace=False))
 
 
-def load_frames(spec, store: RunStore) -> list:
-    """The labelled frames of train.frames, then the label stage's (when it ran)."""
+def load_frames(spec, store: RunStore, min_distance_a: float = MIN_DISTANCE_A) -> list:
+    """The labelled frames of train.frames (checked: jobs.frame_checks), then the label
+    stage's (when it ran)."""
     frames = []
     for path in spec.frames:
-        frames.extend(read_labelled_frames(path))
+        frames.extend(read_labelled_frames(path, min_distance_a))
     from jobs.label import has_labels, labelled_frames
 
     if has_labels(store):
@@ -289,7 +291,9 @@ def write_parity_png(path: Path, dft_ppm: np.ndarray, pred_ppm: np.ndarray,
 
 def run(spec, inputs: StageInputs) -> TrainResult:
     """Stage entry: the k-fold NN-NMR ensemble into ``/train`` (spec: TrainSpec)."""
-    return train_ensemble(spec, inputs.shift, inputs.seeds.seed, inputs.ctx, inputs.store)
+    min_distance_a = inputs.checks.min_distance_a if inputs.checks else MIN_DISTANCE_A
+    return train_ensemble(spec, inputs.shift, inputs.seeds.seed, inputs.ctx, inputs.store,
+                          frames=load_frames(spec, inputs.store, min_distance_a))
 
 
 __all__ = ["ShiftEnsemble", "train_ensemble", "run", "TrainResult"]

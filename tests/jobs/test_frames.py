@@ -78,3 +78,41 @@ def test_missing_column_and_missing_file(tmp_path):
         read_labelled_frames(plain)
     with pytest.raises(InputError, match="nothere"):
         read_labelled_frames(tmp_path / "nothere.extxyz")
+
+
+def _spoiled_copy(shared_data, tmp_path, name: str):
+    """The first 10 frames of the P6_3/mcm file with a NaN coordinate (frame 7, atom 12) or two
+    atoms 0.1 A apart (frame 5, atoms 3 and 40), as an extended XYZ file."""
+    import ase.io
+
+    frames = ase.io.read(shared_data / "p63mcm-dev.extxyz", ":10")
+    if name == "nan":
+        frames[7].positions[12, 0] = np.nan
+    else:
+        direction = frames[5].positions[40] - frames[5].positions[3]
+        frames[5].positions[40] = frames[5].positions[3] + 0.1 * direction / np.linalg.norm(
+            direction)
+    path = tmp_path / f"{name}.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def test_labelled_frames_with_nan_or_close_atoms_are_refused(shared_data, tmp_path):
+    path = _spoiled_copy(shared_data, tmp_path, "nan")
+    with pytest.raises(InputError, match=rf"^{path}: frame 7: non-finite coordinate \(atom 12 "
+                                         r"\(Na\): \[nan, "):
+        read_labelled_frames(path)
+    path = _spoiled_copy(shared_data, tmp_path, "close")
+    with pytest.raises(InputError, match=rf"^{path}: frame 5: atoms 3 \(Na\) and 40 \(O\) are "
+                                         r"0\.10 A apart \(< checks\.min_distance_a = 0\.5 A\)$"):
+        read_labelled_frames(path)
+    assert len(read_labelled_frames(path, min_distance_a=0.05)) == 10  # the manifest's threshold
+
+
+def test_outcar_structure_is_checked_when_asked(shared_data):
+    outcar = shared_data / "OUTCAR.p63mcm-2"
+    read_outcar(outcar)  # the labeller's read: no check
+    # its Mn-O bonds (~1.9 A) are closer than a 2.5 A threshold: the file is named
+    with pytest.raises(InputError, match=rf"^{outcar}: frame 0: atoms \d+ \(M[gn]\) and \d+ \(O\) "
+                                         r"are 1\.\d\d A apart \(< checks\.min_distance_a = 2\.5"):
+        read_labelled_frames(outcar, min_distance_a=2.5)

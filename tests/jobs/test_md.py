@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -141,3 +142,116 @@ def test_deepmd_leaves_tensorflow_eager_for_later_stages():
     assert np.isfinite(atoms.get_potential_energy())
     assert tf.executing_eagerly()
     assert float(tf.reduce_sum(tf.constant([1.0, 2.0])).numpy()) == 3.0
+
+
+# ---- bad structures and exploding replicas ---------------------------------------------------
+CHUNKED = dict(replicas=1, equilibration_steps=0, frames=6, save_every_steps=2, chunk_frames=2)
+
+
+def _spoil_at(monkeypatch, frame: int, spoil) -> None:
+    """Make `spoil(atoms)` happen to every replica right after the steps of saved `frame`."""
+    from jobs.md import Trajectory
+
+    original = Trajectory.run
+
+    def run(self, steps):
+        original(self, steps)
+        if steps and self.dynamics.nsteps == (frame + 1) * CHUNKED["save_every_steps"]:
+            spoil(self.atoms)
+
+    monkeypatch.setattr(Trajectory, "run", run)
+
+
+def _pull_together(atoms, distance_a: float = 0.1) -> None:
+    positions = atoms.get_positions()
+    direction = positions[40] - positions[3]
+    positions[40] = positions[3] + distance_a * direction / np.linalg.norm(direction)
+    atoms.set_positions(positions, apply_constraint=False)
+
+
+def test_an_exploding_replica_stops_keeping_its_saved_chunks(tmp_path, monkeypatch):
+    from jobs.frame_checks import UnstableDynamics
+
+    _spoil_at(monkeypatch, 3, _pull_together)  # frame 3: the second frame of the second chunk
+    with pytest.raises(UnstableDynamics, match=(
+            r"^md: system 'mcm', replica /md/mcm/r000 exploded at frame 3 \(t = 8 fs after "
+            r"equilibration\): atoms 3 \(Na\) and 40 \(O\) are 0\.10 A apart \(< "
+            r"checks\.min_distance_a = 0\.5 A\)\. Its 2 frames saved before \(0\.\.1\) are kept "
+            r"in the store")):
+        _run(tmp_path / "split.h5", MdSpec(**CHUNKED))
+    kept = _read(tmp_path / "split.h5")
+    assert kept["n_saved"] == 2 and np.isnan(kept["time_fs"][2:]).all()
+    assert np.isfinite(kept["positions_a"][:2]).all()
+    # the kept frames resume: without the fault the run ends as one never stopped
+    monkeypatch.undo()
+    _run(tmp_path / "split.h5", MdSpec(**CHUNKED))
+    _run(tmp_path / "whole.h5", MdSpec(**CHUNKED))
+    whole, split = _read(tmp_path / "whole.h5"), _read(tmp_path / "split.h5")
+    assert split["n_saved"] == 6
+    for key in KEYS:
+        assert np.array_equal(whole[key], split[key]), key
+
+
+def test_a_replica_far_above_its_temperature_stops(tmp_path, monkeypatch):
+    from jobs.frame_checks import UnstableDynamics
+    from schemas.checks import ChecksSpec
+
+    _spoil_at(monkeypatch, 1, lambda atoms: atoms.set_momenta(10.0 * atoms.get_momenta(),
+                                                              apply_constraint=False))
+    ctx = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
+    with RunStore(tmp_path / "hot.h5", ctx) as store, pytest.raises(UnstableDynamics, match=(
+            r"exploded at frame 1 \(t = 4 fs after equilibration\): temperature [1-9]\.\d+e\+04 K "
+            r"> checks\.md_max_temperature_factor x md\.temperature_k = 50 x 300 K\. It had saved no "
+            r"frame yet")):
+        run_replicas(MdSpec(**CHUNKED), SYSTEMS, ctx, store, seed=7,
+                     checks=ChecksSpec(md_max_temperature_factor=50.0))
+
+
+def test_a_real_explosion_is_caught_by_the_checks(tmp_path):
+    # a 20 fs step with the shipped DP model blows the 88-atom cell up within the first frames
+    from jobs.frame_checks import UnstableDynamics
+
+    with pytest.raises(UnstableDynamics, match=r"replica /md/mcm/r000 exploded at frame \d+ "):
+        _run(tmp_path / "boom.h5", MdSpec(replicas=1, equilibration_steps=0, frames=10,
+                                          save_every_steps=5, chunk_frames=5, timestep_fs=20.0))
+
+
+@pytest.mark.parametrize("fault", ["li", "close"])
+def test_a_bad_structure_is_refused_before_the_first_step(tmp_path, fault):
+    import ase.io
+
+    from engine.failure import InputError
+    from jobs.structures import p2_cell
+
+    atoms = p2_cell()
+    if fault == "li":
+        atoms.numbers[0] = 3
+        expected = (r"^md: system 'bad', replica /md/bad/r000: species \['Li'\] unknown to the DP "
+                    r"model \(it knows \[.*'Na'.*\]\)$")
+    else:
+        _pull_together(atoms, 0.3)
+        expected = (r"^md: system 'bad', replica /md/bad/r000 \(starting structure\): frame 0: "
+                    r"atoms 3 \(Na\) and 40 \(O\) are 0\.30 A apart")
+    ase.io.write(tmp_path / "bad.extxyz", atoms, format="extxyz")
+    ctx = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
+    with RunStore(tmp_path / "s.h5", ctx) as store:
+        with pytest.raises(InputError, match=expected):
+            run_replicas(MdSpec(**CHUNKED), [SystemSpec(name="bad", structure=str(
+                tmp_path / "bad.extxyz"))], ctx, store, seed=7)
+        assert int(store.read("/md/bad/r000/resume_saved")[0]) == 0
+
+
+def test_dynshift_run_stops_an_exploding_md_with_exit_2(tmp_path, dynshift_bin):
+    (tmp_path / "m.yaml").write_text(
+        "stages: [md]\nstore: run.h5\n"
+        "systems:\n  - {name: mcm, structure: \"builtin:p2-nmmo-p63mcm\"}\n"
+        "md: {replicas: 2, equilibration_steps: 0, frames: 10, save_every_steps: 5, "
+        "chunk_frames: 5, timestep_fs: 20.0}\n")
+    done = run_command(["mpirun", "-n", "2", *dynshift_bin, "run", "m.yaml"], cwd=tmp_path)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    assert re.search(r"dynshift: stage 'md' (on rank \d of 2 )?failed: input error: md: system "
+                     r"'mcm', replica /md/mcm/r00\d exploded at frame \d+ \(t = \d+ fs after "
+                     r"equilibration\): ", done.stderr), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr + done.stdout
+    with h5py.File(tmp_path / "run.h5", "r") as f:  # the store is intact and says where md is
+        assert f["stages/md"].attrs["status"] == "running"
