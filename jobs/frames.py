@@ -126,6 +126,7 @@ def read_outcar(path: str | Path, min_distance_a: float | None = None) -> Atoms:
     atoms.arrays[FERMI_CONTACT_KEY] = a_tot_mhz
     atoms.calc = SinglePointCalculator(atoms, energy=energy_ev, forces=forces)
     atoms.info["source"] = str(path)
+    atoms.info["file"], atoms.info["file_index"] = str(path), 0
     moments = _MOMENT_RE.findall(text)
     if moments:
         atoms.info["magnetic_moment_s"] = float(moments[-1])
@@ -152,6 +153,7 @@ def _read_extxyz(path: Path, min_distance_a: float = MIN_DISTANCE_A) -> list[Ato
         check_frames(atoms.positions, atoms.cell.array, atoms.numbers, str(path), index,
                      min_distance_a)
         atoms.info.setdefault("source", f"{path}@{index}")
+        atoms.info["file"], atoms.info["file_index"] = str(path), index
     return frames
 
 

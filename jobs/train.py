@@ -167,7 +167,10 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
     featurizer = SoapFeaturizer(spec.species, spec.centre, spec.soap_r_cut_a, spec.soap_sigma_a,
                                 spec.soap_n_max, spec.soap_l_max, periodic=True)
     for index, atoms in enumerate(frames):
-        featurizer.check_frame(atoms, f"train frame {index} ({atoms.info.get('source', '?')})")
+        where = (f"train: {atoms.info['file']}: frame {atoms.info['file_index']}"
+                 if "file" in atoms.info else
+                 f"train: frame {index} ({atoms.info.get('source', '?')})")
+        featurizer.check_frame(atoms, where)
     rows = centre_rows(frames, spec.centre, shift_spec)
     ctx.log(f"train: {len(frames)} frames, {len(rows.shift_ppm)} {spec.centre} centres, "
             f"{featurizer.n_features} SOAP features")

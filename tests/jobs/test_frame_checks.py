@@ -150,8 +150,10 @@ def test_species_unknown_to_a_model():
                       "the DP model")
 
 
-def test_train_refuses_a_species_outside_train_species(real_frames, tmp_path):
+def test_train_refuses_a_species_outside_train_species(shared_data, tmp_path):
     from mpi4py import MPI
+
+    from jobs.frames import read_labelled_frames
 
     from engine.context import RankContext
     from engine.store import RunStore
@@ -159,10 +161,10 @@ def test_train_refuses_a_species_outside_train_species(real_frames, tmp_path):
     from schemas.shift import ShiftSpec
     from schemas.train import TrainSpec
 
-    frames = [f.copy() for f in real_frames[:4]]
+    frames = [f.copy() for f in read_labelled_frames(shared_data / "p63mcm-dev.extxyz")[:4]]
     frames[2].numbers[20] = 3  # a Li in place of a Mg
     ctx = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
     with RunStore(tmp_path / "s.h5", ctx) as store, pytest.raises(
-            InputError, match=r"^train frame 2 \(p63mcm/OUTCAR\d+\): species \['Li'\] not among "
-                              r"the SOAP species"):
+            InputError, match=r"^train: \S+p63mcm-dev\.extxyz: frame 2: species \['Li'\] not "
+                              r"among the SOAP species"):
         train_ensemble(TrainSpec(), ShiftSpec(), 1, ctx, store, frames=frames)
