@@ -18,12 +18,26 @@ def stage_function(name: str):
 
 
 def record_run(store: RunStore, ctx: RankContext, manifest_text: str, versions: dict) -> None:
-    """Record this invocation in the store's root attributes and its run log (collective)."""
-    runs = store.attrs("/").get("invocations", [])
-    runs.append({"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "ranks": ctx.size})
-    store.set_attrs("/", manifest_yaml=manifest_text, versions=versions, ranks=ctx.size,
-                    invocations=runs, layout="dynshift-store/1")
+    """Record this invocation in the store's root attributes and its run log (collective).
+
+    The root attribute ``versions`` keeps the package versions of the run that made the store
+    (its numbers); an invocation with other versions is warned about and lists its changes in
+    its own ``invocations`` entry, so ``dynshift show`` compares against the first.
+    """
+    root = store.attrs("/")
+    runs = root.get("invocations", [])
+    entry = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ranks": ctx.size}
+    recorded = root.get("versions") or {}
+    changed = {name: [recorded.get(name), version] for name, version in versions.items()
+               if recorded and recorded.get(name) != version}
+    if changed:
+        entry["versions_changed"] = changed
+        ctx.log("warning: this store was made with other package versions ("
+                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(changed.items()))
+                + "); resumed stages may differ in the last digits")
+    runs.append(entry)
+    store.set_attrs("/", manifest_yaml=manifest_text, versions=recorded or versions,
+                    ranks=ctx.size, invocations=runs, layout="dynshift-store/1")
 
 
 def run_stages(manifest, ctx: RankContext, store: RunStore, force: tuple[str, ...] = ()) -> None:

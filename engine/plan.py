@@ -34,6 +34,11 @@ def read_store_state(path: Path) -> StoreState:
     path = Path(path)
     if not path.exists():
         return StoreState(path, False, {})
+    from engine.store import store_damage
+
+    damage = store_damage(path)  # in a child process: a corrupt file can crash HDF5
+    if damage is not None:
+        return StoreState(path, True, {}, damage)
     try:
         import h5py
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,103 @@ import numpy as np
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 import h5py  # noqa: E402
 
+from engine.failure import InputError  # noqa: E402
+
 STATUS_RUNNING, STATUS_COMPLETE = "running", "complete"
+
+CHECK_TIMEOUT_S = 600.0
+"""Longest a damage check of a store may take (s); a check that takes longer counts as damage."""
+
+
+class StoreDamaged(InputError):
+    """A store that exists but cannot be read: truncated, overwritten, not HDF5.
+
+    ``str(exc)`` is the one line a command prints after ``dynshift: ``; nothing was changed.
+    """
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"store {path} is damaged: {reason}; nothing was changed")
+
+
+def store_damage(path: str | Path, timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
+    """Why the existing store at `path` cannot be used, or None when it reads (or is absent).
+
+    Serial and read-only (no locking), in a child process: a corrupt file can crash HDF5 itself
+    (a segmentation fault seen here), which must not take the command down with it. The child
+    opens the file and walks its metadata (:func:`walk_store`). Call it on one rank and broadcast
+    the verdict; it never creates or changes the file.
+    """
+    path = Path(path).absolute()
+    if not path.exists():
+        return None
+    if not path.is_file():
+        return "it is not a file"
+    from engine.external import launch_environment
+
+    env = launch_environment({"HDF5_USE_FILE_LOCKING": "FALSE"})  # not a member of our MPI job
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "engine.store", "--check", str(path)],
+                              capture_output=True, text=True, timeout=timeout_s, env=env,
+                              cwd=root)
+    except subprocess.TimeoutExpired:
+        return f"reading its metadata took over {timeout_s:.0f} s"
+    if proc.returncode < 0:
+        return f"reading its metadata crashed HDF5 (signal {-proc.returncode})"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"its check failed ({tail})"
+    verdict = json.loads(lines[-1])
+    return verdict.get("damage")
+
+
+def check_store(path: str | Path) -> None:
+    """Raise :class:`StoreDamaged` when the existing store at `path` cannot be read."""
+    reason = store_damage(path)
+    if reason is not None:
+        raise StoreDamaged(path, reason)
+
+
+def walk_store(path: str | Path) -> str | None:
+    """Open `path` read-only and read all its metadata; the first failure in words, or None.
+
+    Reads the root attributes, then visits every group and dataset (HDF5 reads their object
+    headers), decodes every attribute (JSON ones parsed), and reads the first and last element
+    of every dataset (which walks a chunked dataset's index). Raw data is not checksummed by
+    HDF5, so bytes overwritten inside a dataset's values go unseen.
+    """
+    where = "opening it"
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            where = "reading the root attributes"
+            for value in f.attrs.values():
+                _decode(value)
+            where = "reading /stages"
+            for name in (f["stages"].keys() if "stages" in f else ()):
+                where = f"reading /stages/{name}"
+                for value in f["stages"][name].attrs.values():
+                    _decode(value)
+            where = "walking its groups and datasets"
+
+            def visit(name, obj):
+                nonlocal where
+                where = f"reading /{name}"
+                for value in obj.attrs.values():
+                    _decode(value)
+                if isinstance(obj, h5py.Dataset) and obj.shape and obj.size:
+                    obj[(0,) * len(obj.shape)]
+                    obj[tuple(n - 1 for n in obj.shape)]
+
+            f.visititems(visit)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is damage, in words
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if where == "opening it" and "file signature not found" in text:
+            return "it is not an HDF5 file"
+        return f"{where}: {text}"
+    return None
 
 
 class RunStore:
@@ -31,16 +129,52 @@ class RunStore:
     def __init__(self, path: str | Path, ctx=None, mode: str = "a"):
         self.path = Path(path)
         self.ctx = ctx
+        creating = None
+        if mode == "a":  # never create anew over an existing file (h5py's "a" may)
+            exists = self.path.exists() if ctx is None or ctx.is_root else None
+            if ctx is not None and ctx.size > 1:
+                exists = ctx.comm.bcast(exists, root=0)
+            mode = "r+" if exists else "w-"
+            if not exists:  # made under a private name, renamed once it is a valid file
+                creating = self.path.with_name(f"{self.path.name}.new-{os.getpid()}")
+                if ctx is not None and ctx.size > 1:
+                    creating = ctx.comm.bcast(creating, root=0)
         kwargs = {"locking": False}
         if ctx is not None and ctx.size > 1:
             kwargs.update(driver="mpio", comm=ctx.comm)
         elif ctx is not None and h5py.get_config().mpi:
             kwargs.update(driver="mpio", comm=ctx.comm)
+        target = creating if creating is not None else self.path
         try:
-            self.file = h5py.File(self.path, mode, **kwargs)
+            self.file = h5py.File(target, mode, **kwargs)
         except TypeError:  # an HDF5 without the locking property: the environment variable rules
             kwargs.pop("locking")
-            self.file = h5py.File(self.path, mode, **kwargs)
+            self.file = h5py.File(target, mode, **kwargs)
+        if creating is not None:
+            self._publish(creating)
+
+    def _publish(self, creating: Path) -> None:
+        """Give a new store its name once its superblock is on disk (collective): a run killed
+        while creating it leaves ``<store>.new-<pid>``, never a half-made store of that name."""
+        self.file.flush()
+        if self.ctx is not None and self.ctx.size > 1:
+            self.ctx.comm.Barrier()
+        error = None
+        if self._writer:
+            try:
+                os.link(creating, self.path)  # fails if another process made the store meanwhile
+                os.unlink(creating)
+            except FileExistsError:
+                error = f"{self.path} was created by another process meanwhile"
+            except OSError:  # a file system without hard links
+                os.replace(creating, self.path)
+        if self.ctx is not None and self.ctx.size > 1:
+            error = self.ctx.comm.bcast(error, root=0)
+        if error is not None:
+            self.file.close()
+            if self._writer:
+                os.unlink(creating)
+            raise FileExistsError(error)
 
     # ---- life cycle --------------------------------------------------------------------
     def close(self) -> None:
@@ -203,3 +337,11 @@ def _decode(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+if __name__ == "__main__":  # the child process of `store_damage`
+    if len(sys.argv) == 3 and sys.argv[1] == "--check":
+        print(json.dumps({"damage": walk_store(sys.argv[2])}))
+        sys.exit(0)
+    print("usage: python -m engine.store --check STORE", file=sys.stderr)
+    sys.exit(2)

@@ -70,6 +70,11 @@ def report_from_store(store_path: str | Path, out_dir: str | Path | None = None)
         The run store (opened read-only, serially).
     out_dir
         Output folder; default ``<store stem>-report/`` beside the store.
+
+    Raises
+    ------
+    engine.store.StoreDamaged
+        When the store cannot be read (checked before anything is opened or written).
     """
     store_path = Path(store_path)
     from engine.store import check_store

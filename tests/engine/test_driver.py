@@ -97,3 +97,15 @@ def test_mpi_defaults_never_override_the_environment(monkeypatch):
     monkeypatch.delenv(name)
     mpi_environment_defaults()
     assert os.environ[name] == "1"
+
+
+def test_versions_of_the_first_run_are_kept_and_changes_logged(tmp_path, capsys):
+    ctx = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
+    with RunStore(tmp_path / "v.h5", ctx) as store:
+        driver.record_run(store, ctx, "stages: [probe]\n", {"numpy": "2.0.0", "ase": "3.29.0"})
+        driver.record_run(store, ctx, "stages: [probe]\n", {"numpy": "2.1.0", "ase": "3.29.0"})
+        root = store.attrs("/")
+    assert root["versions"] == {"numpy": "2.0.0", "ase": "3.29.0"}
+    assert "versions_changed" not in root["invocations"][0]
+    assert root["invocations"][1]["versions_changed"] == {"numpy": ["2.0.0", "2.1.0"]}
+    assert "numpy 2.0.0 -> 2.1.0" in capsys.readouterr().out

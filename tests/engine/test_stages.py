@@ -15,8 +15,8 @@ from schemas import STAGE_ORDER
 ROOT = Path(__file__).resolve().parents[2]
 
 OWNERS = {"md": {"md"}, "label": {"label"}, "infer": {"infer"}, "analyze": {"analyze"},
-          "train": {"train", "nnmr"}, "potential": {"potential"}, "probe": {"probe"}}
-"""Store group -> the modules allowed to spell its path (nnmr: the ensemble's file format)."""
+          "train": {"train", "nnmr", "gpr"}, "potential": {"potential"}, "probe": {"probe"}}
+"""Store group -> the modules allowed to spell its path (nnmr, gpr: the shift models' formats)."""
 
 
 def test_registry_covers_every_stage_in_order():
