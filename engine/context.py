@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,12 +41,98 @@ def cores_of_this_rank(local_size: int) -> int:
 
 
 def limit_threads(cores: int) -> None:
-    """Size every thread pool of this process to `cores` (no nested pools inside a rank)."""
+    """Size every thread pool of this process to `cores` (no nested pools inside a rank).
+
+    The variables size the pools that start later (TensorFlow, deepmd-kit, numba, OpenMP);
+    numpy's BLAS started its pool when numpy was imported (before this), so it is resized in
+    place (threadpoolctl), else every rank would run as many BLAS threads as the node has cores.
+    """
     for name in THREAD_VARIABLES:
         os.environ[name] = str(cores)
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     os.environ["DP_INTER_OP_PARALLELISM_THREADS"] = "1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_environment()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # no resizing: the BLAS keeps its pool
+        return
+    threadpool_limits(limits=cores, user_api="blas")
+
+
+# ---- quiet native libraries -------------------------------------------------------------------
+QUIET_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "2", "DP_INFER_BATCH_SIZE": "1024",
+                  "NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING": "1"}
+"""Environment that keeps TensorFlow and deepmd-kit from printing what is not a warning (a
+value already set wins). Set in ``os.environ`` before the first TensorFlow import of the
+process, so every subprocess inherits it too.
+
+``TF_CPP_MIN_LOG_LEVEL=2``: TensorFlow's C++ INFO and WARNING lines off (its CPU-feature
+notice). ``DP_INFER_BATCH_SIZE=1024``: deepmd-kit's inference batch (atoms), set to the value
+it uses on a CPU anyway; unset, every DeepPot logs a hint to set it.
+``NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING=1``: numba colours the messages of the typing errors
+it catches while it compiles with colorama, whose exit handler then writes an ANSI reset
+(``ESC[0m``) into the run's output."""
+
+NATIVE_IMPORT_NOISE = (
+    # absl (TensorFlow >= 2.16) logs before absl::InitializeLog regardless of
+    # TF_CPP_MIN_LOG_LEVEL: its notice, and INFO lines such as oneDNN's "custom operations
+    # are on" (tensorflow/core/util/port.cc); W/E/F lines pass
+    re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called"),
+    re.compile(r"^I\d{4} \d\d:\d\d:[\d.]+\s+\d+ [\w.]+:\d+\] "),
+    # deepmd-kit's CUDA runtime stub (source/lib/src/gpu/cudart/cudart_stub.cc) announces a
+    # successful load of libcudart on std::cerr, unconditionally; a FAILED load passes
+    re.compile(r"^DeePMD-kit: Successfully load libcudart"),
+)
+"""Lines that native libraries print while they load and that are no warnings; dropped from
+the C-level stderr of :func:`quiet_native_stderr` blocks, every other line is kept."""
+
+
+def quiet_environment() -> None:
+    """Put :data:`QUIET_DEFAULTS` into the environment (a value already set wins)."""
+    for name, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+@contextmanager
+def quiet_native_stderr(noise=NATIVE_IMPORT_NOISE):
+    """Capture file descriptor 2 (C/C++ stderr too) for the block; on exit write every captured
+    line to stderr again, except those matching a pattern of `noise`.
+
+    For the imports that load native libraries (TensorFlow, deepmd-kit's op library), whose
+    loaders print notices that no environment variable turns off. Python output of the block
+    is captured and passed on the same way, in order.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace")
+            kept = [line for line in text.splitlines(keepends=True)
+                    if not any(pattern.search(line) for pattern in noise)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def import_tensorflow():
+    """Import TensorFlow quietly (:data:`QUIET_DEFAULTS` set first, the loaders' notices
+    dropped by :func:`quiet_native_stderr`) and return the module. Call it before any import
+    of tensorflow, keras or horovod.tensorflow."""
+    if "tensorflow" not in sys.modules:
+        quiet_environment()
+        with quiet_native_stderr():
+            import tensorflow  # noqa: F401
+    return sys.modules["tensorflow"]
 
 
 def keep_ase_rank_local() -> None:

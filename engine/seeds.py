@@ -46,6 +46,9 @@ STREAMS: dict[str, tuple[tuple[str, ...], Callable[..., tuple[int, ...]], str]] 
                          "early-stopping frames of a fold's training set"),
     "train.network": (("fold", "member"), _train_network,
                       "weights, dropout and batch order of one network of a fold"),
+    "train.gpr_sparse": (("fold",), lambda fold: (8, fold),
+                         "the GPR model's sparse environments (first point, random projection "
+                         "or subset) of CV fold `fold`; index `folds`: the final model"),
 }
 """name -> (index names, key template, what draws from it). The template's output follows the
 master seed in the SeedSequence entropy."""

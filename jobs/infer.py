@@ -304,7 +304,7 @@ def predictor_for(ensemble, spec: InferSpec, ctx: RankContext, store: RunStore,
     predictor, choice = choose_predictor(
         ensemble, ctx, centres_per_frame, frames=min(PREDICTOR_TIMED_FRAMES, spec.chunk_frames),
         recorded=recorded)
-    if choice.source != "stand-in":
+    if choice.source != "fixed":
         if choice.source == "timed":
             store.set_attrs(GROUP, **choice.attrs(), predictor_model=model_name)
         ctx.log(f"infer: {choice.log_line()}")

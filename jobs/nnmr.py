@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.context import RankContext
+from engine.context import RankContext, import_tensorflow
 
 FEATURE_SCALE_FLOOR = 1e-6
 """Smallest feature standard deviation used for standardisation (constant features)."""
@@ -75,8 +75,8 @@ def init_horovod(ctx: RankContext):
     Also sizes TensorFlow's thread pools to the rank's cores.
     """
     global _HOROVOD_COMM_SIZE
+    tf = import_tensorflow()
     import horovod.tensorflow as hvd
-    import tensorflow as tf
 
     if _HOROVOD_COMM_SIZE is None:
         try:
@@ -105,6 +105,7 @@ def build_model(n_features: int, spec, seed: int):
     seed
         Seed of the initial weights and the dropout masks.
     """
+    import_tensorflow()
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -149,7 +150,7 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
     FoldModel
         The best-validation weights (identical on every rank), standardisation and curves.
     """
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     from mpi4py import MPI
 
@@ -208,7 +209,9 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
                  for g, c, v in zip(grads, decay, model.trainable_variables)]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
-    @tf.function(reduce_retracing=True)
+    # fixed signatures (any batch length): each function is traced once per training run
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64),
+                                  tf.TensorSpec([], tf.float32)])
     def train_step(rows, n_global):
         xb, yb = tf.gather(x_all, rows), tf.gather(y_all, rows)
         with tf.GradientTape() as tape:
@@ -221,7 +224,7 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
         apply_step(grads)
         sse_epoch.assign_add(tf.cast(sse, tf.float64))
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec([None, xs.shape[1]], tf.float32)])
     def predict_step(xb):
         return averaged(xb, training=False)[:, 0]
 
@@ -248,7 +251,7 @@ def train_model(x_train: np.ndarray, y_train_ppm: np.ndarray, x_val: np.ndarray,
         for step in range(steps_per_epoch):
             batch = order[step * spec.batch_size:(step + 1) * spec.batch_size]
             mine = np.sort(batch[ctx.rank::size])
-            train_step(tf.constant(mine), tf.constant(float(len(batch))))
+            train_step(tf.constant(mine, tf.int64), tf.constant(float(len(batch)), tf.float32))
         train_mse = ctx.comm.allreduce(float(sse_epoch.numpy()), op=MPI.SUM) / n_rows
         if ema_weights is not None:
             for average, current in zip(ema_weights, model.get_weights()):
@@ -367,10 +370,16 @@ class ShiftEnsemble:
 
     @classmethod
     def from_store(cls, store_or_path, group: str = "/train") -> "ShiftEnsemble":
-        """Load every fold model under ``<group>/folds`` of a RunStore or a store file path."""
+        """Load every fold model under ``<group>/folds`` of a RunStore or a store file path;
+        a store whose ``<group>`` holds a GPR model gives its :class:`jobs.gpr.GprShiftModel`
+        (the same ``predict`` / ``settings`` / ``n_features`` contract)."""
         reader = _read_only_store(store_or_path) if isinstance(store_or_path, (str, Path)) \
             else store_or_path
         try:
+            from jobs.gpr import GprShiftModel, is_gpr_store
+
+            if is_gpr_store(reader, group):
+                return GprShiftModel.from_store(reader, group)
             if not reader.exists(f"{group}/folds"):
                 from engine.failure import InputError
 
@@ -424,12 +433,12 @@ class TfGemmEnsemble(ShiftEnsemble):
     """The same predictions as a :class:`ShiftEnsemble`, with TensorFlow's GEMMs.
 
     predict is FLOP-bound in one float32 GEMM: the first layers of all fold models at once
-    (rows x n_features @ n_features x sum of widths). numpy's OpenBLAS on this machine runs its
-    AVX2 (Haswell) kernel (the environment sets ``OPENBLAS_CORETYPE=Haswell``), ~110 GFLOP/s
-    per core; TensorFlow's CPU kernels use AVX-512, ~215 GFLOP/s. Same weights (the
+    (rows x n_features @ n_features x sum of widths). Which of numpy's BLAS and TensorFlow's
+    CPU kernels is faster depends on the machine (OpenBLAS's kernel for the CPU, TensorFlow's
+    oneDNN build), so the infer stage times both (:func:`choose_predictor`). Same weights (the
     ensemble's own folded float32 arrays), same layers; only the summation order of the
-    float32 GEMM differs (rounding level). Built from the ensemble; when TensorFlow cannot be
-    imported, use the ensemble itself (:func:`fast_predictor`).
+    float32 GEMM differs (rounding level). The traced function has a fixed input signature
+    (any number of rows): it is traced once, whatever the chunk sizes.
 
     Parameters
     ----------
@@ -442,8 +451,7 @@ class TfGemmEnsemble(ShiftEnsemble):
     """
 
     def __init__(self, ensemble, threads: int = 1, chunk_rows: int = 4096):
-        import tensorflow as tf
-
+        tf = import_tensorflow()
         try:
             tf.config.threading.set_intra_op_parallelism_threads(max(1, int(threads)))
             tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -459,7 +467,7 @@ class TfGemmEnsemble(ShiftEnsemble):
         rest = [([tf.constant(k) for k in kernels], [tf.constant(b) for b in biases])
                 for kernels, biases in ensemble._rest]
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(input_signature=[tf.TensorSpec([None, ensemble.n_features], tf.float32)])
         def every_model(rows):
             hidden_all = tf.nn.relu(tf.matmul(rows, first_kernel) + first_bias)
             outputs = []
@@ -485,8 +493,7 @@ def fast_predictor(ensemble, threads: int = 1):
     if not isinstance(ensemble, ShiftEnsemble):
         return ensemble
     try:
-        import tensorflow as tf
-
+        tf = import_tensorflow()
         if not tf.executing_eagerly():  # TF1 graph mode switched on by another stage
             return ensemble
         fast = TfGemmEnsemble(ensemble, threads)
@@ -497,6 +504,121 @@ def fast_predictor(ensemble, threads: int = 1):
         return fast
     except ImportError:
         return ensemble
+
+
+# ---- the predictor, chosen by timing ---------------------------------------------------------
+PREDICTORS = ("numpy", "tensorflow")
+"""Names of infer's predictors: :class:`ShiftEnsemble` (numpy / its BLAS) and
+:class:`TfGemmEnsemble` (TensorFlow's GEMMs)."""
+
+
+@dataclass(frozen=True)
+class PredictorChoice:
+    """Which predictor infer uses, and the timings it was chosen by."""
+
+    name: str
+    """One of :data:`PREDICTORS` (the class name of a model that has no choice, e.g. GPR)."""
+    numpy_ms_per_frame: float
+    """Wall time of the numpy predictor per frame (ms; best of the repeats, mean over ranks;
+    NaN when not timed)."""
+    tensorflow_ms_per_frame: float
+    """The same for TensorFlow (NaN when not timed or TensorFlow is unavailable)."""
+    rows: int
+    """Feature rows of the timed batch (frames x target nuclei per frame)."""
+    source: str
+    """``timed`` (chosen now), ``recorded`` (taken from the store: a resumed run predicts
+    with the predictor its first start chose, so its numbers match to the last digit) or
+    ``fixed`` (a model that is no ShiftEnsemble predicts itself)."""
+
+    def log_line(self) -> str:
+        """One line for the run log."""
+        timing = (f"numpy {self.numpy_ms_per_frame:.2f} ms/frame, TensorFlow "
+                  f"{self.tensorflow_ms_per_frame:.2f} ms/frame" if self.source == "timed"
+                  else f"recorded in the store (timed then: numpy "
+                       f"{self.numpy_ms_per_frame:.2f}, TensorFlow "
+                       f"{self.tensorflow_ms_per_frame:.2f} ms/frame)")
+        return f"predictor {self.name}: {timing}, {self.rows} rows per timed batch"
+
+    def attrs(self) -> dict:
+        """Store attributes (see :func:`choose_predictor`)."""
+        return {"predictor": self.name,
+                "predictor_numpy_ms_per_frame": float(self.numpy_ms_per_frame),
+                "predictor_tensorflow_ms_per_frame": float(self.tensorflow_ms_per_frame),
+                "predictor_timed_rows": int(self.rows)}
+
+
+def predictor_ms_per_call(predictors: dict, rows: np.ndarray, repeats: int = 5) -> dict:
+    """Best wall time (ms) of ``predict(rows)`` of each named predictor over `repeats` calls.
+
+    One predictor after the other, each called once untimed first (TensorFlow traces its
+    function, BLAS allocates its buffers, and the other's thread pool stops spinning); not
+    interleaved, since both pools spin a while after a call and would slow the other down.
+    """
+    best = {}
+    for name, predictor in predictors.items():
+        predictor.predict(rows)
+        seconds = np.inf
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            predictor.predict(rows)
+            seconds = min(seconds, time.perf_counter() - start)
+        best[name] = 1e3 * seconds
+    return best
+
+
+def choose_predictor(ensemble, ctx: RankContext, rows_per_frame: int, frames: int = 32,
+                     repeats: int = 5, recorded: dict | None = None):
+    """The faster of infer's two predictors on this machine, the same on every rank.
+
+    Every rank times both on the same batch (`frames` frames of `rows_per_frame` random
+    feature rows: the real feature count, a realistic GEMM), the timings are averaged over
+    the ranks (collective on ``ctx.comm``) and the faster predictor is taken. With
+    `recorded` (the attributes :meth:`PredictorChoice.attrs` of an earlier start of this
+    run), its predictor is reused without timing, so a resumed run predicts with the same
+    GEMMs (the two agree to float32 rounding only). TensorFlow is skipped when it does not
+    import, runs in graph mode, or disagrees with numpy on a probe (:func:`fast_predictor`).
+
+    Returns
+    -------
+    (predictor, PredictorChoice)
+        The predictor (a ShiftEnsemble or a TfGemmEnsemble) and how it was chosen.
+        A model that is no ShiftEnsemble (GPR, a test stand-in) is returned unchanged, not
+        timed (source ``fixed``).
+    """
+    from mpi4py import MPI
+
+    nan = float("nan")
+    rows = max(1, int(rows_per_frame)) * max(1, int(frames))
+    if not isinstance(ensemble, ShiftEnsemble):
+        return ensemble, PredictorChoice(type(ensemble).__name__, nan, nan, 0, "fixed")
+    if recorded and recorded.get("predictor") in PREDICTORS:
+        name = recorded["predictor"]
+        predictor = ensemble if name == "numpy" else fast_predictor(ensemble, ctx.cores)
+        if name == "tensorflow" and predictor is ensemble:
+            ctx.warn("infer: the store records the TensorFlow predictor, which is unavailable "
+                     "now; predicting with numpy (shifts may differ in the last digits)")
+            name = "numpy"
+        return predictor, PredictorChoice(
+            name, float(recorded.get("predictor_numpy_ms_per_frame", nan)),
+            float(recorded.get("predictor_tensorflow_ms_per_frame", nan)),
+            int(recorded.get("predictor_timed_rows", 0)), "recorded")
+    batch = np.random.default_rng(0).random((rows, ensemble.n_features), dtype=np.float32)
+    candidates = {"numpy": ensemble}
+    fast = fast_predictor(ensemble, ctx.cores)
+    if fast is not ensemble:
+        candidates["tensorflow"] = fast
+    timed = predictor_ms_per_call(candidates, batch, repeats)
+    # 0 for "unavailable" on a rank: any rank without TensorFlow makes the choice numpy
+    local = [timed.get(name, 0.0) for name in PREDICTORS]
+    available = ctx.comm.allreduce(len(candidates), op=MPI.MIN) == len(PREDICTORS)
+    totals = ctx.comm.allreduce(np.asarray(local, dtype=np.float64), op=MPI.SUM)
+    per_frame = [float(t) / ctx.size / frames for t in totals]
+    if not available:
+        per_frame[1] = nan
+    name = "tensorflow" if available and per_frame[1] < per_frame[0] else "numpy"
+    name = ctx.comm.bcast(name, root=0)
+    return candidates.get(name, ensemble), PredictorChoice(name, per_frame[0], per_frame[1],
+                                                           rows, "timed")
 
 
 def export_ensemble(source, target, folds: list[int] | None = None,

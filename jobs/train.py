@@ -34,8 +34,8 @@ CV_GROUP = f"{GROUP}/cv"
 
 
 def has_ensemble(store: RunStore, group: str = GROUP) -> bool:
-    """True when the store holds a trained ensemble of this stage."""
-    return store.exists(f"{group}/folds")
+    """True when the store holds a trained shift model of this stage (NN-NMR or GPR)."""
+    return store.exists(f"{group}/folds") or store.exists(f"{group}/gpr/weights_ppm")
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,8 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
     from jobs.soap import SoapFeaturizer
 
     frames = load_frames(spec, store) if frames is None else frames
+    if getattr(spec, "model", "nnmr") == "gpr":
+        return train_gpr(spec, shift_spec, seed, ctx, store, frames)
     featurizer = SoapFeaturizer(spec.species, spec.centre, spec.soap_r_cut_a, spec.soap_sigma_a,
                                 spec.soap_n_max, spec.soap_l_max, periodic=True)
     for index, atoms in enumerate(frames):
@@ -245,6 +247,134 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
                        cv["mae_ppm"], cv["r2"])
 
 
+def train_gpr(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
+              frames) -> TrainResult:
+    """The sparse GPR shift model (``train.model: gpr``, jobs.gpr): CV grid, fit, ``/train``.
+
+    For every SOAP setting of the grid (``train.gpr.soap_r_cut_a`` x ``soap_sigma_a``, the
+    train section's own values when empty), the features are computed (a block of frames per
+    rank, gathered) and every (zeta, lambda, M) is cross-validated by frame (the NN-NMR split,
+    stream ``train.folds``). The best by ``train.gpr.select_by`` is fitted on all rows, its
+    uncertainty scale calibrated on the out-of-fold rows. Writes the store contract of NN-NMR
+    (``/train`` attributes, ``/train/split``, ``/train/cv``; ``/train/cv/shift_std_ppm`` too)
+    and the model and the CV curve under ``/train/gpr`` (docs/gpr.md). A complete model in the
+    store is reused.
+    """
+    import time
+
+    from jobs import gpr
+    from jobs.soap import SoapFeaturizer
+
+    gspec = spec.gpr
+    done = store.attrs(f"{GROUP}/gpr")
+    if done.get("complete") and store.attrs(GROUP).get("model") == gpr.MODEL_NAME:
+        attrs = store.attrs(GROUP)
+        ctx.log("train: GPR model complete in the store, reused")
+        return TrainResult(int(attrs["n_frames"]), int(attrs["n_rows"]), int(attrs["folds"]),
+                           float(attrs["cv_rmse_ppm"]), float(attrs["cv_mae_ppm"]),
+                           float(attrs["cv_r2"]))
+    seeds = SeedStreams(seed)
+    rows = centre_rows(frames, spec.centre, shift_spec)
+    fold_of_frame = frame_folds(len(frames), spec.folds, seed)
+    fold_of_row = fold_of_frame[rows.frame]
+    r_cuts = list(gspec.soap_r_cut_a) or [spec.soap_r_cut_a]
+    sigmas = list(gspec.soap_sigma_a) or [spec.soap_sigma_a]
+    curve, best = {}, None
+    soap_seconds = {}
+    for r_cut, sigma in [(r, s) for r in r_cuts for s in sigmas]:
+        featurizer = SoapFeaturizer(spec.species, spec.centre, r_cut, sigma, spec.soap_n_max,
+                                    spec.soap_l_max, periodic=True)
+        for index, atoms in enumerate(frames):
+            featurizer.check_frame(atoms, f"train frame {index} "
+                                          f"({atoms.info.get('source', '?')})")
+        started = time.monotonic()
+        features = gather_features(featurizer, frames, ctx)
+        soap_seconds[f"{r_cut:g}/{sigma:g}"] = time.monotonic() - started
+        if len(features) != len(rows.shift_ppm):
+            raise RuntimeError(f"SOAP gave {len(features)} rows for {len(rows.shift_ppm)} "
+                               f"centres")
+        ctx.log(f"train gpr: SOAP r_cut {r_cut:g} A, sigma {sigma:g} A: {len(features)} rows "
+                f"x {featurizer.n_features} features in {soap_seconds[f'{r_cut:g}/{sigma:g}']:.1f}"
+                f" s; cross-validating {len(gspec.zeta) * len(gspec.regularisation) * len(gspec.n_sparse)}"
+                f" (zeta, lambda, M)")
+        cv = gpr.cross_validate(features, rows.shift_ppm, fold_of_row, gspec, seeds, ctx.comm,
+                                ctx.log)
+        columns = cv.curve.arrays()
+        columns["soap_r_cut_a"] = np.full(len(cv.grid), r_cut)
+        columns["soap_sigma_a"] = np.full(len(cv.grid), sigma)
+        for key, value in columns.items():
+            curve.setdefault(key, []).append(value)
+        index = cv.best(gspec.select_by)
+        score = (cv.curve.nlpd if gspec.select_by == "nlpd" else cv.curve.rmse_ppm)[index]
+        for g in range(len(cv.grid)):
+            ctx.log(f"train gpr: r_cut {r_cut:g} sigma {sigma:g} zeta {cv.curve.zeta[g]} "
+                    f"lambda {cv.curve.regularisation[g]:g} M {cv.curve.n_sparse[g]}: rmse "
+                    f"{cv.curve.rmse_ppm[g]:.1f} ppm, r2 {cv.curve.r2[g]:.4f}, nlpd "
+                    f"{cv.curve.nlpd[g]:.3f}, within 1/2 sigma {cv.curve.within_1_sigma[g]:.3f}"
+                    f"/{cv.curve.within_2_sigma[g]:.3f}")
+        if best is None or score < best[0]:
+            best = (score, featurizer, features, cv, index)
+        else:
+            del features
+    _, featurizer, features, cv, index = best
+    zeta, lam, n_sparse = cv.grid[index]
+    scale = float(cv.curve.std_scale_ppm[index])
+    pred = cv.predictions_ppm[index]
+    std = scale * np.sqrt(cv.raw_variance[index])
+    ctx.log(f"train gpr: chosen r_cut {featurizer.r_cut_a:g} A, sigma {featurizer.sigma_a:g} A, "
+            f"zeta {zeta}, lambda {lam:g}, M {n_sparse} (by {gspec.select_by}); fitting on all "
+            f"{len(rows.shift_ppm)} rows")
+    started = time.monotonic()
+    settings = {"soap": featurizer.settings(), "species": list(spec.species),
+                "centre": spec.centre, "model": gpr.MODEL_NAME}
+    model = gpr.fit(features, rows.shift_ppm, zeta, lam, n_sparse, scale, gspec, seeds,
+                    ctx.comm, settings, seed_index=spec.folds)
+    fit_seconds = time.monotonic() - started
+    cv_metrics = regression_metrics(rows.shift_ppm, pred)
+    cover = gpr.coverage(pred - rows.shift_ppm, std)
+    sources = [str(a.info.get("source", f"frame {i}")) for i, a in enumerate(frames)]
+    spec_json = spec.model_dump(mode="json")
+    spec_json["soap_r_cut_a"], spec_json["soap_sigma_a"] = featurizer.r_cut_a, featurizer.sigma_a
+    store.require_group(f"{GROUP}/gpr")
+    store.set_attrs(GROUP, model=gpr.MODEL_NAME, soap=featurizer.settings(),
+                    species=list(spec.species), centre=spec.centre,
+                    shift=shift_spec.constants(), ppm_per_mhz=ppm_per_mhz(shift_spec),
+                    target_mean_ppm=float(rows.shift_ppm.mean()),
+                    target_std_ppm=float(rows.shift_ppm.std()), n_frames=len(frames),
+                    n_rows=len(rows.shift_ppm), folds=spec.folds, folds_trained=spec.folds,
+                    spec=spec_json, seed=seed, ranks=ctx.size)
+    store.put(f"{GROUP}/split/fold_of_frame", fold_of_frame)
+    store.put(f"{GROUP}/split/frame_source", np.array(sources, dtype="S"))
+    store.put(f"{CV_GROUP}/shift_dft_ppm", rows.shift_ppm, unit="ppm")
+    store.put(f"{CV_GROUP}/shift_pred_ppm", pred, unit="ppm")
+    store.put(f"{CV_GROUP}/shift_std_ppm", std, unit="ppm")
+    store.put(f"{CV_GROUP}/fold", fold_of_row)
+    store.put(f"{CV_GROUP}/frame", rows.frame)
+    store.put(f"{CV_GROUP}/atom", rows.atom)
+    for key, value in curve.items():
+        store.put(f"{GROUP}/gpr/cv_curve/{key}", np.concatenate(value))
+    model.write(store, f"{GROUP}/gpr", soap_r_cut_a=featurizer.r_cut_a,
+                soap_sigma_a=featurizer.sigma_a, select_by=gspec.select_by,
+                sparse_selection=gspec.sparse_selection, cv_seconds=float(cv.seconds),
+                fit_seconds=fit_seconds, soap_seconds=soap_seconds, complete=False)
+    store.set_attrs(GROUP, cv_rmse_ppm=cv_metrics["rmse_ppm"], cv_mae_ppm=cv_metrics["mae_ppm"],
+                    cv_r2=cv_metrics["r2"], cv_rows=len(pred),
+                    cv_within_1_sigma=cover["within_1_sigma"],
+                    cv_within_2_sigma=cover["within_2_sigma"],
+                    cv_z_variance=cover["z_variance"])
+    store.set_attrs(f"{GROUP}/gpr", complete=True)
+    store.flush()
+    if spec.parity_png and ctx.is_root:
+        write_parity_png(parity_png_path(store.path), rows.shift_ppm, pred, cv_metrics,
+                         model_label="GPR")
+    ctx.log(f"train gpr: cross-validation over {len(pred)} centres: rmse "
+            f"{cv_metrics['rmse_ppm']:.1f} ppm, mae {cv_metrics['mae_ppm']:.1f} ppm, r2 "
+            f"{cv_metrics['r2']:.4f}; within 1 sigma {cover['within_1_sigma']:.3f}, 2 sigma "
+            f"{cover['within_2_sigma']:.3f}; fit on all rows {fit_seconds:.1f} s")
+    return TrainResult(len(frames), len(rows.shift_ppm), spec.folds, cv_metrics["rmse_ppm"],
+                       cv_metrics["mae_ppm"], cv_metrics["r2"])
+
+
 def model_seed(seed: int, fold: int, member: int = 0) -> int:
     """Seed of the weights, dropout and batch order of one network of a fold."""
     return SeedStreams(seed).integer("train.network", fold, member)
@@ -271,7 +401,7 @@ def parity_png_path(store_path: str | Path) -> Path:
 
 
 def write_parity_png(path: Path, dft_ppm: np.ndarray, pred_ppm: np.ndarray,
-                     metrics: dict) -> None:
+                     metrics: dict, model_label: str = "NN-NMR") -> None:
     """Parity plot of out-of-fold predictions against the DFT shifts."""
     import matplotlib
 
@@ -284,7 +414,7 @@ def write_parity_png(path: Path, dft_ppm: np.ndarray, pred_ppm: np.ndarray,
                                                                      pred_ppm.max()))
     ax.plot([low, high], [low, high], "k--", lw=0.8)
     ax.set_xlabel("DFT shift (ppm)")
-    ax.set_ylabel("NN-NMR shift, out of fold (ppm)")
+    ax.set_ylabel(f"{model_label} shift, out of fold (ppm)")
     ax.set_title(f"RMSE {metrics['rmse_ppm']:.0f} ppm, R$^2$ {metrics['r2']:.3f}, "
                  f"n = {len(dft_ppm)}", fontsize=9)
     fig.tight_layout()

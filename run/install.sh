@@ -2,6 +2,9 @@
 # Idempotent installer for dynshift: system MPI + parallel HDF5 (when root and apt exist),
 # a virtual environment .venv with deepmd-kit[cpu] (TensorFlow), dscribe, mpi4py, h5py built
 # against the MPI HDF5, and Horovod built with MPI + TensorFlow.  A second run takes seconds.
+# Every pip install uses run/constraints.txt: the exact versions the tests ran with (on the
+# Python minor version named in it; DYNSHIFT_CONSTRAINTS= installs without pins, e.g. on a
+# Python that the pinned releases have no wheels for).
 #
 # On a cluster (no root): load modules that provide mpicc and a parallel HDF5 first, e.g.
 #   module load openmpi hdf5/parallel cmake gcc
@@ -13,10 +16,11 @@ VENV=${DYNSHIFT_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 STAMP=$VENV/.dynshift-installed
 HOROVOD_VERSION=0.28.1
+CONSTRAINTS=${DYNSHIFT_CONSTRAINTS-$ROOT/run/constraints.txt}
 say() { printf '[install] %s\n' "$*"; }
 
 # The stamp records the inputs of this install; if they are unchanged we are done.
-want_stamp="$(sha256sum run/install.sh setup.py | sha256sum | cut -c1-16)"
+want_stamp="$(sha256sum run/install.sh setup.py ${CONSTRAINTS:+"$CONSTRAINTS"} | sha256sum | cut -c1-16)"
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$want_stamp" ]]; then
   exit 0
 fi
@@ -45,15 +49,28 @@ fi
 # 2. Virtual environment and the Python stack.
 [[ -x $VENV/bin/python ]] || { say "venv $VENV"; "$PY" -m venv "$VENV"; }
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip "setuptools>=70" wheel
-say "python packages (deepmd-kit[cpu] pins tensorflow-cpu)"
-$PIP install -q "deepmd-kit[cpu]" "dscribe>=2.1" "mpi4py>=3.1" "pydantic>=2.5" PyYAML "ase>=3.23" \
-  numba dpdata matplotlib pytest "Cython>=3" pkgconfig numpy cloudpickle psutil packaging
+PIN=()
+if [[ -n $CONSTRAINTS ]]; then
+  PIN=(-c "$CONSTRAINTS")
+  tested=$(sed -n 's/^# python: *//p' "$CONSTRAINTS")
+  have=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  [[ -z $tested || $have == "$tested" ]] || say "python $have: the pins of $CONSTRAINTS were" \
+    "tested on $tested; if pip finds no release for them, DYNSHIFT_CONSTRAINTS= installs unpinned"
+fi
+$PIP install -q ${PIN[@]+"${PIN[@]}"} --upgrade pip "setuptools>=70" wheel
+say "python packages${CONSTRAINTS:+ (versions of $CONSTRAINTS)}"
+# nvidia-cuda-runtime-cu12: deepmd-kit's one wheel is built for CUDA 12 and loads libcudart
+# when its TF ops load (even on a CPU); without it, every process prints ~12 lines of
+# "Cannot find libcudart.so.12" / "implib-gen: ... failed to resolve symbol"
+$PIP install -q ${PIN[@]+"${PIN[@]}"} "deepmd-kit[cpu]" "dscribe>=2.1" "mpi4py>=3.1" \
+  "pydantic>=2.5" PyYAML "ase>=3.23" numba dpdata matplotlib pytest "Cython>=3" pkgconfig numpy \
+  cloudpickle psutil packaging threadpoolctl nvidia-cuda-runtime-cu12
 
 # 3. h5py against the MPI HDF5.
 if ! "$VENV/bin/python" -c 'import h5py,sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then
   say "h5py (MPI build, from source)"
-  CC=mpicc HDF5_MPI=ON $PIP install -q --no-build-isolation --no-binary=h5py --force-reinstall --no-deps h5py
+  CC=mpicc HDF5_MPI=ON $PIP install -q ${PIN[@]+"${PIN[@]}"} --no-build-isolation --no-binary=h5py \
+    --force-reinstall --no-deps h5py
 fi
 "$VENV/bin/python" -c 'import h5py; assert h5py.get_config().mpi, "h5py is not an MPI build"'
 
@@ -61,17 +78,19 @@ fi
 if ! "$VENV/bin/python" -c 'import horovod.tensorflow as h; assert h.mpi_built()' 2>/dev/null; then
   say "horovod $HOROVOD_VERSION (build from sdist, ~3 min)"
   work=$(mktemp -d)
-  (cd "$work" && $PIP download -q --no-deps --no-binary=:all: "horovod==$HOROVOD_VERSION" -d . \
+  (cd "$work" && $PIP download -q ${PIN[@]+"${PIN[@]}"} --no-deps --no-binary=:all: \
+     "horovod==$HOROVOD_VERSION" -d . \
      && tar xzf horovod-$HOROVOD_VERSION.tar.gz)
   sed -i '/xla_mpi_ops.cc/d' "$work/horovod-$HOROVOD_VERSION/horovod/tensorflow/CMakeLists.txt"
   (cd "$work/horovod-$HOROVOD_VERSION" && \
     HOROVOD_WITH_MPI=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 \
-    HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2 $PIP install -q --no-build-isolation --no-deps . )
+    HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2 $PIP install -q ${PIN[@]+"${PIN[@]}"} \
+      --no-build-isolation --no-deps . )
   rm -rf "$work"
 fi
 "$VENV/bin/python" -c 'import horovod.tensorflow as h; assert h.mpi_built(), "horovod lacks MPI"'
 
 # 5. dynshift itself (editable).
-$PIP install -q --no-deps --no-build-isolation -e .
+$PIP install -q ${PIN[@]+"${PIN[@]}"} --no-deps --no-build-isolation -e .
 echo "$want_stamp" > "$STAMP"
 say "done: $VENV"

@@ -109,7 +109,8 @@ def shift_model_facts(path: Path) -> tuple[str | None, list[str] | None, str | N
 
     try:
         with h5py.File(path, "r", locking=False) as handle:
-            if "train/folds" not in handle or not len(handle["train/folds"]):
+            gpr = "train/gpr/weights_ppm" in handle  # a GPR model (jobs/gpr.py)
+            if not gpr and ("train/folds" not in handle or not len(handle["train/folds"])):
                 return None, None, f"{path} holds no trained /train ensemble"
             attrs = handle["train"].attrs
             centre, species = _attr(attrs.get("centre")), _attr(attrs.get("species"))

@@ -8,8 +8,71 @@ from pydantic import Field, model_validator
 from schemas.base import Element, InputPath, Spec, SpecError, Width, duplicates
 
 
+class GprSpec(Spec):
+    """The sparse Gaussian-process shift model (``train.model: gpr``; docs/gpr.md).
+
+    Every list is a grid searched by frame-level k-fold cross validation inside the stage
+    (``train.folds``); the combination with the best held-out score (``select_by``) is fitted on
+    all frames and recorded with the whole CV curve under ``/train/gpr``.
+    """
+
+    zeta: list[int] = Field(default=[12, 24, 48], min_length=1)
+    """Exponents tried of the polynomial kernel k(x, y) = (x . y)^zeta of L2-normalised SOAP
+    rows (each >= 1)."""
+    regularisation: list[float] = Field(default=[1e-5, 1e-4, 1e-3], min_length=1)
+    """Noise-to-signal variance ratios tried (sigma_n^2 / sigma_f^2, > 0): the ridge on the
+    sparse normal equations lambda K_MM + K_MN K_NM."""
+    n_sparse: list[int] = Field(default=[1000], min_length=1)
+    """Numbers M of representative (sparse) environments tried; prediction costs O(M) per
+    nucleus for the mean and O(M^2) for the standard deviation. Capped at the training rows."""
+    sparse_selection: Literal["fps", "random"] = "fps"
+    """How the M environments are chosen from the training rows: farthest-point sampling (in a
+    seeded random projection of the SOAP rows, ``projection_dims``) or a seeded random subset."""
+    projection_dims: int = Field(default=256, ge=8)
+    """Dimensions of the random projection the farthest-point distances are measured in."""
+    soap_r_cut_a: list[float] = Field(default=[], max_length=8)
+    """SOAP cutoffs (A, > 1) tried by cross validation; empty: ``train.soap_r_cut_a`` alone."""
+    soap_sigma_a: list[float] = Field(default=[], max_length=8)
+    """SOAP Gaussian widths (A, > 0) tried; empty: ``train.soap_sigma_a`` alone."""
+    select_by: Literal["nlpd", "rmse"] = "nlpd"
+    """Held-out score the hyperparameters are chosen by: the negative log predictive density
+    of the calibrated Gaussian (accuracy and uncertainty together) or the RMSE alone."""
+    jitter: float = Field(default=1e-8, gt=0, lt=1e-2)
+    """Relative diagonal added to K_MM and to the normal matrix before their Cholesky
+    factorisations (times their mean diagonal)."""
+    block_rows: int = Field(default=2048, ge=1)
+    """Rows per kernel block (bounds the memory of a block: block_rows x M float64)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "GprSpec":
+        problems = []
+        if any(z < 1 for z in self.zeta):
+            problems.append(("zeta", f"every exponent >= 1 (got {self.zeta})"))
+        if any(not r > 0 for r in self.regularisation):
+            problems.append(("regularisation", f"every value > 0 (got {self.regularisation})"))
+        if any(m < 1 for m in self.n_sparse):
+            problems.append(("n_sparse", f"every M >= 1 (got {self.n_sparse})"))
+        if any(not r > 1 for r in self.soap_r_cut_a):
+            problems.append(("soap_r_cut_a", f"every cutoff > 1 A (got {self.soap_r_cut_a})"))
+        if any(not s > 0 for s in self.soap_sigma_a):
+            problems.append(("soap_sigma_a", f"every width > 0 A (got {self.soap_sigma_a})"))
+        for name in ("zeta", "regularisation", "n_sparse", "soap_r_cut_a", "soap_sigma_a"):
+            repeated = duplicates(getattr(self, name))
+            if repeated:
+                problems.append((name, f"every value once (got {repeated} twice)"))
+        if problems:
+            raise SpecError(*problems)
+        return self
+
+
 class TrainSpec(Spec):
     """Learn the shift of each target nucleus from its SOAP environment."""
+
+    model: Literal["nnmr", "gpr"] = "nnmr"
+    """The shift model: ``nnmr`` (the Keras network of Lin et al., Horovod) or ``gpr`` (sparse
+    Gaussian-process regression on the same SOAP rows, calibrated uncertainty; ``train.gpr``)."""
+    gpr: GprSpec = GprSpec()
+    """Settings of the GPR model (used when ``model`` is ``gpr``)."""
 
     frames: list[InputPath] = []
     """Labelled frames (extended XYZ with `fermi_contact_mhz`, or VASP OUTCARs, or folders of

@@ -27,7 +27,7 @@ def test_no_two_streams_coincide(seed):
             state = _state(streams.key(name, *indices))
             assert state not in seen, f"{name}{indices} == {seen[state]}"
             seen[state] = (name, indices)
-    assert len(seen) == 64 * 2 + 2 + 1 + 8 + 64  # md x 2, potential x 2, train
+    assert len(seen) == 64 * 2 + 2 + 1 + 8 + 64 + 8  # md x 2, potential x 2, train, gpr
 
 
 def test_the_old_collision_is_gone():

@@ -153,3 +153,80 @@ def test_export_keeps_selected_folds(ctx, tmp_path):
         assert attrs["cv_rmse_ppm"] == pytest.approx(metrics["rmse_ppm"])
         assert small.attrs("/train/folds/2")["rmse_ppm"] == 2.0
     assert ShiftEnsemble.from_store(tmp_path / "small.h5").n_models == 2
+
+
+# ---- infer's predictor: TensorFlow or numpy, chosen by timing --------------------------------
+def _wide_ensemble(n_features: int = 40, n_models: int = 3, seed: int = 3) -> ShiftEnsemble:
+    rng = np.random.default_rng(seed)
+    folds = []
+    for _ in range(n_models):
+        widths = [n_features, 64, 32, 1]
+        kernels = [rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(np.float32)
+                   for a, b in zip(widths[:-1], widths[1:])]
+        biases = [rng.normal(0, 0.1, b).astype(np.float32) for b in widths[1:]]
+        folds.append(FoldModel(kernels, biases, np.zeros(n_features, np.float32),
+                               np.ones(n_features, np.float32), 1600.0, 400.0))
+    return ShiftEnsemble([f.folded() for f in folds], {"centre": "Na"})
+
+
+def test_tf_predictor_is_traced_once_whatever_the_chunk_sizes():
+    from jobs.nnmr import TfGemmEnsemble
+
+    ensemble = _wide_ensemble()
+    fast = TfGemmEnsemble(ensemble, threads=1, chunk_rows=1024)
+    rng = np.random.default_rng(4)
+    for rows in (4, 100, 2500, 7):  # 2500 rows: GEMM chunks of 1024, 1024 and 452
+        x = rng.random((rows, ensemble.n_features), dtype=np.float32)
+        np.testing.assert_allclose(fast.predict_all(x), ensemble.predict_all(x), rtol=0,
+                                   atol=2e-3)  # ppm: float32 summation order only
+    assert fast._every_model.experimental_get_tracing_count() == 1  # no retracing per shape
+
+
+def test_choose_predictor_times_both_and_takes_the_faster(ctx):
+    from jobs.nnmr import PREDICTORS, TfGemmEnsemble, choose_predictor
+
+    ensemble = _wide_ensemble()
+    predictor, choice = choose_predictor(ensemble, ctx, rows_per_frame=16, frames=8, repeats=2)
+    assert choice.source == "timed" and choice.rows == 128 and choice.name in PREDICTORS
+    timings = [choice.numpy_ms_per_frame, choice.tensorflow_ms_per_frame]
+    assert all(np.isfinite(t) and t > 0 for t in timings)
+    assert choice.name == PREDICTORS[int(np.argmin(timings))]
+    assert isinstance(predictor, TfGemmEnsemble) == (choice.name == "tensorflow")
+    assert set(choice.attrs()) == {"predictor", "predictor_numpy_ms_per_frame",
+                                   "predictor_tensorflow_ms_per_frame", "predictor_timed_rows"}
+    line = choice.log_line()
+    assert line.startswith(f"predictor {choice.name}: numpy ") and "TensorFlow" in line
+    x = np.random.default_rng(5).random((50, ensemble.n_features), dtype=np.float32)
+    np.testing.assert_allclose(predictor.predict(x)[0], ensemble.predict(x)[0], atol=2e-3)
+    stand_in = object()  # no ShiftEnsemble (e.g. a GPR model): predicts itself, not timed
+    kept, fixed = choose_predictor(stand_in, ctx, 16)
+    assert kept is stand_in and fixed.source == "fixed" and fixed.name == "object"
+
+
+def test_a_resumed_infer_reuses_the_recorded_predictor(ctx, tmp_path, monkeypatch):
+    import jobs.nnmr
+    from jobs.infer import GROUP, predictor_for
+    from jobs.nnmr import TfGemmEnsemble
+    from schemas.infer import InferSpec
+
+    ensemble, spec = _wide_ensemble(), InferSpec()
+    with RunStore(tmp_path / "run.h5", ctx) as store:
+        first, choice = predictor_for(ensemble, spec, ctx, store, "model-a", 16)
+        recorded = store.attrs(GROUP)
+        assert recorded["predictor"] == choice.name and recorded["predictor_model"] == "model-a"
+        assert recorded["predictor_timed_rows"] == 16 * min(32, spec.chunk_frames)
+
+        def no_timing(*args, **kwargs):
+            raise AssertionError("a resumed run must not time again")
+
+        monkeypatch.setattr(jobs.nnmr, "predictor_ms_per_call", no_timing)
+        again, reused = predictor_for(ensemble, spec, ctx, store, "model-a", 16)
+        assert reused.source == "recorded" and reused.name == choice.name
+        assert type(again) is type(first)
+        # the other predictor, had the first start chosen it
+        other = "numpy" if choice.name == "tensorflow" else "tensorflow"
+        store.set_attrs(GROUP, predictor=other)
+        flipped, _ = predictor_for(ensemble, spec, ctx, store, "model-a", 16)
+        assert isinstance(flipped, TfGemmEnsemble) == (other == "tensorflow")
+        with pytest.raises(AssertionError, match="must not time again"):  # another model
+            predictor_for(ensemble, spec, ctx, store, "model-b", 16)

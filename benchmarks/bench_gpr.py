@@ -1,0 +1,216 @@
+"""Benchmarks of the GPR shift model (jobs/gpr.py) on the shared P2-NMMO frames (docs/gpr.md).
+
+Three measurements, each printed as one JSON line per result (serial: one process; the
+threads are OMP_NUM_THREADS):
+
+``cv``      frame-level k-fold CV (the train stage's split, stream ``train.folds``) of a grid
+            of (zeta, lambda, M) at one SOAP setting; RMSE, R2, NLPD, calibration::
+
+    .venv/bin/python benchmarks/bench_gpr.py cv --r-cut 8.5 --n-max 10 --zeta 6 12 \\
+        --regularisation 1e-5 1e-4 --n-sparse 1000 2000
+
+``curve``   learning curve: a frame split (test frames never seen), RMSE on the test frames
+            vs the number of labelled training frames, random selection vs uncertainty-driven
+            selection (greedy batches: the frames of the pool whose nuclei have the largest
+            mean predicted variance under the model of the frames chosen so far)::
+
+    .venv/bin/python benchmarks/bench_gpr.py curve --r-cut 8.5 --n-max 10 --zeta 12 \\
+        --regularisation 1e-5 --n-sparse 2000 --sizes 25 50 100 200 400
+
+``speed``   predict time per frame (16 Na) of a GPR model (M, n_features of the SOAP setting)
+            beside the shipped NN-NMR ensemble (jobs/data/nnmr-p2-nmmo.h5), same process,
+            and the SOAP time per frame (dscribe; the compiled kernel when it checks)::
+
+    .venv/bin/python benchmarks/bench_gpr.py speed --r-cut 8.5 --n-max 10 --n-sparse 1000 2000
+
+SOAP rows are cached as ``.npy`` under ``--cache`` (default /tmp/dynshift-gpr-cache), keyed by
+the SOAP settings, so the grids do not recompute them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "p2-nmmo"
+
+
+def load_data(args):
+    """Frames, rows (shift, frame, atom) and SOAP rows of the 800 shared frames (cached)."""
+    from jobs.frames import read_labelled_frames
+    from jobs.soap import SoapFeaturizer
+    from jobs.train import centre_rows
+    from schemas.shift import ShiftSpec
+
+    frames = read_labelled_frames(DATA / "p63mcm-dev.extxyz") + \
+        read_labelled_frames(DATA / "p6322-dev.extxyz")
+    rows = centre_rows(frames, "Na", ShiftSpec())
+    featurizer = SoapFeaturizer(["Na", "Mg", "Mn", "O"], "Na", args.r_cut, args.sigma,
+                                args.n_max, args.l_max)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"soap_{args.r_cut:g}_{args.sigma:g}_{args.n_max}_{args.l_max}.npy"
+    soap_ms = None
+    if path.exists():
+        features = np.load(path)
+    else:
+        started = time.perf_counter()
+        features = featurizer.features(frames)
+        soap_ms = 1e3 * (time.perf_counter() - started) / len(frames)
+        np.save(path, features)
+    return frames, rows, featurizer, features, soap_ms
+
+
+def spec_of(args):
+    from schemas.train import GprSpec
+
+    return GprSpec(zeta=args.zeta, regularisation=args.regularisation, n_sparse=args.n_sparse,
+                   sparse_selection=args.selection)
+
+
+def run_cv(args) -> None:
+    from engine.seeds import SeedStreams
+    from jobs import gpr
+    from jobs.train import frame_folds
+
+    frames, rows, _, features, _ = load_data(args)
+    fold_of_row = frame_folds(len(frames), args.folds, args.seed)[rows.frame]
+    cv = gpr.cross_validate(features, rows.shift_ppm, fold_of_row, spec_of(args),
+                            SeedStreams(args.seed), None, log=lambda m: print(m, flush=True))
+    columns = cv.curve.arrays()
+    for g in range(len(cv.grid)):
+        row = {key: float(value[g]) for key, value in columns.items()}
+        row.update(r_cut_a=args.r_cut, sigma_a=args.sigma, n_max=args.n_max, l_max=args.l_max,
+                   folds=args.folds)
+        # out-of-fold mean shift per stacking vs DFT
+        for name, first in (("p63mcm", 0), ("p6322", 400)):
+            mask = (rows.frame >= first) & (rows.frame < first + 400)
+            row[f"mean_shift_error_{name}_ppm"] = float(
+                cv.predictions_ppm[g][mask].mean() - rows.shift_ppm[mask].mean())
+        print(json.dumps({"cv": row}), flush=True)
+    best = cv.best("nlpd")
+    print(json.dumps({"best_by_nlpd": cv.grid[best], "rmse_ppm": cv.curve.rmse_ppm[best],
+                      "seconds": cv.seconds}), flush=True)
+
+
+def run_curve(args) -> None:
+    from engine.seeds import SeedStreams
+    from jobs import gpr
+    from jobs.nnmr import regression_metrics
+
+    frames, rows, _, features, _ = load_data(args)
+    spec = spec_of(args)
+    zeta, lam, m = args.zeta[0], args.regularisation[0], args.n_sparse[0]
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(frames))
+    test_frames = order[:args.test_frames]
+    pool = order[args.test_frames:]
+    test_rows = np.flatnonzero(np.isin(rows.frame, test_frames))
+    seeds = SeedStreams(args.seed)
+
+    def score(chosen_frames):
+        train_rows = np.flatnonzero(np.isin(rows.frame, chosen_frames))
+        started = time.perf_counter()
+        model = gpr.fit(features, rows.shift_ppm, zeta, lam, min(m, len(train_rows)), 1.0,
+                        spec, seeds, rows=train_rows)
+        seconds = time.perf_counter() - started
+        mean, _ = model.predict(features[test_rows])
+        return model, regression_metrics(rows.shift_ppm[test_rows], mean), seconds
+
+    for size in args.sizes:
+        _, metrics, seconds = score(pool[:size])
+        print(json.dumps({"curve": "random", "frames": size, **metrics,
+                          "fit_s": seconds}), flush=True)
+    # uncertainty-driven: start from the first sizes[0] random frames, then add the pool
+    # frames of largest mean predicted variance, a batch at a time, up to each size
+    chosen = list(pool[:args.sizes[0]])
+    for size in args.sizes:
+        while len(chosen) < size:
+            model, _, _ = score(np.asarray(chosen))
+            rest = np.setdiff1d(pool, chosen)
+            rest_rows = np.isin(rows.frame, rest)
+            _, std = model.predict(features[rest_rows])
+            per_frame = np.bincount(rows.frame[rest_rows], weights=std.astype(np.float64) ** 2,
+                                    minlength=len(frames))[rest]
+            batch = max(1, min(size - len(chosen), int(np.ceil(args.batch_fraction *
+                                                                len(chosen)))))
+            chosen.extend(rest[np.argsort(-per_frame, kind="stable")[:batch]].tolist())
+        _, metrics, seconds = score(np.asarray(chosen))
+        print(json.dumps({"curve": "uncertainty", "frames": size, **metrics,
+                          "fit_s": seconds}), flush=True)
+
+
+def _best_ms(call, repeats: int = 5) -> float:
+    call()
+    best = np.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - started)
+    return 1e3 * best
+
+
+def run_speed(args) -> None:
+    from jobs.gpr import GprShiftModel
+    from jobs.nnmr import ShiftEnsemble, fast_predictor
+    from jobs.soap import SoapFeaturizer
+
+    frames_per_call = 32
+    shipped = ShiftEnsemble.from_store(ROOT / "jobs" / "data" / "nnmr-p2-nmmo.h5")
+    rng = np.random.default_rng(0)
+    nn_rows = rng.random((16 * frames_per_call, shipped.n_features), dtype=np.float32)
+    out = {"nnmr_numpy_ms_per_frame": _best_ms(lambda: shipped.predict(nn_rows)) /
+           frames_per_call}
+    fast = fast_predictor(shipped)
+    if fast is not shipped:
+        out["nnmr_tensorflow_ms_per_frame"] = _best_ms(lambda: fast.predict(nn_rows)) / \
+            frames_per_call
+    featurizer = SoapFeaturizer(["Na", "Mg", "Mn", "O"], "Na", args.r_cut, args.sigma,
+                                args.n_max, args.l_max, kernel="auto")
+    frames = __import__("ase.io", fromlist=["read"]).read(DATA / "p63mcm-dev.extxyz", ":32")
+    numbers = frames[0].numbers
+    positions = np.stack([a.positions for a in frames])
+    cells = np.stack([np.asarray(a.cell) for a in frames])
+    out["soap_kernel"] = featurizer.array_kernel()
+    out["soap_ms_per_frame"] = _best_ms(
+        lambda: featurizer.features_arrays(numbers, positions, cells), 3) / len(frames)
+    rows = featurizer.features_arrays(numbers, positions, cells)
+    for m in args.n_sparse:
+        sparse = rows[rng.integers(len(rows), size=m)] + 0.0
+        model = GprShiftModel(sparse, rng.standard_normal(m), rng.standard_normal((m, m)),
+                              args.zeta[0], 1e-4, 1600.0, 10.0, {})
+        out[f"gpr_M{m}_ms_per_frame"] = _best_ms(lambda: model.predict(rows)) / len(frames)
+    out.update(r_cut_a=args.r_cut, n_features=featurizer.n_features, zeta=args.zeta[0])
+    print(json.dumps({"speed": out}), flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", choices=["cv", "curve", "speed"])
+    parser.add_argument("--r-cut", type=float, default=5.5)
+    parser.add_argument("--sigma", type=float, default=0.5)
+    parser.add_argument("--n-max", type=int, default=9)
+    parser.add_argument("--l-max", type=int, default=9)
+    parser.add_argument("--zeta", type=int, nargs="+", default=[12])
+    parser.add_argument("--regularisation", type=float, nargs="+", default=[1e-5])
+    parser.add_argument("--n-sparse", type=int, nargs="+", default=[2000])
+    parser.add_argument("--selection", choices=["fps", "random"], default="fps")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=2022)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200, 400])
+    parser.add_argument("--test-frames", type=int, default=200)
+    parser.add_argument("--batch-fraction", type=float, default=0.25,
+                        help="uncertainty selection: frames added per step / frames chosen")
+    parser.add_argument("--cache", default="/tmp/dynshift-gpr-cache")
+    args = parser.parse_args(argv)
+    {"cv": run_cv, "curve": run_curve, "speed": run_speed}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,512 @@
+"""The GPR shift model: sparse Gaussian-process regression on SOAP, calibrated uncertainty.
+
+The second shift model beside NN-NMR (``train.model: gpr``; docs/gpr.md). It reads the same
+L2-normalised SOAP rows of the target nuclei (:class:`jobs.soap.SoapFeaturizer`) and learns
+
+- kernel: polynomial, ``k(x, y) = (x . y)^zeta`` (rows of unit norm: k(x, x) = 1);
+- sparse (projected process / DTC, Quinonero-Candela & Rasmussen 2005): M representative
+  environments X_M, chosen by farthest-point sampling (in a seeded random projection of the
+  rows) or at random from the training rows; the mean is
+  ``mu + k(x, X_M) w`` with ``(lambda K_MM + K_MN K_NM) w = K_MN (y - mu)``,
+  ``lambda = sigma_n^2 / sigma_f^2``; O(M) per nucleus once k(x, X_M) is known;
+- variance: ``sigma_f^2 [lambda + k(x, x) - k K_MM^-1 k + lambda k A^-1 k]`` (the DTC
+  predictive variance of a new label, A the normal matrix above), i.e.
+  ``std^2 = scale^2 (lambda + k(x, x) - k B k)`` with ``B = K_MM^-1 - lambda A^-1`` stored;
+  ``scale`` (ppm, sigma_f) is fitted on the held-out folds so that z-scores have unit
+  variance (the calibration);
+- fit, MPI-parallel and memory-bounded: each rank computes the kernel rows K_NM of its
+  contiguous block of rows, ``block_rows`` at a time, accumulates the M x M normal matrix
+  K_MN K_NM and the M-vector K_MN y, and the ranks sum them (``Allreduce``): memory
+  O(M^2 + block_rows M) per rank beyond the features; the M x M Cholesky solve is repeated on
+  every rank (M <= a few thousand: ~0.1 s; every rank then holds the model, no broadcast);
+- everything from the dot products on is float64.
+
+Hyperparameters (zeta, lambda, M, and the SOAP cutoff / width in jobs.train) are chosen by
+frame-level k-fold cross validation: :func:`cross_validate` fits every (zeta, lambda, M) of the
+grid on each fold's training rows (sparse points chosen from those rows only) and scores the
+held-out rows (RMSE, R2, calibrated NLPD, coverage of 1 and 2 sigma).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import product
+
+import numpy as np
+
+MODEL_NAME = "gpr"
+"""Value of the ``model`` attribute of ``/train`` for this model (NN-NMR's is ``nnmr``)."""
+
+
+# ---- kernel and sparse points -----------------------------------------------------------------
+def kernel_dots(rows: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+    """Dot products (float64) of feature rows with the sparse environments, (n, M)."""
+    return np.asarray(rows, dtype=np.float64) @ np.asarray(sparse, dtype=np.float64).T
+
+
+def polynomial_kernel(dots: np.ndarray, zeta: int) -> np.ndarray:
+    """(x . y)^zeta of dot products (float64)."""
+    return np.power(dots, int(zeta))
+
+
+def farthest_points(features: np.ndarray, n_points: int, rng: np.random.Generator,
+                    projection_dims: int = 256) -> np.ndarray:
+    """Indices of `n_points` rows chosen by farthest-point sampling.
+
+    Distances are Euclidean between the rows' random projections ``x R`` (R Gaussian,
+    ``projection_dims`` columns, drawn from `rng`; it preserves distances to a few per cent
+    at a fraction of the cost); the first row is drawn from `rng`, then each next row is the
+    one farthest from all rows chosen so far (ties: the lowest index). For rows of unit norm
+    the kernel distance 2 - 2 (x . y)^zeta is monotone in the Euclidean one whenever x . y >= 0
+    (every pair of the P2-NMMO rows: >= 0.96), so one ordering serves every zeta. Every rank
+    computes the same indices from the same rows and generator (no communication).
+    """
+    n_rows = len(features)
+    n_points = min(int(n_points), n_rows)
+    projection = rng.standard_normal((features.shape[1], projection_dims)) / np.sqrt(
+        projection_dims)
+    projected = np.asarray(features, dtype=np.float64) @ projection
+    squared = np.einsum("ij,ij->i", projected, projected)
+    chosen = np.empty(n_points, dtype=np.int64)
+    chosen[0] = int(rng.integers(n_rows))
+    distance = np.full(n_rows, np.inf)
+    for k in range(1, n_points):
+        point = projected[chosen[k - 1]]
+        np.minimum(distance, squared + point @ point - 2.0 * (projected @ point), out=distance)
+        distance[chosen[k - 1]] = -np.inf
+        chosen[k] = int(np.argmax(distance))
+    return chosen
+
+
+def sparse_points(features: np.ndarray, n_points: int, selection: str, rng: np.random.Generator,
+                  projection_dims: int = 256) -> np.ndarray:
+    """Indices of the M representative rows: ``fps`` (:func:`farthest_points`) or ``random``."""
+    if selection == "fps":
+        return farthest_points(features, n_points, rng, projection_dims)
+    if selection == "random":
+        return np.sort(rng.permutation(len(features))[:min(int(n_points), len(features))])
+    raise ValueError(f"sparse selection {selection!r}: use fps or random")
+
+
+# ---- the normal equations, over ranks -------------------------------------------------------
+def sparse_cholesky(kernel_mm: np.ndarray, jitter: float) -> np.ndarray:
+    """Lower Cholesky factor L of K_MM + jitter * mean(diag) * I (float64).
+
+    Nested: the factor of the leading m x m block is the leading block of this one, so one
+    factor serves every M of a grid (the sparse points are nested too)."""
+    from scipy.linalg import cholesky
+
+    matrix = np.array(kernel_mm, dtype=np.float64, copy=True)
+    matrix[np.diag_indices_from(matrix)] += jitter * float(np.mean(np.diag(kernel_mm)))
+    return cholesky(matrix, lower=True)
+
+
+def whitened(kernel_rows: np.ndarray, chol_mm: np.ndarray) -> np.ndarray:
+    """Nystroem features phi = L^-1 k of kernel rows (n, M) -> (n, M); |phi|^2 <= k(x, x)."""
+    from scipy.linalg import solve_triangular
+
+    return solve_triangular(chol_mm, np.ascontiguousarray(kernel_rows.T), lower=True).T
+
+
+def normal_equations(features: np.ndarray, targets: np.ndarray, rows: np.ndarray,
+                     sparse: np.ndarray, zetas, comm=None, block_rows: int = 2048,
+                     jitter: float = 1e-8):
+    """Whitened normal equations of the training `rows`, for each zeta, over the ranks.
+
+    The sparse GP's weights solve ``(lambda K_MM + K_MN K_NM) w = K_MN y``; formed as it
+    stands, that matrix squares the condition number of K_NM (on SOAP rows whose dot products
+    are all >= 0.96 its smallest eigenvalues are lost in float64). With K_MM = L L^T and the
+    Nystroem features phi = L^-1 k (rows of norm <= 1) the same model is
+    ``(Phi^T Phi + lambda I) v = Phi^T y``, ``w = L^-T v``: eigenvalues in [lambda, N].
+
+    Parameters
+    ----------
+    features
+        All feature rows (every rank holds them; only this rank's share is read).
+    targets
+        Targets of every row (float64, the mean already subtracted).
+    rows
+        Indices of the rows to sum over (the training rows), the same on every rank; each
+        rank takes a contiguous block of them, ``block_rows`` at a time.
+    sparse
+        (M, n_features) sparse environments.
+    zetas
+        Kernel exponents.
+    comm
+        The communicator (None: this process alone).
+    jitter
+        Relative diagonal added to K_MM before its Cholesky factorisation.
+
+    Returns
+    -------
+    (gram, rhs, chol)
+        ``gram[z]``: (M, M) Phi^T Phi; ``rhs[z]``: (M,) Phi^T y, summed over all `rows` and
+        ranks (``Allreduce``), and ``chol[z]`` the lower factor L of K_MM; float64, identical
+        on every rank.
+    """
+    zetas = [int(z) for z in zetas]
+    n_sparse = len(sparse)
+    size, rank = (comm.Get_size(), comm.Get_rank()) if comm is not None else (1, 0)
+    bounds = np.linspace(0, len(rows), size + 1).round().astype(int)
+    mine = rows[bounds[rank]:bounds[rank + 1]]
+    sparse64 = np.asarray(sparse, dtype=np.float64)
+    dots_mm = sparse64 @ sparse64.T
+    chol = [sparse_cholesky(polynomial_kernel(dots_mm, zeta), jitter) for zeta in zetas]
+    gram = np.zeros((len(zetas), n_sparse, n_sparse))
+    rhs = np.zeros((len(zetas), n_sparse))
+    for start in range(0, len(mine), block_rows):
+        block = mine[start:start + block_rows]
+        dots = np.asarray(features[block], dtype=np.float64) @ sparse64.T
+        for z, zeta in enumerate(zetas):
+            phi = whitened(polynomial_kernel(dots, zeta), chol[z])
+            gram[z] += phi.T @ phi
+            rhs[z] += phi.T @ targets[block]
+    if comm is not None and size > 1:
+        from mpi4py import MPI
+
+        comm.Allreduce(MPI.IN_PLACE, gram, op=MPI.SUM)
+        comm.Allreduce(MPI.IN_PLACE, rhs, op=MPI.SUM)
+    return gram, rhs, chol
+
+
+@dataclass
+class SparseSolution:
+    """One fitted sparse GP in whitened form: v, the factors of K_MM and of the normal matrix."""
+
+    coefficients: np.ndarray
+    """v of ``(Phi^T Phi + lambda I) v = Phi^T y``."""
+    chol_mm: np.ndarray
+    """Lower Cholesky factor L of K_MM (jittered)."""
+    chol_normal: np.ndarray
+    """Lower Cholesky factor of Phi^T Phi + lambda I."""
+    regularisation: float
+
+    @property
+    def weights(self) -> np.ndarray:
+        """w = L^-T v: the mean is k(x, X_M) . w."""
+        from scipy.linalg import solve_triangular
+
+        return solve_triangular(self.chol_mm, self.coefficients, lower=True, trans="T")
+
+    def mean(self, phi: np.ndarray) -> np.ndarray:
+        """Mean (target units, prior mean 0) of whitened rows."""
+        return phi @ self.coefficients
+
+    def raw_variance(self, phi: np.ndarray, self_kernel: np.ndarray) -> np.ndarray:
+        """``lambda + k(x, x) - |phi|^2 + lambda phi^T C^-1 phi`` per row (sigma_f^2 units)."""
+        from scipy.linalg import solve_triangular
+
+        half = solve_triangular(self.chol_normal, np.ascontiguousarray(phi.T), lower=True)
+        s = np.einsum("ij,ij->j", half, half)
+        q = np.einsum("ij,ij->i", phi, phi)
+        return self.regularisation * (1.0 + s) + np.maximum(self_kernel - q, 0.0)
+
+    def variance_factor(self) -> np.ndarray:
+        """G (M x M) with ``k B k = |G k|^2``, B = K_MM^-1 - lambda A^-1: the variance of a row
+        is ``lambda + k(x, x) - |G k|^2``. G = E^1/2 V^T L^-1 where ``I - lambda C^-1 = V E
+        V^T`` (eigenvalues in [0, 1))."""
+        from scipy.linalg import cho_solve, solve_triangular
+
+        n = len(self.coefficients)
+        eye = np.eye(n)
+        c_inv = cho_solve((self.chol_normal, True), eye)
+        e_matrix = eye - self.regularisation * 0.5 * (c_inv + c_inv.T)
+        values, vectors = np.linalg.eigh(e_matrix)
+        l_inv = solve_triangular(self.chol_mm, eye, lower=True)
+        return (np.sqrt(np.clip(values, 0.0, None))[:, None] * vectors.T) @ l_inv
+
+
+def solve_sparse(gram: np.ndarray, rhs: np.ndarray, chol_mm: np.ndarray,
+                 regularisation: float) -> SparseSolution:
+    """Solve ``(Phi^T Phi + lambda I) v = Phi^T y`` by Cholesky (scipy, float64)."""
+    from scipy.linalg import cho_solve, cholesky
+
+    normal = np.array(gram, dtype=np.float64, copy=True)
+    normal[np.diag_indices_from(normal)] += regularisation
+    chol_normal = cholesky(normal, lower=True)
+    return SparseSolution(cho_solve((chol_normal, True), rhs), chol_mm, chol_normal,
+                          float(regularisation))
+
+
+# ---- the predictor ------------------------------------------------------------------------
+class GprShiftModel:
+    """A fitted sparse GP, predicting shifts (ppm) and calibrated standard deviations.
+
+    The same contract as :class:`jobs.nnmr.ShiftEnsemble`: ``settings`` (the /train
+    attributes: ``soap``, ``species``, ``centre`` ...), ``n_features`` and
+    ``predict(features) -> (mean_ppm, std_ppm)``.
+
+    Parameters
+    ----------
+    sparse
+        (M, n_features) representative SOAP rows.
+    weights
+        (M,) float64 weights (ppm).
+    variance_factor
+        (M, M) float64 G with ``std^2 = scale^2 (lambda + k(x, x) - |G k|^2)``
+        (:meth:`SparseSolution.variance_factor`).
+    zeta, regularisation
+        Kernel exponent and lambda.
+    target_mean_ppm
+        The constant prior mean (the training mean shift).
+    std_scale_ppm
+        sigma_f (ppm), fitted on held-out folds (calibration).
+    settings
+        The /train attributes.
+    """
+
+    n_models = 1
+
+    def __init__(self, sparse: np.ndarray, weights: np.ndarray, variance_factor: np.ndarray,
+                 zeta: int, regularisation: float, target_mean_ppm: float,
+                 std_scale_ppm: float, settings: dict | None = None, chunk_rows: int = 4096):
+        self.sparse = np.ascontiguousarray(sparse, dtype=np.float64)
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.variance_factor = np.ascontiguousarray(variance_factor, dtype=np.float64)
+        self.zeta = int(zeta)
+        self.regularisation = float(regularisation)
+        self.target_mean_ppm = float(target_mean_ppm)
+        self.std_scale_ppm = float(std_scale_ppm)
+        self.settings = dict(settings or {})
+        self.chunk_rows = int(chunk_rows)
+        self.name = "gpr"
+
+    @property
+    def n_features(self) -> int:
+        """Length of the SOAP rows the model takes."""
+        return int(self.sparse.shape[1])
+
+    @property
+    def n_sparse(self) -> int:
+        """M, the number of representative environments."""
+        return int(self.sparse.shape[0])
+
+    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean shift (ppm) and calibrated predictive standard deviation (ppm) per row, float32."""
+        features = np.asarray(features)
+        if features.ndim != 2 or features.shape[1] != self.n_features:
+            raise ValueError(f"features of shape {features.shape}; the model takes "
+                             f"(n, {self.n_features})")
+        mean = np.empty(len(features), dtype=np.float32)
+        std = np.empty(len(features), dtype=np.float32)
+        for start in range(0, len(features), self.chunk_rows):
+            rows = np.asarray(features[start:start + self.chunk_rows], dtype=np.float64)
+            k = polynomial_kernel(rows @ self.sparse.T, self.zeta)
+            self_k = np.power(np.einsum("ij,ij->i", rows, rows), self.zeta)
+            mean[start:start + len(rows)] = self.target_mean_ppm + k @ self.weights
+            half = k @ self.variance_factor.T
+            quad = np.einsum("ij,ij->i", half, half)
+            raw = np.maximum(self.regularisation + self_k - quad, self.regularisation)
+            std[start:start + len(rows)] = self.std_scale_ppm * np.sqrt(raw)
+        return mean, std
+
+    # ---- store -----------------------------------------------------------------------
+    def write(self, store, group: str, **attrs) -> None:
+        """Write the model under ``<group>`` (collective; every rank holds the same)."""
+        store.put(f"{group}/sparse_features", self.sparse.astype(np.float32))
+        store.put(f"{group}/weights_ppm", self.weights)
+        store.put(f"{group}/variance_factor", self.variance_factor)
+        store.set_attrs(group, zeta=self.zeta, regularisation=self.regularisation,
+                        target_mean_ppm=self.target_mean_ppm,
+                        std_scale_ppm=self.std_scale_ppm, n_sparse=self.n_sparse,
+                        kernel="polynomial", **attrs)
+
+    @classmethod
+    def from_store(cls, store_or_path, group: str = "/train") -> "GprShiftModel":
+        """The model of a trained store's ``<group>/gpr`` (a RunStore or a path)."""
+        from pathlib import Path
+
+        from engine.failure import InputError
+
+        if isinstance(store_or_path, (str, Path)):
+            from engine.store import RunStore
+
+            reader = RunStore(Path(store_or_path), None, mode="r")
+        else:
+            reader = store_or_path
+        try:
+            where = f"{group}/gpr"
+            if not reader.exists(f"{where}/weights_ppm"):
+                raise InputError(f"{getattr(reader, 'path', reader)}: no GPR model (no "
+                                 f"{where}/weights_ppm); run the train stage with model gpr")
+            attrs = reader.attrs(where)
+            # the stored sparse rows are float32: the model computes with them as stored
+            model = cls(reader.read(f"{where}/sparse_features"), reader.read(f"{where}/weights_ppm"),
+                        reader.read(f"{where}/variance_factor"), int(attrs["zeta"]),
+                        float(attrs["regularisation"]), float(attrs["target_mean_ppm"]),
+                        float(attrs["std_scale_ppm"]), reader.attrs(group))
+        finally:
+            if isinstance(store_or_path, (str, Path)):
+                reader.close()
+        return model
+
+
+def is_gpr_store(reader, group: str = "/train") -> bool:
+    """True when ``<group>`` of a store holds a GPR model (``model`` attribute ``gpr``)."""
+    return reader.attrs(group).get("model") == MODEL_NAME
+
+
+# ---- calibration and scores -----------------------------------------------------------------
+def calibration_scale(errors_ppm: np.ndarray, raw_variance: np.ndarray) -> float:
+    """sigma_f (ppm) that gives the z-scores ``error / (sigma_f sqrt(raw))`` unit variance."""
+    errors_ppm = np.asarray(errors_ppm, dtype=np.float64)
+    raw_variance = np.asarray(raw_variance, dtype=np.float64)
+    return float(np.sqrt(np.mean(errors_ppm ** 2 / raw_variance)))
+
+
+def coverage(errors_ppm: np.ndarray, std_ppm: np.ndarray) -> dict[str, float]:
+    """Fractions of errors within 1 and 2 predicted standard deviations, and the z variance."""
+    z = np.asarray(errors_ppm, dtype=np.float64) / np.asarray(std_ppm, dtype=np.float64)
+    return {"within_1_sigma": float(np.mean(np.abs(z) <= 1.0)),
+            "within_2_sigma": float(np.mean(np.abs(z) <= 2.0)),
+            "z_variance": float(np.mean(z ** 2))}
+
+
+def gaussian_nlpd(errors_ppm: np.ndarray, std_ppm: np.ndarray) -> float:
+    """Mean negative log predictive density (nats) of the errors under N(0, std^2)."""
+    std = np.asarray(std_ppm, dtype=np.float64)
+    z2 = (np.asarray(errors_ppm, dtype=np.float64) / std) ** 2
+    return float(np.mean(0.5 * np.log(2 * np.pi) + np.log(std) + 0.5 * z2))
+
+
+# ---- cross validation -----------------------------------------------------------------------
+@dataclass
+class CvCurve:
+    """Held-out scores of every grid point: parallel lists, one entry per (zeta, lambda, M)."""
+
+    zeta: list = field(default_factory=list)
+    regularisation: list = field(default_factory=list)
+    n_sparse: list = field(default_factory=list)
+    rmse_ppm: list = field(default_factory=list)
+    mae_ppm: list = field(default_factory=list)
+    r2: list = field(default_factory=list)
+    nlpd: list = field(default_factory=list)
+    std_scale_ppm: list = field(default_factory=list)
+    within_1_sigma: list = field(default_factory=list)
+    within_2_sigma: list = field(default_factory=list)
+
+    def append(self, **values) -> None:
+        for key, value in values.items():
+            getattr(self, key).append(value)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every column as a numpy array."""
+        return {key: np.asarray(value) for key, value in self.__dict__.items()}
+
+
+@dataclass
+class CvResult:
+    """Out-of-fold predictions at every grid point and the scores of each."""
+
+    curve: CvCurve
+    predictions_ppm: np.ndarray
+    """(n_grid, n_rows) out-of-fold mean shifts."""
+    raw_variance: np.ndarray
+    """(n_grid, n_rows) out-of-fold raw variances (units of sigma_f^2)."""
+    grid: list
+    """(zeta, lambda, M) per grid point."""
+    seconds: float
+
+    def best(self, select_by: str = "nlpd") -> int:
+        """Index of the best grid point (lowest NLPD or RMSE; ties: the first)."""
+        scores = np.asarray(self.curve.nlpd if select_by == "nlpd" else self.curve.rmse_ppm)
+        return int(np.argmin(scores))
+
+
+def cross_validate(features: np.ndarray, shift_ppm: np.ndarray, fold_of_row: np.ndarray,
+                   spec, seeds, comm=None, log=None) -> CvResult:
+    """Frame-level k-fold CV of every (zeta, lambda, M) of ``spec`` (a GprSpec).
+
+    For each fold: the sparse points are chosen from the fold's training rows (seed stream
+    ``train.gpr_sparse`` at the fold's index, nested: the first M of the largest M), the normal
+    equations of its training rows are summed over the ranks, every grid point is solved, and
+    the held-out rows are predicted. The rows' folds come from ``fold_of_row`` (by frame).
+    """
+    from jobs.nnmr import regression_metrics
+
+    started = time.monotonic()
+    zetas = [int(z) for z in spec.zeta]
+    lambdas = [float(r) for r in spec.regularisation]
+    n_rows = len(shift_ppm)
+    folds = np.unique(fold_of_row)
+    grid = list(product(zetas, lambdas, [int(m) for m in spec.n_sparse]))
+    predictions = np.full((len(grid), n_rows), np.nan)
+    raw = np.full((len(grid), n_rows), np.nan)
+    size, rank = (comm.Get_size(), comm.Get_rank()) if comm is not None else (1, 0)
+    for fold in folds:
+        train = np.flatnonzero(fold_of_row != fold)
+        test = np.flatnonzero(fold_of_row == fold)
+        mean_ppm = float(np.mean(shift_ppm[train]))
+        targets = np.asarray(shift_ppm, dtype=np.float64) - mean_ppm
+        m_max = min(max(int(m) for m in spec.n_sparse), len(train))
+        chosen = train[sparse_points(features[train], m_max, spec.sparse_selection,
+                                     seeds.rng("train.gpr_sparse", int(fold)),
+                                     spec.projection_dims)]
+        sparse = np.asarray(features[chosen], dtype=np.float64)
+        gram, rhs, chol = normal_equations(features, targets, train, sparse, zetas, comm,
+                                           spec.block_rows, spec.jitter)
+        # held-out rows: each rank predicts a contiguous block, gathered below
+        bounds = np.linspace(0, len(test), size + 1).round().astype(int)
+        mine = test[bounds[rank]:bounds[rank + 1]]
+        dots_test = kernel_dots(features[mine], sparse)
+        self_dots = np.einsum("ij,ij->i", np.asarray(features[mine], np.float64),
+                              np.asarray(features[mine], np.float64))
+        for z, zeta in enumerate(zetas):
+            # nested: the first m columns of phi are the whitened rows of the first m points
+            phi = whitened(polynomial_kernel(dots_test, zeta), chol[z])
+            self_k = np.power(self_dots, zeta)
+            for g, (gz, lam, m) in enumerate(grid):
+                if gz != zeta:
+                    continue
+                m = min(m, m_max)
+                solution = solve_sparse(gram[z][:m, :m], rhs[z][:m], chol[z][:m, :m], lam)
+                pred = mean_ppm + solution.mean(phi[:, :m])
+                var = solution.raw_variance(phi[:, :m], self_k)
+                predictions[g, mine] = pred
+                raw[g, mine] = var
+        if log is not None:
+            log(f"gpr CV fold {fold}: {len(train)} training rows, M <= {m_max}, "
+                f"{time.monotonic() - started:.0f} s")
+    if comm is not None and size > 1:
+        from mpi4py import MPI
+
+        # every row was predicted on exactly one rank (NaN elsewhere): gather by a sum
+        for array in (predictions, raw):
+            local = np.nan_to_num(array, nan=0.0)
+            comm.Allreduce(MPI.IN_PLACE, local, op=MPI.SUM)
+            array[...] = local
+    curve = CvCurve()
+    for g, (zeta, lam, m) in enumerate(grid):
+        errors = predictions[g] - shift_ppm
+        scale = calibration_scale(errors, raw[g])
+        std = scale * np.sqrt(raw[g])
+        metrics = regression_metrics(shift_ppm, predictions[g])
+        cover = coverage(errors, std)
+        curve.append(zeta=zeta, regularisation=lam, n_sparse=m, rmse_ppm=metrics["rmse_ppm"],
+                     mae_ppm=metrics["mae_ppm"], r2=metrics["r2"],
+                     nlpd=gaussian_nlpd(errors, std), std_scale_ppm=scale,
+                     within_1_sigma=cover["within_1_sigma"],
+                     within_2_sigma=cover["within_2_sigma"])
+    return CvResult(curve, predictions, raw, grid, time.monotonic() - started)
+
+
+def fit(features: np.ndarray, shift_ppm: np.ndarray, zeta: int, regularisation: float,
+        n_sparse: int, std_scale_ppm: float, spec, seeds, comm=None, settings=None,
+        rows: np.ndarray | None = None, seed_index: int = 0) -> GprShiftModel:
+    """Fit one model on `rows` (default: all) at the given hyperparameters.
+
+    The sparse points come from stream ``train.gpr_sparse`` at `seed_index` (the stage uses
+    ``folds``: the index after the CV folds').
+    """
+    rows = np.arange(len(shift_ppm)) if rows is None else np.asarray(rows)
+    mean_ppm = float(np.mean(shift_ppm[rows]))
+    targets = np.asarray(shift_ppm, dtype=np.float64) - mean_ppm
+    chosen = rows[sparse_points(features[rows], n_sparse, spec.sparse_selection,
+                                seeds.rng("train.gpr_sparse", int(seed_index)),
+                                spec.projection_dims)]
+    sparse = np.asarray(features[chosen], dtype=np.float64)
+    gram, rhs, chol = normal_equations(features, targets, rows, sparse, [zeta], comm,
+                                       spec.block_rows, spec.jitter)
+    solution = solve_sparse(gram[0], rhs[0], chol[0], regularisation)
+    return GprShiftModel(sparse, solution.weights, solution.variance_factor(), zeta,
+                         regularisation, mean_ppm, std_scale_ppm, settings)
