@@ -14,7 +14,7 @@ for n in $RANKS; do
   for suite in tests/mpi/test_*.py; do
     n_runs=$((n_runs + 1))
     echo "== mpirun -n $n $suite"
-    if ! timeout -s KILL "$LIMIT_S" $MPIRUN -n "$n" "$PY" -m pytest -q -p no:cacheprovider "$suite"; then
+    if ! timeout -s KILL "$LIMIT_S" $MPIRUN -n "$n" "$PY" -m pytest -q --color=no -p no:cacheprovider "$suite"; then
       failed+=("-n $n $suite")
     fi
   done
