@@ -227,7 +227,7 @@ def run_manifest(manifest, text: str, ctx, store_path: Path, versions: dict | No
     from engine.driver import record_run, run_stages
     from engine.failure import fail_all_ranks
     from engine.lock import EXIT_STORE_HELD, StoreHeld, StoreLock
-    from engine.store import RunStore, StoreDamaged, check_store
+    from engine.store import RunStore, StoreDamaged, check_store, recover_interrupted
 
     store_path = Path(store_path)
     lock, refusal = None, None
@@ -235,6 +235,9 @@ def run_manifest(manifest, text: str, ctx, store_path: Path, versions: dict | No
         try:
             store_path.parent.mkdir(parents=True, exist_ok=True)
             lock = StoreLock.acquire(store_path, log=ctx.log)
+            restored = recover_interrupted(store_path)  # a kill inside a transaction
+            if restored:
+                ctx.log(restored)
             check_store(store_path)
         except StoreHeld as exc:
             refusal = (EXIT_STORE_HELD, str(exc))

@@ -36,8 +36,9 @@ def record_run(store: RunStore, ctx: RankContext, manifest_text: str, versions: 
                 + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(changed.items()))
                 + "); resumed stages may differ in the last digits")
     runs.append(entry)
-    store.set_attrs("/", manifest_yaml=manifest_text, versions=recorded or versions,
-                    ranks=ctx.size, invocations=runs, layout="dynshift-store/1")
+    with store.transaction():
+        store.set_attrs("/", manifest_yaml=manifest_text, versions=recorded or versions,
+                        ranks=ctx.size, invocations=runs, layout="dynshift-store/1")
 
 
 def run_stages(manifest, ctx: RankContext, store: RunStore, force: tuple[str, ...] = ()) -> None:

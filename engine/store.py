@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,46 @@ def store_damage(path: str | Path, timeout_s: float = CHECK_TIMEOUT_S) -> str | 
     return verdict.get("damage")
 
 
+def snapshot_path_of(path: str | Path) -> Path:
+    """The copy of a store taken before a metadata transaction: ``<store>.txn``."""
+    path = Path(path)
+    return path.with_name(path.name + ".txn")
+
+
+def recover_interrupted(path: str | Path) -> str | None:
+    """Finish what a run killed inside a :meth:`RunStore.transaction` left (rank 0, before the
+    store is opened); a sentence for the log, or None when there was nothing to do.
+
+    HDF5 has no crash-safe metadata update: a kill between the writes of one flush that creates
+    groups, datasets or attributes can leave a file whose object headers and links disagree.
+    Such updates run inside transactions, which first copy the flushed store to ``<store>.txn``.
+    Found next to the store:
+
+    - store readable: the transaction's writes reached the file or none did; the copy goes;
+    - store damaged and the copy readable: the kill hit the transaction; the damaged file is
+      kept as ``<store>.damaged-<UTC>`` and the copy takes its place (the stage that was
+      running redoes what it did since, with the same numbers);
+    - both damaged: nothing is changed (the caller names the store damaged).
+    """
+    path = Path(path)
+    snapshot = snapshot_path_of(path)
+    if not snapshot.exists():
+        return None
+    damage = store_damage(path) if path.exists() else "it is missing"
+    if damage is None:
+        snapshot.unlink()
+        return None
+    if store_damage(snapshot) is not None:
+        return None
+    kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    if path.exists():
+        os.replace(path, kept)
+    os.replace(snapshot, path)
+    return (f"store {path} was damaged by a run killed while it updated the store's structure "
+            f"({damage}); restored the copy taken just before that update"
+            + (f" (the damaged file is kept as {kept})" if kept.exists() else ""))
+
+
 def check_store(path: str | Path) -> None:
     """Raise :class:`StoreDamaged` when the existing store at `path` cannot be read."""
     reason = store_damage(path)
@@ -129,6 +171,7 @@ class RunStore:
     def __init__(self, path: str | Path, ctx=None, mode: str = "a"):
         self.path = Path(path)
         self.ctx = ctx
+        self._transactions = 0
         creating = None
         if mode == "a":  # never create anew over an existing file (h5py's "a" may)
             exists = self.path.exists() if ctx is None or ctx.is_root else None
@@ -191,6 +234,47 @@ class RunStore:
     def flush(self) -> None:
         """Push data and metadata to disk (collective); stages call it after each chunk."""
         self.file.flush()
+
+    @contextmanager
+    def transaction(self):
+        """A block that changes the store's structure (creates groups, datasets, attributes),
+        made crash-safe: the flushed store is first copied to ``<store>.txn`` (rank 0, written
+        under a private name and renamed, so the copy is whole or absent), the block runs, the
+        store is flushed and the copy removed (collective; nested blocks join the outer one).
+        A run killed inside leaves the copy; :func:`recover_interrupted` restores it when the
+        store is damaged. Raw row writes between flushes need none (HDF5 allocates a parallel
+        file's chunks when a dataset is created, so they change no metadata).
+        """
+        if self._transactions:
+            self._transactions += 1
+            try:
+                yield
+            finally:
+                self._transactions -= 1
+            return
+        snapshot = snapshot_path_of(self.path)
+        self.file.flush()
+        self._barrier()
+        if self._writer:
+            private = snapshot.with_name(f"{snapshot.name}.{os.getpid()}.tmp")
+            shutil.copyfile(self.path, private)
+            with open(private, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(private, snapshot)
+        self._barrier()
+        self._transactions = 1
+        try:
+            yield
+            self.file.flush()
+            self._barrier()
+        finally:
+            self._transactions = 0
+        if self._writer and snapshot.exists():
+            snapshot.unlink()
+
+    def _barrier(self) -> None:
+        if self.ctx is not None and self.ctx.size > 1:
+            self.ctx.comm.Barrier()
 
     # ---- reading (any rank, no communication) -----------------------------------------
     def exists(self, name: str) -> bool:
@@ -297,9 +381,9 @@ class RunStore:
         return self.attrs(f"/stages/{stage}").get("status")
 
     def mark_stage(self, stage: str, status: str, **attrs) -> None:
-        """Record a stage's status and results (collective)."""
-        self.set_attrs(f"/stages/{stage}", status=status, updated_utc=_utc_now(), **attrs)
-        self.flush()
+        """Record a stage's status and results (collective, a transaction)."""
+        with self.transaction():
+            self.set_attrs(f"/stages/{stage}", status=status, updated_utc=_utc_now(), **attrs)
 
     def _agreed(self, attrs: dict) -> dict:
         """Rank 0's attribute values on every rank: a collective attribute write with values

@@ -397,7 +397,8 @@ def analyze_systems(spec: AnalyzeSpec, systems: list[SystemSpec], ctx: RankConte
     """Analyse every system of the manifest (collective); headline numbers per system."""
     rows = []
     for system in systems:
-        result = analyze_system(spec, system, ctx, store)
+        with store.transaction():  # its results are many new datasets
+            result = analyze_system(spec, system, ctx, store)
         d_cm2_s = float(result.d_cm2_s) if np.isfinite(result.d_cm2_s) else None
         rows.append((system.name, float(result.mean_shift_ppm),
                      float(result.mean_shift_stderr_ppm), d_cm2_s))

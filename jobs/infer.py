@@ -306,7 +306,8 @@ def predictor_for(ensemble, spec: InferSpec, ctx: RankContext, store: RunStore,
         recorded=recorded)
     if choice.source != "fixed":
         if choice.source == "timed":
-            store.set_attrs(GROUP, **choice.attrs(), predictor_model=model_name)
+            with store.transaction():
+                store.set_attrs(GROUP, **choice.attrs(), predictor_model=model_name)
         ctx.log(f"infer: {choice.log_line()}")
     return predictor, choice
 
@@ -449,15 +450,15 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
         identity = {"source": source.description, "model": model_name,
                     "chunk_frames": spec.chunk_frames, "n_frames": source.n_frames,
                     "shifts_from": spec.shifts_from}
-        _prepare_group(store, group, source.n_frames, len(source.numbers), centres,
-                       spec.chunk_frames, identity)
-        if not store.exists(f"{group}/centre_index"):
-            store.put(f"{group}/centre_index", centres.astype(np.int64))
-            store.put(f"{group}/frame0_numbers", source.numbers.astype(np.int32))
-            store.put(f"{group}/frame0_positions_a", frame0.positions_a[0], unit="angstrom")
-        store.set_attrs(group, soap_kernel=soap_kernel)
-        store.flush()
-        ctx.comm.Barrier()
+        with store.transaction():  # the system's datasets and attributes, at once
+            _prepare_group(store, group, source.n_frames, len(source.numbers), centres,
+                           spec.chunk_frames, identity)
+            if not store.exists(f"{group}/centre_index"):
+                store.put(f"{group}/centre_index", centres.astype(np.int64))
+                store.put(f"{group}/frame0_numbers", source.numbers.astype(np.int32))
+                store.put(f"{group}/frame0_positions_a", frame0.positions_a[0],
+                          unit="angstrom")
+            store.set_attrs(group, soap_kernel=soap_kernel)
         bounds = _chunk_bounds(source.n_frames, spec.chunk_frames)
         missing = np.flatnonzero(store.read(f"{group}/chunk_done") == 0)
         mine = missing[ctx.block(len(missing))]
@@ -499,7 +500,8 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
         ctx.comm.Barrier()
         computed = ctx.comm.allreduce(done_here, op=MPI.SUM)
         n_done = int(np.sum(np.diff(bounds)[store.read(f"{group}/chunk_done") == 1]))
-        store.set_attrs(group, n_done=n_done)
+        with store.transaction():
+            store.set_attrs(group, n_done=n_done)
         if n_done != source.n_frames:
             raise RuntimeError(f"infer {system.name}: {n_done} of {source.n_frames} frames "
                                "written")

@@ -404,9 +404,10 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
                      f" = {gyromagnetic_factor:g}: A_tot scales with NGYROMAG, so the shifts "
                      f"will be off by {given / gyromagnetic_factor:.4g}x")
     labeller = make_labeller(spec, gyromagnetic_factor, ctx.cores, ctx.rank)
-    store.set_attrs(LABEL_ROOT, systems=[s.name for s in systems], labeller=spec.labeller)
-    for system in systems:
-        _prepare_system(spec, ctx, store, system)
+    with store.transaction():  # the selection and the datasets of every system, at once
+        store.set_attrs(LABEL_ROOT, systems=[s.name for s in systems], labeller=spec.labeller)
+        for system in systems:
+            _prepare_system(spec, ctx, store, system)
     ctx.comm.Barrier()
     all_frames = [_load_system(store, system) for system in systems]
     species = sorted({str(s) for frames in all_frames
@@ -444,8 +445,9 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
                     f"{sum(o['status'] == STATUS_DONE for o in outcomes)} done")
     gathered = ctx.comm.allgather(outcomes)
     everything = [o for rank_outcomes in gathered for o in rank_outcomes]
-    return _finish(spec, ctx, store, all_frames, everything,
-                   tuple(len(rank_outcomes) for rank_outcomes in gathered))
+    with store.transaction():  # counts and failures as attributes
+        return _finish(spec, ctx, store, all_frames, everything,
+                       tuple(len(rank_outcomes) for rank_outcomes in gathered))
 
 
 def _finish(spec, ctx: RankContext, store: RunStore, all_frames: list[SystemFrames],

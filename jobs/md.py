@@ -5,8 +5,9 @@ fine). Every rank creates every replica's datasets, pre-sized to the requested f
 the same order (collective); each rank then writes only its own replicas' rows (independent).
 The run advances in rounds: in each round a rank runs one chunk of `chunk_frames` frames of each
 of its replicas, writes them together with the state needed to resume (momenta and thermostat
-state after the chunk's last frame), and then all ranks record every replica's `n_saved` and
-flush (collective). A killed run resumes each replica from its last saved frame and continues
+state after the chunk's last frame), and then all ranks flush; the stage's groups, datasets and
+attributes are made in one store transaction at its start (``n_saved`` at its end), so a kill
+between them never damages the store (engine/store.py RunStore.transaction). A killed run resumes each replica from its last saved frame and continues
 exactly as if never stopped. Store layout: docs/md.md.
 """
 from __future__ import annotations
@@ -337,21 +338,21 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     seeds = SeedStreams(seed)
     tasks = md_tasks(systems, spec.replicas)
     structures = [build_structure(s, base_dir) for s in systems]
-    for i, system in enumerate(systems):
-        store.put(f"{system_group(system.name)}/numbers", structures[i].numbers.astype(np.int64))
-        store.set_attrs(system_group(system.name), structure=system.structure,
-                        supercell=list(system.supercell), n_atoms=len(structures[i]))
     interval_fs = spec.save_every_steps * spec.timestep_fs
-    for task in tasks:  # collective: same order everywhere
-        n_atoms = len(structures[task.system_index])
-        create_datasets(store, task, n_atoms, spec)
-        _check_compatible(store, task, spec, n_atoms)
-        store.set_attrs(task.group, save_interval_fs=interval_fs, timestep_fs=spec.timestep_fs,
-                        temperature_k=spec.temperature_k, thermostat=spec.thermostat,
-                        equilibration_steps=spec.equilibration_steps,
-                        n_requested=spec.frames,
-                        seed_key=seeds.key("md.velocities", task.system_index, task.replica))
-    store.flush()
+    with store.transaction():  # every group, dataset and attribute of the stage, at once
+        for i, system in enumerate(systems):
+            store.put(f"{system_group(system.name)}/numbers", structures[i].numbers.astype(np.int64))
+            store.set_attrs(system_group(system.name), structure=system.structure,
+                            supercell=list(system.supercell), n_atoms=len(structures[i]))
+        for task in tasks:  # collective: same order everywhere
+            n_atoms = len(structures[task.system_index])
+            create_datasets(store, task, n_atoms, spec)
+            _check_compatible(store, task, spec, n_atoms)
+            store.set_attrs(task.group, save_interval_fs=interval_fs, timestep_fs=spec.timestep_fs,
+                            temperature_k=spec.temperature_k, thermostat=spec.thermostat,
+                            equilibration_steps=spec.equilibration_steps,
+                            n_requested=spec.frames,
+                            seed_key=seeds.key("md.velocities", task.system_index, task.replica))
     saved = {t.group: int(store.read(f"{t.group}/resume_saved")[0]) for t in tasks}
     mine = [tasks[i] for i in ctx.round_robin(len(tasks))]
 
@@ -396,16 +397,18 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
                 progress.update(equilibration_frames)
             _run_chunk(trajectory, task, start, end, spec, store, progress, checks)
             saved[task.group] = end
-        counts = ctx.comm.allgather({t.group: saved[t.group] for t in mine})
-        merged = {k: v for part in counts for k, v in part.items()}
-        for task in tasks:  # collective, same order
-            store.set_attrs(task.group, n_saved=merged[task.group])
+        # rows and resume state only (no metadata: a kill here cannot damage the store)
         store.flush()
         if spec.stop_after_frames is not None and end >= spec.stop_after_frames \
                 and end < spec.frames:
             raise StoppedOnPurpose(f"md.stop_after_frames={spec.stop_after_frames}: stopped "
                                    f"after {end} frames per replica")
     progress.finish()
+    counts = ctx.comm.allgather({t.group: saved[t.group] for t in mine})
+    merged = {k: v for part in counts for k, v in part.items()}
+    with store.transaction():
+        for task in tasks:  # collective, same order
+            store.set_attrs(task.group, n_saved=merged[task.group])
     temperatures = []
     for task in mine:
         temperatures.append(float(np.mean(store.read(f"{task.group}/temperature_k"))))
@@ -499,7 +502,8 @@ class Replica:
     number: int
     group: str
     n_saved: int
-    """Valid frames (the attribute ``n_saved``, else the dataset length)."""
+    """Valid frames (``resume_saved``, written with every chunk; else the attribute
+    ``n_saved``; else the dataset length)."""
 
 
 @dataclass(frozen=True)
@@ -565,7 +569,10 @@ def md_trajectories(store: RunStore, system: str, root: str = GROUP) -> MdTrajec
         if not store.exists(f"{path}/positions_a"):
             continue
         length = store.shape(f"{path}/positions_a")[0]
-        n_saved = store.attrs(path).get("n_saved")
+        if store.exists(f"{path}/resume_saved"):  # written with every chunk
+            n_saved = int(store.read(f"{path}/resume_saved")[0])
+        else:
+            n_saved = store.attrs(path).get("n_saved")
         n_saved = length if n_saved is None else min(int(n_saved), length)
         found.append(Replica(int(name[1:]), path, int(n_saved)))
     if not found or not store.exists(f"{group}/numbers"):

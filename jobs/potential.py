@@ -330,8 +330,9 @@ def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
         if error is not None:
             raise error
         report = {"trained": True, **report}
-    store.put_bytes(MODEL_PATH, blob, **report)
-    store.set_attrs("/potential", type_map=list(spec.type_map))
+    with store.transaction():
+        store.put_bytes(MODEL_PATH, blob, **report)
+        store.set_attrs("/potential", type_map=list(spec.type_map))
     store.flush()
     numbers = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
     numbers.pop("trained", None)

@@ -35,14 +35,14 @@ def probe_ranks(spec, ctx: RankContext, store: RunStore) -> ProbeResult:
     if spec.others_wait_s:
         time.sleep(spec.others_wait_s)
     hosts = ctx.comm.allgather(socket.gethostname())
-    store.create_dataset(f"{GROUP}/cores", (ctx.size,), dtype="i4", unit="cores")
-    store.write_rows(f"{GROUP}/cores", ctx.rank, [ctx.cores])
-    rank_sum = ctx.comm.allreduce(ctx.rank, op=MPI.SUM)
-    if rank_sum != ctx.size * (ctx.size - 1) // 2:
-        raise RuntimeError(f"Allreduce gave {rank_sum}; the MPI installation is broken")
-    store.set_attrs(GROUP, hosts=hosts)
-    ctx.comm.Barrier()
-    store.flush()
+    with store.transaction():
+        store.create_dataset(f"{GROUP}/cores", (ctx.size,), dtype="i4", unit="cores")
+        store.write_rows(f"{GROUP}/cores", ctx.rank, [ctx.cores])
+        rank_sum = ctx.comm.allreduce(ctx.rank, op=MPI.SUM)
+        if rank_sum != ctx.size * (ctx.size - 1) // 2:
+            raise RuntimeError(f"Allreduce gave {rank_sum}; the MPI installation is broken")
+        store.set_attrs(GROUP, hosts=hosts)
+        ctx.comm.Barrier()
     cores = store.read(f"{GROUP}/cores")
     return ProbeResult(ranks=ctx.size, hosts=len(set(hosts)), cores_total=int(np.sum(cores)))
 

@@ -31,9 +31,13 @@ def _run(path: Path, spec: MdSpec):
 
 
 def _read(path: Path, group: str = "/md/mcm/r000") -> dict:
+    """The replica's datasets and its saved-frame count as later stages read it."""
+    from jobs.md import md_trajectories
+
     with h5py.File(path, "r") as f:
         out = {k: f[f"{group}/{k}"][()] for k in KEYS}
-        out["n_saved"] = f[group].attrs["n_saved"]
+    with RunStore(path, None, mode="r") as store:
+        out["n_saved"] = md_trajectories(store, "mcm").replica(int(group[-3:])).n_saved
     return out
 
 
