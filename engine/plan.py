@@ -220,6 +220,14 @@ def _stage_plan(stage: str, manifest, facts, ranks: int) -> tuple[str, float]:
         folds = spec.ensemble_folds or spec.folds
         networks = folds * spec.members_per_fold
         n_features = soap_features(len(spec.species), spec.soap_n_max, spec.soap_l_max)
+        if getattr(spec, "model", "nnmr") == "gpr":
+            m_final = max(spec.gpr.n_sparse)
+            grid = len(spec.gpr.zeta) * len(spec.gpr.regularisation) * len(spec.gpr.n_sparse)
+            return (f"sparse GPR: {spec.folds}-fold CV over {grid} hyperparameter set(s), then "
+                    f"the final fit; SOAP rows ({n_features} features) computed in contiguous "
+                    f"blocks of frames on all {ranks} ranks, kernel blocks over the ranks, "
+                    f"reduced collectively; up to {m_final} sparse environments stored in "
+                    f"float64", float(m_final * (n_features + 1) * 8))
         widths = [n_features, *spec.hidden_units, 1]
         weights = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
         dtype_bytes = 2 if spec.weights_dtype == "float16" else 4

@@ -183,17 +183,17 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
     fold_of_frame = frame_folds(len(frames), spec.folds, seed)
     n_trained = spec.ensemble_folds or spec.folds
     sources = [str(a.info.get("source", f"frame {i}")) for i, a in enumerate(frames)]
-    store.require_group(f"{GROUP}/folds")
-    store.set_attrs(GROUP, soap=featurizer.settings(), species=list(spec.species),
-                    centre=spec.centre, shift=shift_spec.constants(),
-                    ppm_per_mhz=ppm_per_mhz(shift_spec),
-                    target_mean_ppm=float(rows.shift_ppm.mean()),
-                    target_std_ppm=float(rows.shift_ppm.std()), n_frames=len(frames),
-                    n_rows=len(rows.shift_ppm), folds=spec.folds, folds_trained=n_trained,
-                    spec=spec.model_dump(mode="json"), seed=seed, ranks=ctx.size)
-    store.put(f"{GROUP}/split/fold_of_frame", fold_of_frame)
-    store.put(f"{GROUP}/split/frame_source", np.array(sources, dtype="S"))
-    store.flush()
+    with store.transaction():
+        store.require_group(f"{GROUP}/folds")
+        store.set_attrs(GROUP, soap=featurizer.settings(), species=list(spec.species),
+                        centre=spec.centre, shift=shift_spec.constants(),
+                        ppm_per_mhz=ppm_per_mhz(shift_spec),
+                        target_mean_ppm=float(rows.shift_ppm.mean()),
+                        target_std_ppm=float(rows.shift_ppm.std()), n_frames=len(frames),
+                        n_rows=len(rows.shift_ppm), folds=spec.folds, folds_trained=n_trained,
+                        spec=spec.model_dump(mode="json"), seed=seed, ranks=ctx.size)
+        store.put(f"{GROUP}/split/fold_of_frame", fold_of_frame)
+        store.put(f"{GROUP}/split/frame_source", np.array(sources, dtype="S"))
 
     fold_of_row = fold_of_frame[rows.frame]
     predictions = np.full(len(rows.shift_ppm), np.nan)
@@ -210,13 +210,13 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
                                     ctx)
                 metrics = regression_metrics(rows.shift_ppm[test],
                                              model.predict_ppm(features[test]))
-                write_fold_model(store, group, model, dtype=spec.weights_dtype, **metrics,
-                                 n_test_rows=int(test.sum()), fold=fold, member=member,
-                                 complete=False)
-                for curve_name, curve in model.curves.items():
-                    store.put(f"{GROUP}/curves/{name}/{curve_name}", curve)
-                store.set_attrs(group, complete=True)
-                store.flush()
+                with store.transaction():
+                    write_fold_model(store, group, model, dtype=spec.weights_dtype, **metrics,
+                                     n_test_rows=int(test.sum()), fold=fold, member=member,
+                                     complete=False)
+                    for curve_name, curve in model.curves.items():
+                        store.put(f"{GROUP}/curves/{name}/{curve_name}", curve)
+                    store.set_attrs(group, complete=True)
                 ctx.log(f"train: model {name} (fold {fold}): rmse {metrics['rmse_ppm']:.1f} "
                         f"ppm, mae {metrics['mae_ppm']:.1f} ppm, r2 {metrics['r2']:.4f} "
                         f"(best epoch {model.best_epoch} of {model.epochs_run})")
@@ -230,14 +230,14 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
 
     done = ~np.isnan(predictions)
     cv = regression_metrics(rows.shift_ppm[done], predictions[done])
-    store.put(f"{GROUP}/cv/shift_dft_ppm", rows.shift_ppm[done], unit="ppm")
-    store.put(f"{GROUP}/cv/shift_pred_ppm", predictions[done], unit="ppm")
-    store.put(f"{GROUP}/cv/fold", fold_of_row[done])
-    store.put(f"{GROUP}/cv/frame", rows.frame[done])
-    store.put(f"{GROUP}/cv/atom", rows.atom[done])
-    store.set_attrs(GROUP, cv_rmse_ppm=cv["rmse_ppm"], cv_mae_ppm=cv["mae_ppm"],
-                    cv_r2=cv["r2"], cv_rows=int(done.sum()))
-    store.flush()
+    with store.transaction():
+        store.put(f"{GROUP}/cv/shift_dft_ppm", rows.shift_ppm[done], unit="ppm")
+        store.put(f"{GROUP}/cv/shift_pred_ppm", predictions[done], unit="ppm")
+        store.put(f"{GROUP}/cv/fold", fold_of_row[done])
+        store.put(f"{GROUP}/cv/frame", rows.frame[done])
+        store.put(f"{GROUP}/cv/atom", rows.atom[done])
+        store.set_attrs(GROUP, cv_rmse_ppm=cv["rmse_ppm"], cv_mae_ppm=cv["mae_ppm"],
+                        cv_r2=cv["r2"], cv_rows=int(done.sum()))
     if spec.parity_png and ctx.is_root:
         write_parity_png(parity_png_path(store.path), rows.shift_ppm[done], predictions[done],
                          cv)
@@ -335,35 +335,35 @@ def train_gpr(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
     sources = [str(a.info.get("source", f"frame {i}")) for i, a in enumerate(frames)]
     spec_json = spec.model_dump(mode="json")
     spec_json["soap_r_cut_a"], spec_json["soap_sigma_a"] = featurizer.r_cut_a, featurizer.sigma_a
-    store.require_group(f"{GROUP}/gpr")
-    store.set_attrs(GROUP, model=gpr.MODEL_NAME, soap=featurizer.settings(),
-                    species=list(spec.species), centre=spec.centre,
-                    shift=shift_spec.constants(), ppm_per_mhz=ppm_per_mhz(shift_spec),
-                    target_mean_ppm=float(rows.shift_ppm.mean()),
-                    target_std_ppm=float(rows.shift_ppm.std()), n_frames=len(frames),
-                    n_rows=len(rows.shift_ppm), folds=spec.folds, folds_trained=spec.folds,
-                    spec=spec_json, seed=seed, ranks=ctx.size)
-    store.put(f"{GROUP}/split/fold_of_frame", fold_of_frame)
-    store.put(f"{GROUP}/split/frame_source", np.array(sources, dtype="S"))
-    store.put(f"{CV_GROUP}/shift_dft_ppm", rows.shift_ppm, unit="ppm")
-    store.put(f"{CV_GROUP}/shift_pred_ppm", pred, unit="ppm")
-    store.put(f"{CV_GROUP}/shift_std_ppm", std, unit="ppm")
-    store.put(f"{CV_GROUP}/fold", fold_of_row)
-    store.put(f"{CV_GROUP}/frame", rows.frame)
-    store.put(f"{CV_GROUP}/atom", rows.atom)
-    for key, value in curve.items():
-        store.put(f"{GROUP}/gpr/cv_curve/{key}", np.concatenate(value))
-    model.write(store, f"{GROUP}/gpr", soap_r_cut_a=featurizer.r_cut_a,
-                soap_sigma_a=featurizer.sigma_a, select_by=gspec.select_by,
-                sparse_selection=gspec.sparse_selection, cv_seconds=float(cv.seconds),
-                fit_seconds=fit_seconds, soap_seconds=soap_seconds, complete=False)
-    store.set_attrs(GROUP, cv_rmse_ppm=cv_metrics["rmse_ppm"], cv_mae_ppm=cv_metrics["mae_ppm"],
-                    cv_r2=cv_metrics["r2"], cv_rows=len(pred),
-                    cv_within_1_sigma=cover["within_1_sigma"],
-                    cv_within_2_sigma=cover["within_2_sigma"],
-                    cv_z_variance=cover["z_variance"])
-    store.set_attrs(f"{GROUP}/gpr", complete=True)
-    store.flush()
+    with store.transaction():
+        store.require_group(f"{GROUP}/gpr")
+        store.set_attrs(GROUP, model=gpr.MODEL_NAME, soap=featurizer.settings(),
+                        species=list(spec.species), centre=spec.centre,
+                        shift=shift_spec.constants(), ppm_per_mhz=ppm_per_mhz(shift_spec),
+                        target_mean_ppm=float(rows.shift_ppm.mean()),
+                        target_std_ppm=float(rows.shift_ppm.std()), n_frames=len(frames),
+                        n_rows=len(rows.shift_ppm), folds=spec.folds, folds_trained=spec.folds,
+                        spec=spec_json, seed=seed, ranks=ctx.size)
+        store.put(f"{GROUP}/split/fold_of_frame", fold_of_frame)
+        store.put(f"{GROUP}/split/frame_source", np.array(sources, dtype="S"))
+        store.put(f"{CV_GROUP}/shift_dft_ppm", rows.shift_ppm, unit="ppm")
+        store.put(f"{CV_GROUP}/shift_pred_ppm", pred, unit="ppm")
+        store.put(f"{CV_GROUP}/shift_std_ppm", std, unit="ppm")
+        store.put(f"{CV_GROUP}/fold", fold_of_row)
+        store.put(f"{CV_GROUP}/frame", rows.frame)
+        store.put(f"{CV_GROUP}/atom", rows.atom)
+        for key, value in curve.items():
+            store.put(f"{GROUP}/gpr/cv_curve/{key}", np.concatenate(value))
+        model.write(store, f"{GROUP}/gpr", soap_r_cut_a=featurizer.r_cut_a,
+                    soap_sigma_a=featurizer.sigma_a, select_by=gspec.select_by,
+                    sparse_selection=gspec.sparse_selection, cv_seconds=float(cv.seconds),
+                    fit_seconds=fit_seconds, soap_seconds=soap_seconds, complete=False)
+        store.set_attrs(GROUP, cv_rmse_ppm=cv_metrics["rmse_ppm"], cv_mae_ppm=cv_metrics["mae_ppm"],
+                        cv_r2=cv_metrics["r2"], cv_rows=len(pred),
+                        cv_within_1_sigma=cover["within_1_sigma"],
+                        cv_within_2_sigma=cover["within_2_sigma"],
+                        cv_z_variance=cover["z_variance"])
+        store.set_attrs(f"{GROUP}/gpr", complete=True)
     if spec.parity_png and ctx.is_root:
         write_parity_png(parity_png_path(store.path), rows.shift_ppm, pred, cv_metrics,
                          model_label="GPR")
