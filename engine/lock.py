@@ -41,6 +41,10 @@ variable ``DYNSHIFT_LOCK_STALE_S`` (sites with a large clock skew between nodes 
 SUSPECT_AFTER_S = 3 * HEARTBEAT_S
 """A holder on another host whose heartbeat is older than this (s) but not yet stale is
 probably dead: a newcomer waits (at most until STALE_AFTER_S) instead of being refused."""
+ORPHAN_GRACE_S = 60.0
+"""A holder on this host whose launcher is gone (mpirun killed; its ranks end at their next
+MPI call) is waited for this long (s) before a newcomer gives up; once its pid is gone the
+lock is stale and taken over."""
 UNREADABLE_GRACE_S = 10.0
 """A lock file that cannot be parsed (left half written by a taker killed on a file system
 without hard links) is stale once its mtime is this old (s)."""
@@ -78,6 +82,9 @@ class LockHolder:
     job_id: str | None
     started_utc: str
     token: str
+    launcher_pid: int | None = None
+    """The holder's parent when it took the lock (mpirun, srun's step daemon, a shell)."""
+    launcher_start: str | None = None
 
     @classmethod
     def of_this_process(cls) -> "LockHolder":
@@ -85,7 +92,8 @@ class LockHolder:
         return cls(host=socket.gethostname(), pid=os.getpid(),
                    pid_start=_process_start(os.getpid()), job_id=scheduler_job_id(),
                    started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   token=uuid.uuid4().hex)
+                   token=uuid.uuid4().hex, launcher_pid=os.getppid(),
+                   launcher_start=_process_start(os.getppid()))
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -95,7 +103,8 @@ class LockHolder:
         doc = json.loads(text)
         return cls(host=str(doc["host"]), pid=int(doc["pid"]), pid_start=doc.get("pid_start"),
                    job_id=doc.get("job_id"), started_utc=str(doc["started_utc"]),
-                   token=str(doc["token"]))
+                   token=str(doc["token"]), launcher_pid=doc.get("launcher_pid"),
+                   launcher_start=doc.get("launcher_start"))
 
     def describe(self) -> str:
         """'host h, pid p, slurm job 12, since 2025-01-01T10:00:00Z'."""
@@ -144,7 +153,8 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class Judgement:
-    """A lock file judged: ``live``, ``suspect`` (another host, heartbeat late) or ``stale``."""
+    """A lock file judged: ``live``, ``suspect`` (another host, heartbeat late), ``orphaned``
+    (this host, its launcher gone, its process still ending) or ``stale``."""
 
     verdict: str
     holder: LockHolder | None
@@ -173,6 +183,14 @@ def judge(lock_path: Path, stale_after_s: float = STALE_AFTER_S,
         if holder.pid_start is not None and _process_start(holder.pid) not in (
                 None, holder.pid_start):
             return Judgement("stale", holder, age_s, "its pid belongs to another process now")
+        if holder.launcher_pid is not None and (
+                not _pid_alive(int(holder.launcher_pid)) or
+                (holder.launcher_start is not None and
+                 _process_start(int(holder.launcher_pid)) not in (None, holder.launcher_start))):
+            # mpirun was killed (kill -9 of the launcher): its ranks live on for a moment,
+            # each in a process group of its own, until their next MPI call fails
+            return Judgement("orphaned", holder, age_s,
+                             f"its launcher (pid {holder.launcher_pid}) is gone")
         return Judgement("live", holder, age_s, "")
     if age_s > stale_after_s:
         return Judgement("stale", holder, age_s, f"no heartbeat for {age_s:.0f} s")
@@ -282,6 +300,7 @@ class StoreLock:
         lock_path = lock_path_of(store_path)
         me = LockHolder.of_this_process()
         waited_note = False
+        orphan_since = None
         while True:
             if _create_exclusive(lock_path, me.to_json()):
                 return cls(store_path, lock_path, me, heartbeat_s)
@@ -293,6 +312,19 @@ class StoreLock:
                           if judgement.holder is not None and
                           judgement.holder.host != me.host else "")
                 raise StoreHeld(store_path, judgement.holder, lock_path, detail)
+            if judgement.verdict == "orphaned":
+                waited = time.monotonic() - orphan_since if orphan_since else 0.0
+                if orphan_since is None:
+                    orphan_since = time.monotonic()
+                    if log is not None:
+                        log(f"the run holding {store_path} ({judgement.holder.describe()}) lost "
+                            f"its launcher; waiting up to {ORPHAN_GRACE_S:.0f} s for it to end")
+                elif waited > ORPHAN_GRACE_S:
+                    raise StoreHeld(store_path, judgement.holder, lock_path,
+                                    f"; {judgement.why} but it still runs after "
+                                    f"{ORPHAN_GRACE_S:.0f} s")
+                time.sleep(0.5)
+                continue
             if judgement.verdict == "suspect":
                 if log is not None and not waited_note and judgement.holder is not None:
                     log(f"the lock of {store_path} ({judgement.holder.describe()}) has had no "

@@ -272,3 +272,55 @@ def test_after_kill_9_the_next_run_takes_over_the_stale_lock(tmp_path, dynshift_
         assert f["stages/probe"].attrs["status"] == "complete"
         assert f["probe/cores"].shape == (2,)
     assert not (tmp_path / "run.h5.lock").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _orphan_lock(path, pid):
+    import json
+    import socket
+
+    from engine.lock import lock_path_of
+
+    lock = lock_path_of(path)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "pid_start": None,
+                                "job_id": None, "started_utc": "2026-12-01T00:00:00Z",
+                                "token": "t0", "launcher_pid": _dead_pid(),
+                                "launcher_start": None}))
+    return lock
+
+
+def test_a_holder_whose_launcher_died_is_waited_for_then_taken_over(tmp_path):
+    """kill -9 of mpirun: its rank 0 lives on a moment; the newcomer waits for it to end."""
+    import subprocess
+
+    from engine.lock import StoreLock, judge
+
+    holder = subprocess.Popen(["sleep", "2"])
+    lock = _orphan_lock(tmp_path / "s.h5", holder.pid)
+    assert judge(lock).verdict == "orphaned"
+    lines = []
+    started = time.monotonic()
+    taken = StoreLock.acquire(tmp_path / "s.h5", log=lines.append)
+    waited = time.monotonic() - started
+    try:
+        assert 1.0 < waited < 10.0, waited
+        assert "lost its launcher" in lines[0] and "took over the stale lock" in lines[-1]
+    finally:
+        taken.release()
+        holder.wait()
+
+
+def test_an_orphan_that_does_not_end_is_refused_after_the_grace(tmp_path, monkeypatch):
+    import engine.lock as lock_module
+
+    monkeypatch.setattr(lock_module, "ORPHAN_GRACE_S", 1.0)
+    _orphan_lock(tmp_path / "s.h5", os.getpid())
+    with pytest.raises(lock_module.StoreHeld, match="launcher .* is gone but it still runs"):
+        lock_module.StoreLock.acquire(tmp_path / "s.h5")

@@ -38,11 +38,17 @@ def test_deepmd_bins_every_atom_of_an_ideal_cell_inside_it(stacking):
     cell = atoms.cell.array
     plain = _plain_wrap(atoms.positions, cell)
     # the cause of "loc idx out of upper bound": atoms at a fractional 0 come back as 1.0
-    assert np.count_nonzero(deepmd_cell_fraction(plain, cell) >= 1.0) >= 5
+    # (how many depends on the BLAS kernel that wrapped them: 5-6 here, 2-3 without
+    # OPENBLAS_CORETYPE; deepmd_positions checks its own result, so it holds for any)
+    on_face = (deepmd_cell_fraction(plain, cell) >= 1.0).any(axis=1)
+    assert on_face.sum() >= 1
     coords = deepmd_positions(atoms.positions, cell)
     assert _inside(deepmd_cell_fraction(coords, cell))
     moved = np.abs(coords - plain).max(axis=1) > 0
-    assert 5 <= moved.sum() <= 6 and np.abs(coords - plain).max() < 1e-10  # ~2e-11 A
+    fraction = deepmd_cell_fraction(plain, cell)
+    near_face = ((fraction < 0.0) | (fraction > 1.0 - DEEPMD_FACE_MARGIN)).any(axis=1)
+    assert np.array_equal(moved, near_face) and not (on_face & ~moved).any()  # only those
+    assert np.abs(coords - plain).max() < 1e-10  # ~2e-11 A
     np.testing.assert_array_equal(coords[~moved], plain[~moved])  # the rest untouched
 
 
