@@ -8,6 +8,15 @@ PY=${PY:-.venv/bin/python}
 MPIRUN=${MPIRUN:-mpirun}
 RANKS=${RANKS:-2 3}
 LIMIT_S=${MPI_TIMEOUT:-900}
+# As `dynshift run` does for its ranks (engine/context.py): ranks yield the core while they
+# wait, and each runs one thread per pool. 3 ranks on a 2-core machine with Open MPI busy-polling
+# and OpenMP / TensorFlow pools of 2 threads each spun for minutes in an MPI suite (CI, once).
+export OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-1}
+for pool in OMP_NUM_THREADS OPENBLAS_NUM_THREADS MKL_NUM_THREADS TF_NUM_INTRAOP_THREADS \
+            TF_NUM_INTEROP_THREADS DP_INTRA_OP_PARALLELISM_THREADS DP_INTER_OP_PARALLELISM_THREADS \
+            NUMBA_NUM_THREADS; do
+  export "$pool=${!pool:-1}"
+done
 failed=()
 n_runs=0
 for n in $RANKS; do
