@@ -87,7 +87,7 @@ def show_store(path: Path, installed: dict | None = None) -> int:
         if versions:
             lines = version_lines(versions, installed)
             n_bad = sum(MISMATCH in line for line in lines)
-            print(f"\nversions recorded by the last run (vs installed here: "
+            print(f"\nversions recorded by the run that made the store (vs installed here: "
                   f"{n_bad or 'no'} mismatch{'es' if n_bad != 1 else ''}):")
             for line in lines:
                 print(f"  {line}")
