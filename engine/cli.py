@@ -165,19 +165,33 @@ def _dry_run(path: Path, store_path: Path | None, redo: tuple[str, ...],
     if rank != 0:
         return 0
     from engine.plan import plan_text
-    from schemas import ManifestError, load_manifest
+    from schemas import ManifestError
 
     try:
-        manifest, _ = load_manifest(path, store_path)
-        unknown = [s for s in redo if s not in manifest.stages]
-        if unknown:
-            raise ManifestError(str(path), [f"--redo: {s} is not a stage of this manifest"
-                                            for s in unknown])
+        manifest, _ = _load_for_run(path, store_path, redo)
     except ManifestError as exc:
         print(exc.report(), file=sys.stderr)
         return EXIT_INPUT
     print(plan_text(manifest, Path(store_path or manifest.store), ranks, redo, str(path)))
     return 0
+
+
+def _load_for_run(path: Path, store_path: Path | None, redo: tuple[str, ...]):
+    """The validated manifest and its text; `--redo` names must be stages of it.
+
+    Raises
+    ------
+    ManifestError
+        For a bad manifest or an unknown `--redo` stage.
+    """
+    from schemas import ManifestError, load_manifest
+
+    manifest, text = load_manifest(path, store_path)
+    unknown = [s for s in redo if s not in manifest.stages]
+    if unknown:
+        raise ManifestError(str(path), [f"--redo: {s} is not a stage of this manifest"
+                                        for s in unknown])
+    return manifest, text
 
 
 def _run(path: Path, store_path: Path | None, redo: tuple[str, ...], dry_run: bool = False,
@@ -193,13 +207,9 @@ def _run(path: Path, store_path: Path | None, redo: tuple[str, ...], dry_run: bo
     ctx = RankContext.from_comm(comm)
     loaded = None
     if ctx.is_root:
-        from schemas import ManifestError, load_manifest
+        from schemas import ManifestError
         try:
-            manifest, text = load_manifest(path, store_path)
-            unknown = [s for s in redo if s not in manifest.stages]
-            if unknown:
-                raise ManifestError(str(path), [f"--redo: {s} is not a stage of this manifest"
-                                                for s in unknown])
+            manifest, text = _load_for_run(path, store_path, redo)
             loaded = (manifest, text, None, package_versions())
         except ManifestError as exc:
             loaded = (None, None, exc.report(), None)

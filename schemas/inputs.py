@@ -92,32 +92,22 @@ def _labelled_path(path: Path, where: str) -> str | None:
     return problem
 
 
-def _attr(value):
-    """An attribute as engine.store writes it (``json:`` strings for lists and mappings)."""
-    import json
-
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, str) and value.startswith("json:"):
-        return json.loads(value[5:])
-    return value
-
-
 def shift_model_facts(path: Path) -> tuple[str | None, list[str] | None, str | None]:
-    """(centre, species, problem) of a store file holding a trained /train ensemble."""
-    import h5py
+    """(centre, species, problem) of a store file holding a trained /train ensemble (read
+    through engine.store's reader, serial and read-only)."""
+    from engine.store import RunStore
 
     try:
-        with h5py.File(path, "r", locking=False) as handle:
-            gpr = "train/gpr/weights_ppm" in handle  # a GPR model (jobs/gpr.py)
-            if not gpr and ("train/folds" not in handle or not len(handle["train/folds"])):
+        with RunStore(path, None, mode="r") as store:
+            gpr = store.exists("/train/gpr/weights_ppm")  # a GPR model (jobs/gpr.py)
+            if not gpr and not store.keys("/train/folds"):
                 return None, None, f"{path} holds no trained /train ensemble"
-            attrs = handle["train"].attrs
-            centre, species = _attr(attrs.get("centre")), _attr(attrs.get("species"))
-            species = [str(_attr(s)) for s in species] if species is not None else None
-            return (str(centre) if centre is not None else None), species, None
+            attrs = store.attrs("/train")
     except OSError as exc:
         return None, None, f"{path} is no readable HDF5 store ({' '.join(str(exc).split())})"
+    centre, species = attrs.get("centre"), attrs.get("species")
+    species = [str(s) for s in species] if species is not None else None
+    return (str(centre) if centre is not None else None), species, None
 
 
 def input_problems(manifest, store: Path | None = None) -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 from engine.external import launch_environment
 
@@ -23,3 +24,18 @@ def run_command(args, timeout=300, cwd=None, **kwargs):
                           timeout=timeout, cwd=cwd, env=launch_env(), **kwargs)
 
 
+
+
+def session_pids(session: int) -> list[int]:
+    """Processes of one session: mpirun and its ranks (Open MPI puts each rank in a process
+    group of its own, so the session is what they share; DFT jobs start sessions of their own)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == session:
+                pids.append(int(entry.name))
+    return pids

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from launch import launch_env
+from launch import launch_env, session_pids
 from launch import run_command as _run
 
 from engine.lock import (EXIT_STORE_HELD, LockHolder, StoreHeld, StoreLock, judge,
@@ -202,18 +202,11 @@ def test_two_and_more_takers_of_a_stale_lock_exactly_one_wins(tmp_path, stale):
 def _session_kill(process: subprocess.Popen) -> None:
     """SIGKILL every process of the session `process` leads (mpirun and its ranks: Open MPI
     puts each rank in a process group of its own, so the session is what they share)."""
-    sid = process.pid
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:
-                try:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    for pid in session_pids(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.wait(timeout=30)
 
 

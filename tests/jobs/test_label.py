@@ -19,7 +19,7 @@ from fake_vasp.labelling import (completed_runs, expected_labels, read_log, shar
                                  vasp_section, write_md)
 from jobs.label import label_frames, labelled_frames, select_frames
 from jobs.shift import ppm_per_mhz
-from launch import launch_env
+from launch import launch_env, session_pids
 from schemas import parse_manifest
 from schemas.label import LabelSpec
 
@@ -150,20 +150,6 @@ def test_a_finished_job_found_in_its_work_dir_is_read_not_rerun(tmp_path, ctx, s
     assert (tmp_path / "work" / "nmmo" / "r000-f000002" / "interrupted" / "OUTCAR").exists()
 
 
-def _session_pids(session: int) -> list[int]:
-    """Processes of one session (mpirun and its ranks; not the DFT jobs, in their own)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == session:
-                pids.append(int(entry.name))
-    return pids
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -193,7 +179,7 @@ def test_two_ranks_20_frames_20_percent_failures_kill_9_and_rerun(tmp_path, shar
     while sum(f[0] == "end" for f in read_log(tmp_path)) < 8 and time.monotonic() < deadline:
         assert run.poll() is None, run.communicate()[0]
         time.sleep(0.05)
-    for pid in _session_pids(run.pid):  # kill -9 mpirun and both ranks at once
+    for pid in session_pids(run.pid):  # kill -9 mpirun and both ranks at once
         os.kill(pid, signal.SIGKILL)
     run.communicate()
     assert run.returncode == -signal.SIGKILL
