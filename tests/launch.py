@@ -1,7 +1,6 @@
 """Launching mpirun / dynshift from tests as a user would, in a clean MPI environment."""
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 

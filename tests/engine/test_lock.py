@@ -267,14 +267,6 @@ def test_after_kill_9_the_next_run_takes_over_the_stale_lock(tmp_path, dynshift_
     assert not (tmp_path / "run.h5.lock").exists()
 
 
-def _dead_pid() -> int:
-    import subprocess
-
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def _orphan_lock(path, pid):
     import json
     import socket
