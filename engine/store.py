@@ -285,6 +285,17 @@ class RunStore:
         """Read a dataset (or a slice of it) into memory."""
         return self.file[name][selection]
 
+    def read_shared(self, name: str, selection=()) -> np.ndarray:
+        """Read a dataset (or a slice) that every rank must see identically (collective): rank 0
+        reads, every rank gets its copy. For rows other ranks wrote (done flags, statuses, resume
+        counters) that steer control flow or are written back as attributes: independent reads
+        of them by each rank may disagree after a resume (a rank that reads a stale copy takes
+        another number of rounds, and the next collective hangs; seen at 3 ranks in CI)."""
+        if self.ctx is None or self.ctx.size == 1:
+            return self.read(name, selection)
+        value = self.read(name, selection) if self.ctx.rank == 0 else None
+        return self.ctx.comm.bcast(value, root=0)
+
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of dataset `name`."""
         return self.file[name].shape

@@ -460,7 +460,7 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
                           unit="angstrom")
             store.set_attrs(group, soap_kernel=soap_kernel)
         bounds = _chunk_bounds(source.n_frames, spec.chunk_frames)
-        missing = np.flatnonzero(store.read(f"{group}/chunk_done") == 0)
+        missing = np.flatnonzero(store.read_shared(f"{group}/chunk_done") == 0)
         mine = missing[ctx.block(len(missing))]
         rounds = -(-len(missing) // ctx.size)
         n_local = int(sum(bounds[k + 1] - bounds[k] for k in mine))
@@ -499,7 +499,7 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
         progress.finish()
         ctx.comm.Barrier()
         computed = ctx.comm.allreduce(done_here, op=MPI.SUM)
-        n_done = int(np.sum(np.diff(bounds)[store.read(f"{group}/chunk_done") == 1]))
+        n_done = int(np.sum(np.diff(bounds)[store.read_shared(f"{group}/chunk_done") == 1]))
         with store.transaction():
             store.set_attrs(group, n_done=n_done)
         if n_done != source.n_frames:

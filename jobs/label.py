@@ -232,14 +232,16 @@ def _prepare_system(spec, ctx: RankContext, store: RunStore, system) -> None:
 
 
 def _load_system(store: RunStore, system) -> SystemFrames:
+    """The selection table, identical on every rank (collective: rank 0 reads it)."""
     group = f"{LABEL_ROOT}/{system.name}"
+    table = {key: store.read_shared(f"{group}/{key}") for key in (
+        "replica", "frame", "numbers", "status", "attempts", "last_error", "work_dir")}
     return SystemFrames(
         name=system.name, group=group, target_species=system.target_species,
-        replica=store.read(f"{group}/replica"), frame=store.read(f"{group}/frame"),
-        numbers=store.read(f"{group}/numbers"), status=store.read(f"{group}/status"),
-        attempts=store.read(f"{group}/attempts"),
-        last_error=[v.decode(errors="replace") for v in store.read(f"{group}/last_error")],
-        work_dir=[v.decode(errors="replace") for v in store.read(f"{group}/work_dir")])
+        replica=table["replica"], frame=table["frame"], numbers=table["numbers"],
+        status=table["status"], attempts=table["attempts"],
+        last_error=[v.decode(errors="replace") for v in table["last_error"]],
+        work_dir=[v.decode(errors="replace") for v in table["work_dir"]])
 
 
 def _text_row(text: str, n_bytes: int) -> np.ndarray:

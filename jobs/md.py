@@ -353,7 +353,7 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
                             equilibration_steps=spec.equilibration_steps,
                             n_requested=spec.frames,
                             seed_key=seeds.key("md.velocities", task.system_index, task.replica))
-    saved = {t.group: int(store.read(f"{t.group}/resume_saved")[0]) for t in tasks}
+    saved = {t.group: int(store.read_shared(f"{t.group}/resume_saved")[0]) for t in tasks}
     mine = [tasks[i] for i in ctx.round_robin(len(tasks))]
 
     with stored_model_file(store, model_fallback) as model_path:

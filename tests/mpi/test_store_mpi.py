@@ -119,3 +119,21 @@ def test_an_existing_store_is_reopened_not_created_on_every_rank(shared_tmp):
         store.put("/x/values", np.arange(5.0))
     with RunStore(path, ctx) as store:  # mode "a" again: rank 0 saw it exists, all open r+
         assert store.read("/x/values").tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_read_shared_gives_every_rank_rank_0s_view(shared_tmp, monkeypatch):
+    """A rank whose own read is stale (CI, 3 ranks: the resume took another number of rounds
+    and hung) still steers by rank 0's copy."""
+    from engine.store import RunStore
+
+    ctx = _ctx()
+    with RunStore(shared_tmp / "shared.h5", ctx) as store:
+        store.create_dataset("/x/done", (4,), dtype="u1", fill_value=0)
+        if ctx.rank == 0:
+            store.write_rows("/x/done", 0, np.array([1, 0, 1, 1], np.uint8))
+        store.flush()
+        ctx.comm.Barrier()
+        if ctx.rank > 0:  # this rank's own view is stale
+            monkeypatch.setattr(store, "read", lambda name, selection=(): np.ones(4, np.uint8))
+        assert store.read_shared("/x/done").tolist() == [1, 0, 1, 1]
+        assert store.read_shared("/x/done", slice(1, 3)).tolist() == [0, 1]
