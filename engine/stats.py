@@ -211,3 +211,133 @@ def fit_diffusion(lag_fs, msd_a2, window_fs: tuple[float, float],
     d_a2_fs = slope / (2.0 * dimensions)
     return DiffusionFit(float(d_a2_fs * A2_PER_FS_IN_CM2_PER_S), float(slope), float(intercept),
                         (float(window_fs[0]), float(window_fs[1])), int(inside.sum()))
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """The standard error of a mean of a correlated time series by blocking, with the check
+    that it reached its plateau (Flyvbjerg & Petersen 1989; block size chosen by the criterion
+    of Lee, Kent, Rubenstein & Needs 2011, as pyblock does: the smallest B with
+    B^3 > 2 N (sigma_B / sigma_1)^4)."""
+
+    mean: float
+    """Mean over every sample."""
+    stderr: float
+    """The largest standard error at block sizes up to the chosen one (never below what a
+    smaller block size gave); when no block size meets the criterion, the largest estimate
+    seen (a lower bound: see `plateau`)."""
+    plateau: bool
+    """True when a block size with at least `min_blocks` blocks meets the criterion."""
+    block_frames: int
+    """The chosen (or largest tried) block size in frames."""
+    block_sizes: np.ndarray
+    """Block sizes tried (frames: 1, 2, 4, ...)."""
+    stderrs: np.ndarray
+    """Standard error at each block size."""
+    correlation_frames: float
+    """Integrated autocorrelation time of the series in frames, 0.5 (sigma_B / sigma_1)^2 at
+    the chosen size (a lower bound without a plateau)."""
+
+
+def blocking(count, total, segment, min_blocks: int = 16) -> Blocking:
+    """Blocking analysis of a ratio mean sum(total) / sum(count) over frames.
+
+    Parameters
+    ----------
+    count, total
+        (n_frames,) samples and their sum in each frame (e.g. nuclei of a class and the sum of
+        their shifts); frames without samples are skipped inside their blocks.
+    segment
+        (n_frames,) independent segment (replica) of each frame; blocks never span two. The
+        frames left over at a segment's end join its last block.
+    min_blocks
+        Fewest non-empty blocks a block size needs to be trusted.
+    """
+    count = np.asarray(count, dtype=float)
+    total = np.asarray(total, dtype=float)
+    segment = np.asarray(segment, dtype=np.int64)
+    n_total = float(count.sum())
+    mean = float(total.sum() / n_total) if n_total > 0 else float("nan")
+    starts = np.flatnonzero(np.r_[True, segment[1:] != segment[:-1]])
+    lengths = np.diff(np.r_[starts, len(segment)])
+    position = np.arange(len(segment)) - np.repeat(starts, lengths)
+    seg_index = np.repeat(np.arange(len(starts)), lengths)
+    n_frames = int(np.sum(count > 0))
+    sizes, errors = [], []
+    size = 1
+    while True:
+        per_segment = lengths // size
+        if per_segment.sum() < min_blocks or not np.any(per_segment):
+            break
+        in_block = np.minimum(position // size, np.maximum(per_segment[seg_index] - 1, 0))
+        offset = np.r_[0, np.cumsum(per_segment)[:-1]]
+        key = np.where(per_segment[seg_index] > 0, offset[seg_index] + in_block, -1)
+        keep = key >= 0
+        n_keys = int(per_segment.sum())
+        block_count = np.bincount(key[keep], weights=count[keep], minlength=n_keys)
+        block_total = np.bincount(key[keep], weights=total[keep], minlength=n_keys)
+        filled = block_count > 0
+        if filled.sum() < min_blocks:
+            break
+        means = block_total[filled] / block_count[filled]
+        sizes.append(size)
+        errors.append(float(np.std(means, ddof=1) / np.sqrt(filled.sum())))
+        size *= 2
+    sizes_a, errors_a = np.array(sizes, dtype=int), np.array(errors)
+    if not len(sizes_a):
+        return Blocking(mean, float("nan"), False, 0, sizes_a, errors_a, float("nan"))
+    sigma_1 = errors_a[0]
+    if sigma_1 == 0:
+        return Blocking(mean, 0.0, True, 1, sizes_a, errors_a, 0.5)
+    ratio = errors_a / sigma_1
+    meets = sizes_a.astype(float) ** 3 > 2.0 * n_frames * ratio ** 4
+    if np.any(meets):
+        k = int(np.argmax(meets))  # never below a smaller block size's estimate
+        best = float(np.max(errors_a[:k + 1]))
+        return Blocking(mean, best, True, int(sizes_a[k]), sizes_a, errors_a,
+                        float(0.5 * (best / sigma_1) ** 2))
+    k = int(np.argmax(errors_a))
+    return Blocking(mean, float(errors_a[k]), False, int(sizes_a[-1]), sizes_a, errors_a,
+                    float(0.5 * ratio[k] ** 2))
+
+
+@dataclass(frozen=True)
+class CorrelationTime:
+    """An integrated autocorrelation time with Sokal's automatic window."""
+
+    tau_fs: float
+    """Integral of the normalised autocorrelation from 0 to the window (fs); without a window,
+    the integral up to the longest lag (a lower bound)."""
+    determined: bool
+    """True when a window W <= the longest lag satisfies W >= c tau(W)."""
+    window_fs: float
+    """The window (fs), or the longest lag."""
+
+
+def integrated_correlation_time(lag_fs, rho, c: float = 5.0) -> CorrelationTime:
+    """tau(W) = integral_0^W rho(t) dt (trapezoid, rho(0) = 1) at the smallest lag W with
+    W >= c tau(W) (Sokal 1997); lags need not be evenly spaced."""
+    lag = np.r_[0.0, np.asarray(lag_fs, dtype=float)]
+    values = np.r_[1.0, np.asarray(rho, dtype=float)]
+    finite = np.isfinite(values)
+    lag, values = lag[finite], values[finite]
+    if len(lag) < 2:
+        return CorrelationTime(float("nan"), False, float("nan"))
+    tau = np.r_[0.0, np.cumsum(0.5 * (values[1:] + values[:-1]) * np.diff(lag))]
+    ok = lag[1:] >= c * tau[1:]
+    if np.any(ok):
+        k = int(np.argmax(ok)) + 1
+        return CorrelationTime(float(max(tau[k], 0.0)), True, float(lag[k]))
+    return CorrelationTime(float(tau[-1]), False, float(lag[-1]))
+
+
+def loglog_slope(lag_fs, msd_a2, window_fs: tuple[float, float]) -> float:
+    """Slope of log MSD vs log lag inside `window_fs` (1 in the diffusive regime, 0 on a
+    plateau); NaN with fewer than two positive finite points."""
+    lag = np.asarray(lag_fs, dtype=float)
+    msd = np.asarray(msd_a2, dtype=float)
+    inside = (lag >= window_fs[0]) & (lag <= window_fs[1]) & np.isfinite(msd) & (msd > 0) & (
+        lag > 0)
+    if inside.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(lag[inside]), np.log(msd[inside]), 1)[0])

@@ -23,9 +23,11 @@ from engine.context import RankContext
 from engine.stages import StageInputs, StageResult
 from engine.failure import InputError
 from engine.progress import Progress
-from engine.stats import (BinnedMoments, bin_index, block_average, fit_diffusion, grid_index,
+from engine.stats import (BinnedMoments, bin_index, block_average, blocking, fit_diffusion,
+                          grid_index, integrated_correlation_time, loglog_slope,
                           moments_mean_std, reduce_moments, running_average)
 from engine.store import RunStore
+from jobs.hops import HopCounter, HopStatistics, finish_hops
 from jobs.infer import system_group as infer_group
 from jobs.sites import SiteSet, assign_sites, find_sites
 from schemas.analyze import AnalyzeSpec
@@ -102,6 +104,8 @@ class SystemAnalysis:
     occupation: np.ndarray
     site_shift_ppm: np.ndarray
     d_cm2_s: float
+    converged: bool = False
+    verdict: str = ""
 
 
 def _read_sites(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, store: RunStore,
@@ -188,6 +192,15 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
     mine = ctx.block(n_frames)
     progress = Progress(ctx, f"analyze {system.name}", len(mine))
     centre_ids = np.arange(n_centres)
+    store.require_group(target)
+    site_name = f"{target}/dynamics/site"
+    store.create_dataset(site_name, (n_frames, n_centres), dtype="i4",
+                         chunks=(max(1, min(n_frames, 1 << 20 // max(n_centres, 1))), n_centres),
+                         unit="site index", doc="site of every target nucleus in every frame "
+                         "(sites/centres_frac; -1: in no site)")
+    hops = HopCounter(sites.site_class, n_classes - 1, n_centres) if timeline.is_md else None
+    frame_count = np.zeros((len(mine), n_classes))  # per frame and class: samples, shift sum
+    frame_sum = np.zeros((len(mine), n_classes))
     for start in range(mine.start, mine.stop, spec.chunk_frames):
         stop = min(start + spec.chunk_frames, mine.stop)
         frames = slice(start, stop)
@@ -215,12 +228,28 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
         cell_key = grid_index(where.frac[..., 0], where.frac[..., 1], n_map, n_map)
         maps.add(keys(where.slab * n_map * n_map + cell_key), values)
         site_counts.add(keys(where.site))
+        store.write_rows(site_name, start, where.site.astype(np.int32))
+        if hops is not None:
+            hops.add(where.site, timeline.time[frames], timeline.segment[frames], start)
+        local = np.arange(stop - start)[:, None] * n_classes + where.site_class
+        flat = np.where(valid, local, -1).ravel()
+        inside = flat >= 0
+        size = (stop - start) * n_classes
+        rows = slice(start - mine.start, stop - mine.start)
+        frame_count[rows] = np.bincount(flat[inside], minlength=size).reshape(-1, n_classes)
+        frame_sum[rows] = np.bincount(flat[inside], weights=values.ravel()[inside],
+                                      minlength=size).reshape(-1, n_classes)
         if has_std:
             spread = store.read(f"{source}/shift_std_ppm", frames).astype(np.float64)
             ensemble_std.add(keys(where.site_class), np.where(valid, spread, 0.0))
         progress.update(stop - start)
     progress.finish()
     reduce_moments(ctx, *accumulators)
+    store.flush()
+    if ctx.size > 1:  # the per-frame class series, in frame order (ranks hold contiguous blocks)
+        frame_count = np.concatenate(ctx.comm.allgather(frame_count))
+        frame_sum = np.concatenate(ctx.comm.allgather(frame_sum))
+    dynamics = finish_hops(ctx, hops) if hops is not None else None
 
     # ---- finish (pure numpy on identical reduced sums, every rank) ------------------------
     overall = block_average(blocks.count, blocks.sum)
@@ -229,13 +258,26 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
     class_count, class_sum, class_sum_sq = (block_count.sum(0), block_sum.sum(0),
                                             block_sum_sq.sum(0))
     class_mean, class_std = moments_mean_std(class_count, class_sum, class_sum_sq)
-    class_stderr = np.array([block_average(block_count[:, k], block_sum[:, k]).stderr
-                             for k in range(n_classes)])
+    mean_blocking = blocking(frame_count.sum(1), frame_sum.sum(1), timeline.segment,
+                             spec.blocking_min_blocks)
+    class_blocking = [blocking(frame_count[:, k], frame_sum[:, k], timeline.segment,
+                               spec.blocking_min_blocks) for k in range(n_classes)]
     occupation = class_count / n_samples
     model_std = (moments_mean_std(*ensemble_std.reshaped())[0] if has_std
                  else np.full(n_classes, np.nan))
 
-    store.require_group(target)
+    diffusion = correlation = None
+    if timeline.is_md:
+        diffusion, correlation = _lag_pass(
+            spec, ctx, store, source, target, timeline, has_drift, overall.mean,
+            (float(blocks.count.sum()), float(blocks.sum_sq.sum())),
+            _site_spacing_a(sites, store.read(f"{source}/cell_a", 0)))
+    converged, reasons = convergence_verdict(spec, timeline, dynamics, correlation,
+                                             mean_blocking)
+    verdict = "converged" if converged else "not converged: " + "; ".join(reasons)
+    class_stderr = np.array([b.stderr if converged and b.plateau else np.nan
+                             for b in class_blocking])
+    mean_stderr = mean_blocking.stderr if converged and mean_blocking.plateau else float("nan")
     store.put(f"{target}/blocks/mean_shift_ppm", overall.block_means, unit="ppm",
               doc="mean shift of each time block (segment-major)")
     _put_sites(store, target, sites, site_counts.count / n_frames, occupation, class_count,
@@ -271,25 +313,125 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
                     slab_z_frac=_slab_mid(sites.layer_z_frac).tolist(),
                     doc="(slab, bin along a, bin along b); fractional bins of the frame-0 cell")
 
-    diffusion = None
-    if timeline.is_md:
-        diffusion = _diffusion(spec, ctx, store, source, target, timeline, has_drift, n_centres)
-    d_cm2_s = diffusion.d_cm2_s if diffusion is not None else float("nan")
+    d_cm2_s = diffusion.d_cm2_s if diffusion is not None and diffusion.diffusive else float("nan")
+    if dynamics is not None:
+        _put_dynamics(store, target, sites, dynamics, correlation)
+    store.set_attrs(f"{target}/dynamics", blocking_block_frames=mean_blocking.block_frames,
+                    blocking_plateau=mean_blocking.plateau,
+                    blocking_stderr_ppm=mean_blocking.stderr,
+                    mean_correlation_frames=mean_blocking.correlation_frames)
+    store.put(f"{target}/dynamics/blocking_sizes_frames", mean_blocking.block_sizes,
+              unit="frames")
+    store.put(f"{target}/dynamics/blocking_stderr_ppm", mean_blocking.stderrs, unit="ppm",
+              doc="standard error of the mean shift at each block size")
     store.set_attrs(target, source=source, kind="md" if timeline.is_md else "file",
                     n_frames=n_frames, n_centres=n_centres,
                     n_segments=len(timeline.segment_bounds),
-                    mean_shift_ppm=overall.mean, mean_shift_stderr_ppm=overall.stderr,
+                    mean_shift_ppm=overall.mean, mean_shift_stderr_ppm=mean_stderr,
+                    mean_shift_stderr_lower_bound_ppm=mean_blocking.stderr,
                     n_blocks=overall.n_blocks, class_names=list(sites.class_names),
                     framework_drift_corrected=has_drift, d_cm2_s=d_cm2_s,
+                    diffusive=bool(diffusion is not None and diffusion.diffusive),
+                    converged=converged, verdict=verdict,
+                    hops_per_nucleus=dynamics.mean_hops if dynamics is not None else float("nan"),
                     time_span_fs=float(np.ptp(timeline.time)) if timeline.is_md else float("nan"),
                     ranks=ctx.size)
     store.flush()
-    ctx.log(f"analyze {system.name}: mean shift {overall.mean:.1f} +- {overall.stderr:.1f} ppm; "
-            + ", ".join(f"{name} {occ:.3f} ({mean:.0f} ppm)" for name, occ, mean in
-                        zip(sites.class_names, occupation, class_mean))
-            + (f"; D {d_cm2_s:.3g} cm2/s" if diffusion is not None else ""))
-    return SystemAnalysis(overall.mean, overall.stderr, sites.class_names, occupation,
-                          class_mean, d_cm2_s)
+    error = (f" +- {mean_stderr:.1f} ppm" if np.isfinite(mean_stderr) else " ppm")
+    ctx.log(f"analyze {system.name}: mean shift {overall.mean:.1f}{error} ({verdict}); "
+            + ", ".join(f"{name} {occ:.3f}" + (f" ({mean:.0f} ppm)" if np.isfinite(mean) else
+                                               " (no samples)")
+                        for name, occ, mean in zip(sites.class_names, occupation, class_mean))
+            + (f"; D {d_cm2_s:.3g} cm2/s" if np.isfinite(d_cm2_s) else
+               "; no D (not diffusive over this run)" if diffusion is not None else ""))
+    return SystemAnalysis(overall.mean, mean_stderr, sites.class_names, occupation,
+                          class_mean, d_cm2_s, converged, verdict)
+
+
+def convergence_verdict(spec: AnalyzeSpec, timeline: Timeline, dynamics: HopStatistics | None,
+                        correlation, mean_blocking) -> tuple[bool, list[str]]:
+    """Whether the means are dynamic averages, and in plain sentences why not.
+
+    Converged (md sources): every nucleus hopped at least
+    ``converged_min_hops_per_nucleus`` times, the single-nucleus shift correlation time was
+    determined and every replica is ``converged_min_correlation_times`` of it long, and the
+    blocking analysis of the mean reached its plateau. Frames from a file have no time: their
+    error is the blocking one over the frame order, valid when it reached its plateau.
+    """
+    reasons = []
+    if not mean_blocking.plateau:
+        reasons.append(f"the blocking error of the mean has no plateau ("
+                       f"{'too few frames' if not len(mean_blocking.block_sizes) else 'it still grows at the largest blocks'})")
+    if not timeline.is_md:
+        return not reasons, reasons or []
+    shortest_fs = min(float(timeline.time[b - 1] - timeline.time[a])
+                      for a, b in timeline.segment_bounds)
+    hops = dynamics.centre_hops
+    if len(hops) and np.min(hops) < spec.converged_min_hops_per_nucleus:
+        still = int(np.sum(hops < spec.converged_min_hops_per_nucleus))
+        reasons.append(f"{still} of {len(hops)} nuclei hopped fewer than "
+                       f"{spec.converged_min_hops_per_nucleus:g} times (mean "
+                       f"{dynamics.mean_hops:.2f} hops per nucleus)")
+    if correlation is None or not correlation.determined:
+        longest = _time_text(correlation.window_fs) if correlation is not None else "-"
+        reasons.append(f"the shift autocorrelation has not decayed within the longest lag "
+                       f"({longest}): its correlation time exceeds what this run can measure")
+    elif shortest_fs < spec.converged_min_correlation_times * correlation.tau_fs:
+        reasons.append(f"the shortest replica ({_time_text(shortest_fs)}) is "
+                       f"{shortest_fs / max(correlation.tau_fs, 1e-30):.1f} shift correlation "
+                       f"times ({_time_text(correlation.tau_fs)}) long, fewer than "
+                       f"{spec.converged_min_correlation_times:g}")
+    return not reasons, reasons
+
+
+def _time_text(t_fs: float) -> str:
+    if not np.isfinite(t_fs):
+        return "-"
+    if t_fs >= 1e6:
+        return f"{t_fs * 1e-6:.3g} ns"
+    return f"{t_fs * 1e-3:.3g} ps"
+
+
+def _site_spacing_a(sites: SiteSet, cell_a) -> float:
+    """Shortest xy distance between two site centres of one slab (A, minimum image)."""
+    cell = np.asarray(cell_a, dtype=float)
+    best = np.inf
+    for layer in np.unique(sites.site_layer):
+        frac = sites.centres_frac[sites.site_layer == layer, :2]
+        if len(frac) < 2:
+            continue
+        delta = frac[:, None, :] - frac[None, :, :]
+        delta -= np.round(delta)
+        cart = delta @ cell[:2, :2]
+        dist = np.sqrt(np.einsum("ijk,ijk->ij", cart, cart))
+        dist[np.eye(len(frac), dtype=bool)] = np.inf
+        best = min(best, float(dist.min()))
+    return best
+
+
+def _put_dynamics(store: RunStore, target: str, sites: SiteSet, dynamics: HopStatistics,
+                  correlation) -> None:
+    group = f"{target}/dynamics"
+    names = list(sites.class_names[:-1])
+    store.put(f"{group}/hops_per_centre", dynamics.centre_hops, unit="hops")
+    store.put(f"{group}/hop_counts", dynamics.hop_counts, unit="hops",
+              doc="hops from class (row) to class (column); classes: class_names")
+    store.put(f"{group}/class_time_fs", dynamics.class_time_fs, unit="fs",
+              doc="time nuclei spent committed to each class")
+    store.put(f"{group}/rate_per_ps", dynamics.rate_per_ps, unit="1/ps",
+              doc="hop rate from class (row) to class (column): hops / time in the row class")
+    store.put(f"{group}/rate_err_per_ps", dynamics.rate_err_per_ps, unit="1/ps",
+              doc="counting error sqrt(hops) / time; 1 / time (an upper bound) without hops")
+    store.put(f"{group}/residence_mean_fs", dynamics.residence_mean_fs, unit="fs")
+    store.put(f"{group}/residence_stderr_fs", dynamics.residence_stderr_fs, unit="fs")
+    store.put(f"{group}/residence_count", dynamics.residence_count, unit="residences",
+              doc="complete residences (between two hops) per class")
+    store.set_attrs(group, class_names=names, hops_total=int(dynamics.centre_hops.sum()),
+                    hops_per_nucleus=dynamics.mean_hops,
+                    shift_correlation_fs=correlation.tau_fs if correlation else float("nan"),
+                    shift_correlation_determined=bool(correlation and correlation.determined),
+                    shift_correlation_window_fs=(correlation.window_fs if correlation
+                                                 else float("nan")))
 
 
 def _slab_mid(layer_z_frac: np.ndarray) -> np.ndarray:
@@ -319,22 +461,54 @@ def _put_sites(store: RunStore, target: str, sites: SiteSet, site_occupation, oc
                     target_species=sites.target_species)
 
 
-def _diffusion(spec: AnalyzeSpec, ctx: RankContext, store: RunStore, source: str, target: str,
-               timeline: Timeline, has_drift: bool, n_centres: int):
-    """In-plane MSD by lag (origins sharded over ranks, one Allreduce) and the fit of D."""
+@dataclass(frozen=True)
+class Diffusion:
+    """The MSD fit and whether the MSD is diffusive over its window."""
+
+    fit: object
+    """engine.stats.DiffusionFit."""
+    slope: float
+    """log-log slope of the MSD over the fit window."""
+    msd_end_a2: float
+    """MSD at the end of the fit window (A^2)."""
+    spacing_a: float
+    """Shortest site spacing (A)."""
+    diffusive: bool
+    reason: str
+    """Why not diffusive ("" when it is)."""
+
+    @property
+    def d_cm2_s(self) -> float:
+        return self.fit.d_cm2_s
+
+
+def msd_lags(shortest: int, spec: AnalyzeSpec) -> np.ndarray:
+    """Lags (frames): ``msd_lags`` evenly spaced up to the longest, and the powers of two
+    below it (the shift autocorrelation decays fastest at short lags)."""
+    max_lag = int(min(shortest - 1, max(1, np.floor(spec.msd_max_lag_fraction * shortest))))
+    even = np.round(np.linspace(1, max_lag, spec.msd_lags)).astype(int)
+    powers = 2 ** np.arange(int(np.log2(max_lag)) + 1)
+    return np.unique(np.r_[even, powers[powers <= max_lag]])
+
+
+def _lag_pass(spec: AnalyzeSpec, ctx: RankContext, store: RunStore, source: str, target: str,
+              timeline: Timeline, has_drift: bool, mean_shift: float,
+              shift_moments: tuple[float, float], spacing_a: float):
+    """The in-plane MSD and the shift autocorrelation by lag (origins sharded over ranks, one
+    Allreduce): D where the MSD is diffusive, and the single-nucleus shift correlation time."""
     lengths = [b - a for a, b in timeline.segment_bounds]
     shortest = min(lengths)
     if shortest < 3:
         ctx.log("analyze: replicas shorter than 3 frames, no diffusion coefficient")
-        return None
+        return None, None
     steps = np.concatenate([np.diff(timeline.time[a:b]) for a, b in timeline.segment_bounds])
     dt_fs = float(np.median(steps))
     if np.max(np.abs(steps - dt_fs)) > 1e-3 * dt_fs:
         ctx.log("analyze: frames are not evenly spaced in time, no diffusion coefficient")
-        return None
-    max_lag = int(min(shortest - 1, max(1, np.floor(spec.msd_max_lag_fraction * shortest))))
-    lags = np.unique(np.round(np.linspace(1, max_lag, spec.msd_lags)).astype(int))
+        return None, None
+    lags = msd_lags(shortest, spec)
     msd = BinnedMoments(len(lags))
+    acf = BinnedMoments(len(lags))
     positions_name = f"{source}/centre_positions_a"
 
     def in_plane(rows: slice) -> np.ndarray:
@@ -343,12 +517,16 @@ def _diffusion(spec: AnalyzeSpec, ctx: RankContext, store: RunStore, source: str
             xy = xy - store.read(f"{source}/{DRIFT_DATASET}", rows)[:, None, :2]
         return xy
 
+    def deviation(rows: slice) -> np.ndarray:  # NaN where a shift is missing
+        return store.read(f"{source}/shift_ppm", rows).astype(np.float64) - mean_shift
+
     n_frames = len(timeline.time)
     mine = ctx.block(n_frames)
     for start in range(mine.start, mine.stop, spec.chunk_frames):
         stop = min(start + spec.chunk_frames, mine.stop)
-        origin = in_plane(slice(start, stop))
+        origin, origin_shift = in_plane(slice(start, stop)), deviation(slice(start, stop))
         counts, sums = np.zeros(len(lags)), np.zeros(len(lags))
+        acf_counts, acf_sums = np.zeros(len(lags)), np.zeros(len(lags))
         for k, lag in enumerate(lags):
             end = min(stop + lag, n_frames)
             m = end - (start + lag)
@@ -359,19 +537,52 @@ def _diffusion(spec: AnalyzeSpec, ctx: RankContext, store: RunStore, source: str
             squared = ((later - origin[:m]) ** 2).sum(axis=2)[same]
             counts[k] = squared.size
             sums[k] = squared.sum()
+            product = (deviation(slice(start + lag, end)) * origin_shift[:m])[same]
+            product = product[np.isfinite(product)]
+            acf_counts[k] = product.size
+            acf_sums[k] = product.sum()
         msd.add_sums(counts, sums)
-    reduce_moments(ctx, msd)
-    msd_a2 = np.where(msd.count > 0, msd.sum / np.where(msd.count > 0, msd.count, 1), np.nan)
+        acf.add_sums(acf_counts, acf_sums)
+    reduce_moments(ctx, msd, acf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        msd_a2 = np.where(msd.count > 0, msd.sum / np.where(msd.count > 0, msd.count, 1), np.nan)
+        covariance = np.where(acf.count > 0, acf.sum / np.where(acf.count > 0, acf.count, 1),
+                              np.nan)
+    n_valid, sum_sq_shift = shift_moments
+    variance = max(sum_sq_shift / max(n_valid, 1.0) - mean_shift ** 2, 0.0)
+    rho = covariance / variance if variance > 0 else np.full(len(lags), np.nan)
     lag_fs = lags * dt_fs
+    correlation = integrated_correlation_time(lag_fs, rho, spec.correlation_window_c)
     window = spec.msd_fit_window_fs or (0.2 * lag_fs[-1], 0.8 * lag_fs[-1])
     fit = fit_diffusion(lag_fs, msd_a2, window, dimensions=2)
+    slope = loglog_slope(lag_fs, msd_a2, window)
+    inside = (lag_fs >= window[0]) & (lag_fs <= window[1]) & np.isfinite(msd_a2)
+    msd_end = float(msd_a2[inside][-1]) if np.any(inside) else float("nan")
+    floor_a2 = spec.diffusive_min_site_spacings * spacing_a ** 2
+    reason = ""
+    if not np.isfinite(fit.d_cm2_s):
+        reason = "too few lags in the fit window"
+    elif not abs(slope - 1.0) <= spec.diffusive_slope_tolerance:
+        reason = (f"log-log slope of the MSD over the fit window {slope:.2f}, not within "
+                  f"{spec.diffusive_slope_tolerance:g} of 1")
+    elif not msd_end >= floor_a2:
+        reason = (f"MSD at the window end {msd_end:.2f} A^2 is below "
+                  f"{spec.diffusive_min_site_spacings:g} site spacing^2 ({floor_a2:.2f} A^2)")
+    diffusion = Diffusion(fit, slope, msd_end, spacing_a, not reason, reason)
     store.put(f"{target}/msd/lag_fs", lag_fs, unit="fs")
     store.put(f"{target}/msd/msd_a2", msd_a2, unit="A^2", doc="in-plane (xy) MSD per nucleus")
     store.put(f"{target}/msd/samples", msd.count, unit="samples")
-    store.set_attrs(f"{target}/msd", d_cm2_s=fit.d_cm2_s, slope_a2_fs=fit.slope_a2_fs,
+    store.set_attrs(f"{target}/msd", d_cm2_s=fit.d_cm2_s if not reason else float("nan"),
+                    fitted_d_cm2_s=fit.d_cm2_s, slope_a2_fs=fit.slope_a2_fs,
                     intercept_a2=fit.intercept_a2, fit_window_fs=list(fit.window_fs),
-                    fit_points=fit.n_points, dimensions=2)
-    return fit
+                    fit_points=fit.n_points, dimensions=2, loglog_slope=slope,
+                    site_spacing_a=spacing_a, diffusive=not reason,
+                    not_diffusive_reason=reason)
+    store.put(f"{target}/dynamics/shift_acf_lag_fs", lag_fs, unit="fs")
+    store.put(f"{target}/dynamics/shift_acf", rho, unit="1",
+              doc="normalised autocorrelation of the single-nucleus shift (deviation from the "
+                  "system mean), averaged over nuclei and time origins")
+    return diffusion, correlation
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,25 @@ class AnalyzeSpec(Spec):
     """Lag-time window (fs) of the straight-line fit MSD = 4 D t + b; null: from 20 % to 80 %
     of the longest lag."""
 
+    blocking_min_blocks: int = Field(default=16, ge=4)
+    """Fewest blocks a block size needs in the blocking analysis of every mean's standard
+    error (engine.stats.blocking); fewer frames than this give no error bar."""
+    converged_min_hops_per_nucleus: float = Field(default=1.0, ge=0)
+    """A dynamic average counts as converged only if every target nucleus hopped at least this
+    many times (and the run is long; see converged_min_correlation_times)."""
+    converged_min_correlation_times: float = Field(default=20.0, gt=0)
+    """... and if every replica is at least this many shift correlation times long (the
+    integrated autocorrelation time of the single-nucleus shift)."""
+    correlation_window_c: float = Field(default=5.0, gt=0)
+    """Sokal's window constant: the integrated autocorrelation time is read at the smallest lag
+    W with W >= c tau(W); none within the longest lag: the time is not determined."""
+    diffusive_slope_tolerance: float = Field(default=0.2, gt=0, lt=1)
+    """D is reported only when the log-log slope of the MSD over the fit window is within this
+    of 1 ..."""
+    diffusive_min_site_spacings: float = Field(default=1.0, ge=0)
+    """... and when the MSD at the end of the fit window exceeds this many squared
+    nearest-site spacings (a nucleus that rattles in its site has a plateau below it)."""
+
     @model_validator(mode="after")
     def _check(self) -> "AnalyzeSpec":
         problems = []

@@ -78,6 +78,10 @@ def test_two_ranks_equal_one_rank(shared_tmp):
                     assert np.allclose(results[name][key], value, rtol=1e-10, atol=1e-9,
                                        equal_nan=True), key
     md = results["p6322-md"]
-    assert md["attrs"]["kind"] == "md" and np.isfinite(md["attrs"]["d_cm2_s"])
+    assert md["attrs"]["kind"] == "md" and np.isfinite(md["attrs"]["hops_per_nucleus"])
+    # hops, residences and rates (compared above at every rank count) are not empty: the
+    # decorrelated DFT frames posing as md jump between sites
+    assert md["dynamics/hop_counts"].sum() > 50 and np.any(md["dynamics/rate_per_ps"] > 0)
+    assert md["dynamics/site"].shape == (60, 16) and md["dynamics/residence_count"].sum() > 0
     assert "msd/msd_a2" in md and md["attrs"]["n_segments"] == 2
     assert results["p6322"]["attrs"]["ranks"] == world.size
