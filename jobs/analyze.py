@@ -29,6 +29,7 @@ from engine.stats import (BinnedMoments, bin_index, block_average, blocking, fit
 from engine.store import RunStore
 from jobs.hops import HopCounter, HopStatistics, finish_hops
 from jobs.infer import system_group as infer_group
+from jobs.md import thermostat_text
 from jobs.sites import SiteSet, assign_sites, find_sites
 from schemas.analyze import AnalyzeSpec
 from schemas.system import SystemSpec
@@ -590,14 +591,17 @@ class AnalyzeResult(StageResult):
     """Per system: the mean shift, its standard error and D where the data support one."""
 
     systems: tuple = ()
-    """(name, mean_shift_ppm, stderr_ppm, d_cm2_s or None) per system."""
+    """(name, mean_shift_ppm, stderr_ppm or None, d_cm2_s or None, converged) per system."""
 
     def summary(self) -> dict:
-        """``<system>_mean_shift_ppm``, ``<system>_stderr_ppm`` and ``<system>_d_cm2_s``."""
+        """``<system>_mean_shift_ppm``, ``<system>_stderr_ppm`` (converged systems only),
+        ``<system>_converged`` and ``<system>_d_cm2_s`` (diffusive systems only)."""
         out = {}
-        for name, mean, stderr, d_cm2_s in self.systems:
+        for name, mean, stderr, d_cm2_s, converged in self.systems:
             out[f"{name}_mean_shift_ppm"] = round(mean, 2)
-            out[f"{name}_stderr_ppm"] = round(stderr, 2)
+            if stderr is not None:
+                out[f"{name}_stderr_ppm"] = round(stderr, 2)
+            out[f"{name}_converged"] = bool(converged)
             if d_cm2_s is not None:
                 out[f"{name}_d_cm2_s"] = float(f"{d_cm2_s:.4g}")
         return out
@@ -610,9 +614,14 @@ def analyze_systems(spec: AnalyzeSpec, systems: list[SystemSpec], ctx: RankConte
     for system in systems:
         with store.transaction():  # its results are many new datasets
             result = analyze_system(spec, system, ctx, store)
+            thermostat = thermostat_text(store, system.name)
+            if thermostat:
+                store.set_attrs(f"{ANALYZE_GROUP}/{system.name}", thermostat=thermostat)
         d_cm2_s = float(result.d_cm2_s) if np.isfinite(result.d_cm2_s) else None
-        rows.append((system.name, float(result.mean_shift_ppm),
-                     float(result.mean_shift_stderr_ppm), d_cm2_s))
+        stderr = (float(result.mean_shift_stderr_ppm)
+                  if np.isfinite(result.mean_shift_stderr_ppm) else None)
+        rows.append((system.name, float(result.mean_shift_ppm), stderr, d_cm2_s,
+                     result.converged))
     return AnalyzeResult(tuple(rows))
 
 

@@ -350,6 +350,8 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
             _check_compatible(store, task, spec, n_atoms)
             store.set_attrs(task.group, save_interval_fs=interval_fs, timestep_fs=spec.timestep_fs,
                             temperature_k=spec.temperature_k, thermostat=spec.thermostat,
+                            friction_per_fs=spec.friction_per_fs,
+                            thermostat_time_fs=spec.thermostat_time_fs,
                             equilibration_steps=spec.equilibration_steps,
                             n_requested=spec.frames,
                             seed_key=seeds.key("md.velocities", task.system_index, task.replica))
@@ -580,3 +582,19 @@ def md_trajectories(store: RunStore, system: str, root: str = GROUP) -> MdTrajec
                          f"(no {group}/r000/positions_a ...); run the md stage first")
     return MdTrajectories(store, system, np.asarray(store.read(f"{group}/numbers"), dtype=int),
                           tuple(sorted(found, key=lambda r: r.number)))
+
+
+def thermostat_text(store: RunStore, system: str, root: str = GROUP) -> str | None:
+    """How the md of `system` was thermostatted, in words (None without md of it)."""
+    path = f"{system_group(system, root)}/r000"
+    attrs = store.attrs(path)
+    if "thermostat" not in attrs:
+        return None
+    temperature = f"at {attrs.get('temperature_k', float('nan')):g} K"
+    if attrs["thermostat"] == "langevin":
+        friction = attrs.get("friction_per_fs")
+        damping = f", friction {friction:g} /fs" if friction else ""
+        return f"a Langevin thermostat {temperature}{damping} (stochastic: slows hopping)"
+    tdamp = attrs.get("thermostat_time_fs")
+    return (f"a Nose-Hoover chain {temperature}"
+            + (f", damping time {tdamp:g} fs" if tdamp else ""))

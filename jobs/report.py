@@ -86,8 +86,10 @@ def report_from_store(store_path: str | Path, out_dir: str | Path | None = None)
                             spec)
 
 
-ANALYZE_SUBGROUPS = ("blocks", "sites", "histogram", "running", "maps", "msd")
+ANALYZE_SUBGROUPS = ("blocks", "sites", "histogram", "running", "maps", "msd", "dynamics")
 """Subgroups of /analyze/<system> (docs/analyze.md) that the report reads."""
+UNREAD = {"site"}
+"""Datasets the report does not read (the per-frame site of every nucleus: large)."""
 
 
 class ReportData:
@@ -113,7 +115,8 @@ class ReportData:
                 group = f"{ANALYZE_GROUP}/{name}/{sub}"
                 self._remember_group(store, group)
                 for key in store.keys(group):
-                    self._arrays[f"{group}/{key}"] = store.read(f"{group}/{key}")
+                    if key not in UNREAD:
+                        self._arrays[f"{group}/{key}"] = store.read(f"{group}/{key}")
         for key in ("shift_dft_ppm", "shift_pred_ppm"):
             if store.exists(f"{CV_GROUP}/{key}"):
                 self._arrays[f"{CV_GROUP}/{key}"] = store.read(f"{CV_GROUP}/{key}")
@@ -272,9 +275,16 @@ def _maps(store, name, out_dir, spec) -> str:
     return _save_figure(fig, out_dir / f"maps_{name}.png", spec, tight=False)
 
 
+def _time_unit(longest_fs: float) -> tuple[float, str]:
+    """(factor from fs, unit): ns for runs of a ns or more, ps below."""
+    return (1e-6, "ns") if longest_fs >= 1e6 else (1e-3, "ps")
+
+
 def _time_axis(store, group) -> tuple[np.ndarray, str]:
     if store.exists(f"{group}/running/time_fs"):
-        return store.read(f"{group}/running/time_fs") * 1e-6, "simulated time (ns)"
+        t = store.read(f"{group}/running/time_fs")
+        factor, unit = _time_unit(float(np.max(t)) if len(t) else 0.0)
+        return t * factor, f"simulated time ({unit})"
     return store.read(f"{group}/running/frame_index"), "frame"
 
 
@@ -306,18 +316,27 @@ def _msd(store, systems, out_dir, spec) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    longest = max(float(np.max(store.read(f"{ANALYZE_GROUP}/{n}/msd/lag_fs"))) for n in systems)
+    factor, unit = _time_unit(longest)
     for name in systems:
         group = f"{ANALYZE_GROUP}/{name}/msd"
-        lag_ns = store.read(f"{group}/lag_fs") * 1e-6
+        lag = store.read(f"{group}/lag_fs") * factor
         attrs = store.attrs(group)
-        line, = ax.plot(lag_ns, store.read(f"{group}/msd_a2"), "o-", ms=3,
-                        label=f"{name}: D = {attrs['d_cm2_s']:.2g} cm2/s")
+        diffusive = attrs.get("diffusive", True)
+        label = (f"{name}: D = {attrs['d_cm2_s']:.2g} cm2/s" if diffusive
+                 else f"{name}: not diffusive over this run, no D")
+        line, = ax.plot(lag, store.read(f"{group}/msd_a2"), "o-", ms=3, label=label)
         start, end = attrs["fit_window_fs"]
-        fit_t = np.linspace(start, end, 20)
-        ax.plot(fit_t * 1e-6, attrs["slope_a2_fs"] * fit_t + attrs["intercept_a2"], "--",
-                color="k", lw=1.2)
-        ax.axvspan(start * 1e-6, end * 1e-6, color=line.get_color(), alpha=0.08)
-    ax.set_xlabel("lag (ns); shaded: fit window, dashed: fit")
+        if diffusive:
+            fit_t = np.linspace(start, end, 20)
+            ax.plot(fit_t * factor, attrs["slope_a2_fs"] * fit_t + attrs["intercept_a2"], "--",
+                    color="k", lw=1.2)
+        ax.axvspan(start * factor, end * factor, color=line.get_color(), alpha=0.08)
+        spacing = attrs.get("site_spacing_a")
+        if spacing:
+            ax.axhline(spacing ** 2, color="0.5", lw=0.8, ls=":")
+    ax.set_xlabel(f"lag ({unit}); shaded: fit window, dashed: fit (diffusive only), "
+                  "dotted: site spacing^2", fontsize=8)
     ax.set_ylabel("in-plane MSD (A^2)")
     ax.legend(fontsize=8, frameon=False)
     return _save_figure(fig, out_dir / "msd.png", spec)
@@ -368,7 +387,8 @@ def _summary(store, systems, figures, parity) -> str:
         lines += ["## Sites (cf. Lin et al., Chem. Sci. 2022, Table 1)", "",
                   "Site-centred shifts: Na within the site radius of a prism centre in the "
                   "xy plane; occupation: fraction of all Na samples (frames x Na); +- is the "
-                  "block-averaging standard error.", "",
+                  "blocking standard error, given only where the system's averages are "
+                  "converged (see Convergence).", "",
                   "| system | site | occupation | centred shift (ppm) | +- (ppm) | samples |",
                   "| --- | --- | ---: | ---: | ---: | ---: |"]
         for name in systems:
@@ -381,15 +401,19 @@ def _summary(store, systems, figures, parity) -> str:
                 lines.append(f"| {name} | {cls} | {occ:.3f} | {_fmt(shift)} | {_fmt(err)} | "
                              f"{int(n)} |")
         lines += ["", "## Averages", "",
-                  "| system | source | frames | Na | mean shift (ppm) | +- block error (ppm) "
-                  "| D (cm2/s) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| system | source | frames | Na | mean shift (ppm) | +- (ppm) | D (cm2/s) |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for name in systems:
             attrs = store.attrs(f"{ANALYZE_GROUP}/{name}")
             d = attrs.get("d_cm2_s", float("nan"))
+            err = attrs["mean_shift_stderr_ppm"]
+            d_text = (f"{d:.3g}" if np.isfinite(d) else "not diffusive"
+                      if store.exists(f"{ANALYZE_GROUP}/{name}/msd/msd_a2") else "-")
             lines.append(f"| {name} | {attrs.get('kind')} | {attrs.get('n_frames')} | "
                          f"{attrs.get('n_centres')} | {_fmt(attrs['mean_shift_ppm'], 1)} | "
-                         f"{_fmt(attrs['mean_shift_stderr_ppm'], 1)} | "
-                         f"{'-' if not np.isfinite(d) else f'{d:.3g}'} |")
+                         f"{_fmt(err, 1) if np.isfinite(err) else 'not converged'} | "
+                         f"{d_text} |")
+        lines += _convergence(store, systems)
         drifting = [n for n in systems
                     if not store.attrs(f"{ANALYZE_GROUP}/{n}").get("framework_drift_corrected")]
         if drifting:
@@ -403,6 +427,66 @@ def _summary(store, systems, figures, parity) -> str:
         lines += ["", "## Figures", ""]
         lines += [f"- {title}: ![{title}]({path})" for title, path in figures]
     return "\n".join(lines) + "\n"
+
+
+def _convergence(store, systems) -> list[str]:
+    """The verdict of every system and its site dynamics, in words and tables."""
+    lines = ["", "## Convergence", ""]
+    for name in systems:
+        attrs = store.attrs(f"{ANALYZE_GROUP}/{name}")
+        verdict = attrs.get("verdict") or "no verdict (analysed by an older dynshift)"
+        line = f"- **{name}**: {verdict}."
+        if not attrs.get("converged") and np.isfinite(attrs.get(
+                "mean_shift_stderr_lower_bound_ppm", float("nan"))):
+            line += (f" The mean {_fmt(attrs['mean_shift_ppm'], 1)} ppm is not yet a dynamic "
+                     f"average; its blocking error ({_fmt(attrs['mean_shift_stderr_lower_bound_ppm'], 1)}"
+                     " ppm) is only a lower bound.")
+        msd = store.attrs(f"{ANALYZE_GROUP}/{name}/msd")
+        if msd and not msd.get("diffusive", True):
+            line += f" No D: not diffusive over this run ({msd.get('not_diffusive_reason')})."
+        if attrs.get("thermostat"):
+            line += f" Dynamics from md with {attrs['thermostat']}."
+        lines.append(line)
+    for name in systems:
+        group = f"{ANALYZE_GROUP}/{name}/dynamics"
+        if not store.exists(f"{group}/rate_per_ps"):
+            continue
+        dyn = store.attrs(group)
+        classes = dyn["class_names"]
+        rate, err = store.read(f"{group}/rate_per_ps"), store.read(f"{group}/rate_err_per_ps")
+        counts = store.read(f"{group}/hop_counts")
+        residence = store.read(f"{group}/residence_mean_fs")
+        res_err = store.read(f"{group}/residence_stderr_fs")
+        res_n = store.read(f"{group}/residence_count")
+        lines += ["", f"### Site dynamics of {name}", "",
+                  f"{dyn['hops_total']} hops ({dyn['hops_per_nucleus']:.2f} per Na); shift "
+                  f"correlation time {_time_words(dyn)}.", "",
+                  "| from \\ to | " + " | ".join(classes) + " | mean residence |",
+                  "| --- | " + " | ".join("---:" for _ in classes) + " | ---: |"]
+        for a, cls in enumerate(classes):
+            cells = [f"{rate[a, b]:.3g} +- {err[a, b]:.2g} /ps ({int(counts[a, b])})"
+                     if counts[a, b] > 0 else
+                     (f"< {err[a, b]:.2g} /ps (0)" if np.isfinite(err[a, b]) else "no time here")
+                     for b in range(len(classes))]
+            stay = (f"{residence[a] * 1e-3:.3g} +- {res_err[a] * 1e-3:.2g} ps ({int(res_n[a])})"
+                    if res_n[a] > 1 else f"{residence[a] * 1e-3:.3g} ps (1)" if res_n[a] == 1
+                    else "none complete")
+            lines.append(f"| {cls} | " + " | ".join(cells) + f" | {stay} |")
+        lines += ["", "Rates: hops / time spent in the row's class (hops counted in "
+                  "parentheses; +- the counting error; '<' an upper bound where none was "
+                  "seen). Residence: between two hops of one Na (runs' first and last stays "
+                  "are censored, not counted)."]
+    return lines
+
+
+def _time_words(dyn: dict) -> str:
+    tau = dyn.get("shift_correlation_fs", float("nan"))
+    if not np.isfinite(tau):
+        return "not measured"
+    text = f"{tau * 1e-3:.3g} ps"
+    return text if dyn.get("shift_correlation_determined") else (
+        f"> {text} (not decayed within the longest lag, "
+        f"{dyn.get('shift_correlation_window_fs', float('nan')) * 1e-3:.3g} ps)")
 
 
 @dataclass(frozen=True)

@@ -305,6 +305,10 @@ def find_sites(numbers, positions_a, cell_a, target_species: str = "Na",
 def assign_sites(positions_a, cells_a, sites: SiteSet) -> SiteAssignment:
     """Assign each sample to the nearest site of its slab within the site radius (xy).
 
+    Each sample is compared only with the sites in its own and the neighbouring bins of a
+    fractional (a, b) grid per slab (:func:`_neighbour_table`), so the cost per frame is
+    O(n_centres); ties go to the lowest site index, as with distances to every site.
+
     Parameters
     ----------
     positions_a
@@ -316,6 +320,115 @@ def assign_sites(positions_a, cells_a, sites: SiteSet) -> SiteAssignment:
     sites
         From :func:`find_sites`.
     """
+    positions = np.asarray(positions_a, dtype=float)
+    cells = np.asarray(cells_a, dtype=float)
+    frac = np.mod(np.einsum("fci,fij->fcj", positions, np.linalg.inv(cells)), 1.0)
+    slab = slab_of(frac[..., 2], sites.layer_z_frac)
+    n_frames, n_centres = slab.shape
+    site = np.full((n_frames, n_centres), -1, dtype=np.int64)
+    n_sites = len(sites.centres_frac)
+    if n_frames and n_sites:
+        bins = _bins_per_axis(cells, sites)
+        table = _neighbour_table(sites, bins)
+        # frames per pass so that the (frames, centres, candidates) arrays stay ~16 MB
+        step = max(1, MAX_PAIRS_PER_PASS // max(1, n_centres * table.shape[1]))
+        for start in range(0, n_frames, step):
+            rows = slice(start, start + step)
+            site[rows] = _nearest_candidate(frac[rows], slab[rows], cells[rows], sites, bins,
+                                            table)
+    site_class = np.where(site >= 0, sites.site_class[np.maximum(site, 0)]
+                          if n_sites else 0, sites.n_classes - 1)
+    return SiteAssignment(site, site_class, slab, frac)
+
+
+_REACH_MARGIN = 1e-6
+"""Relative widening of a site's fractional reach (rounding never drops a site in range)."""
+
+
+def _bins_per_axis(cells: np.ndarray, sites: SiteSet) -> tuple[int, int]:
+    """Bins of the fractional grid along a and b, each no narrower than a site circle's reach.
+
+    A disc of radius r in the xy plane spans r |b| / area along fractional a and r |a| / area
+    along b (r over the height between the lines of the other axis; area = |a x b|, xy parts
+    of each frame's cell, as the distances use). The widest reach over the frames sets the
+    bins, so a site within r of a sample lies in the sample's bin or a neighbouring one. More
+    bins than ~2 sqrt(sites) per axis buy nothing and are capped.
+    """
+    ab = cells[:, :2, :2]
+    area = np.abs(ab[:, 0, 0] * ab[:, 1, 1] - ab[:, 0, 1] * ab[:, 1, 0])
+    lengths = np.linalg.norm(ab, axis=2)  # (n_frames, 2): |a|, |b| in xy
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        reach = (sites.radius_a * lengths[:, ::-1] / area[:, None]).max(axis=0)
+        reach = reach * (1.0 + _REACH_MARGIN) + 1e-12
+        per_axis = np.floor(1.0 / reach)
+    cap = max(1, int(2 * np.sqrt(len(sites.centres_frac))))
+    bins = [int(min(n, cap)) if np.isfinite(n) and n >= 1 else 1 for n in per_axis]
+    return bins[0], bins[1]
+
+
+def _bin_keys(frac_xy: np.ndarray, layer: np.ndarray, bins: tuple[int, int]) -> np.ndarray:
+    """Flat key (layer, bin along a, bin along b) of fractional xy (any real; NaN: bin 0)."""
+    n_a, n_b = bins
+    wrapped = np.nan_to_num(np.mod(frac_xy, 1.0), nan=0.0)
+    index_a = np.floor(wrapped[..., 0] * n_a).astype(np.int64) % n_a
+    index_b = np.floor(wrapped[..., 1] * n_b).astype(np.int64) % n_b
+    return (layer * n_a + index_a) * n_b + index_b
+
+
+def _neighbour_table(sites: SiteSet, bins: tuple[int, int]) -> np.ndarray:
+    """Sites of each bin's 3 x 3 neighbourhood (periodic, same slab), ascending, -1 padded.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_slabs * n_a * n_b, width) site indices; row :func:`_bin_keys` of a sample lists
+        every site of its slab whose circle can reach it. With fewer than 3 bins along an
+        axis the neighbourhood spans the whole axis.
+    """
+    n_a, n_b = bins
+    n_slabs = len(sites.layer_z_frac)
+    layer = np.asarray(sites.site_layer)
+    ids = np.flatnonzero((layer >= 0) & (layer < n_slabs))
+    home = _bin_keys(sites.centres_frac[ids, :2], np.zeros(len(ids), dtype=np.int64), bins)
+    home_a, home_b = home // n_b, home % n_b
+    step_a = np.arange(-1, 2) if n_a >= 3 else np.arange(n_a)
+    step_b = np.arange(-1, 2) if n_b >= 3 else np.arange(n_b)
+    near_a = (home_a[:, None, None] + step_a[None, :, None]) % n_a
+    near_b = (home_b[:, None, None] + step_b[None, None, :]) % n_b
+    keys = (layer[ids][:, None, None] * n_a + near_a) * n_b + near_b
+    members = np.broadcast_to(ids[:, None, None], keys.shape).ravel()
+    keys = keys.ravel()
+    order = np.lexsort((members, keys))
+    keys, members = keys[order], members[order]
+    n_bins = n_slabs * n_a * n_b
+    counts = np.bincount(keys, minlength=n_bins)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    table = np.full((n_bins, max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
+    table[keys, np.arange(len(keys)) - first[keys]] = members
+    return table
+
+
+def _nearest_candidate(frac, slab, cells, sites: SiteSet, bins, table) -> np.ndarray:
+    """(n_frames, n_centres) nearest site within the radius among the candidates, or -1.
+
+    Distances are computed as in :func:`_assign_sites_brute` (same operations, same order),
+    so they are the same numbers; candidates ascend in site index, so ties go the same way.
+    """
+    candidates = table[_bin_keys(frac[..., :2], slab, bins)]  # (frames, centres, width)
+    delta = _minimum_image(frac[:, :, None, :2]
+                           - sites.centres_frac[np.maximum(candidates, 0), :2])
+    cart = np.einsum("fcsi,fij->fcsj", delta, cells[:, :2, :2])
+    dist_sq = np.einsum("fcsj,fcsj->fcs", cart, cart)
+    dist_sq[candidates < 0] = np.inf
+    nearest = np.argmin(dist_sq, axis=2)
+    best = np.take_along_axis(dist_sq, nearest[..., None], axis=2)[..., 0]
+    chosen = np.take_along_axis(candidates, nearest[..., None], axis=2)[..., 0]
+    return np.where(best <= sites.radius_a ** 2, chosen, -1)
+
+
+def _assign_sites_brute(positions_a, cells_a, sites: SiteSet) -> SiteAssignment:
+    """Reference for :func:`assign_sites` (same parameters and results): the distance from
+    every sample to every site of the cell, O(n_centres x n_sites) per frame."""
     positions = np.asarray(positions_a, dtype=float)
     cells = np.asarray(cells_a, dtype=float)
     frac = np.mod(np.einsum("fci,fij->fcj", positions, np.linalg.inv(cells)), 1.0)

@@ -17,11 +17,13 @@ class MdSpec(Spec):
     """Thermostat temperature (K)."""
     timestep_fs: float = Field(default=1.0, gt=0)
     """Integration time step (fs)."""
-    thermostat: Literal["langevin", "nose-hoover-chain"] = "langevin"
-    """NVT thermostat: Langevin (ASE `Langevin`, stochastic) or a Nose-Hoover chain (ASE
-    `NoseHooverChainNVT`, deterministic)."""
+    thermostat: Literal["langevin", "nose-hoover-chain"] = "nose-hoover-chain"
+    """NVT thermostat: a Nose-Hoover chain (ASE `NoseHooverChainNVT`, deterministic; the
+    default: it leaves hop rates, residence times and D intact) or Langevin (ASE `Langevin`,
+    stochastic; at the default friction, a 100 fs damping time, it slows the dynamics that
+    analyze reports)."""
     friction_per_fs: float = Field(default=0.01, gt=0)
-    """Langevin friction coefficient (1/fs)."""
+    """Langevin friction coefficient (1/fs); 0.001 or less for runs meant for dynamics."""
     thermostat_time_fs: float = Field(default=100.0, gt=0)
     """Nose-Hoover chain damping time (fs)."""
     equilibration_steps: int = Field(default=1000, ge=0)
