@@ -249,6 +249,15 @@ def _stage_plan(stage: str, manifest, facts, ranks: int) -> tuple[str, float]:
                  f"{_spread(_block_sizes(counts[s.name], ranks)) if counts[s.name] else '?'}"
                  for s in systems]
         return f"frames in contiguous blocks per system ({'; '.join(parts)})", float(n_bytes)
+    if stage == "spectrum":
+        spec = manifest.spectrum
+        rows = 1 + len(spec.temperatures_k)
+        fit = (f"; then the fit of {spec.experiment.file} as a mixture of "
+               f"{', '.join(spec.experiment.systems or [s.name for s in systems])}"
+               if spec.experiment is not None else "")
+        return (f"every rank: exchange line shapes of {len(systems)} system(s) on "
+                f"{spec.points} points x {rows} temperature(s){fit}",
+                float(len(systems) * spec.points * (rows + 1) * 8))
     if stage == "report":
         return "rank 0 writes the figures and summary.md (outside the store)", 0.0
     return "", 0.0

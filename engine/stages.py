@@ -31,6 +31,7 @@ STAGES: dict[str, str] = {
     "train": "jobs.train",
     "infer": "jobs.infer",
     "analyze": "jobs.analyze",
+    "spectrum": "jobs.spectrum",
     "report": "jobs.report",
 }
 """Stage name -> module of jobs/ (the manifest's stage order is schemas.STAGE_ORDER)."""

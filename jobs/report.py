@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
 from jobs.analyze import ANALYZE_GROUP
+from jobs.spectrum import FIT_GROUP, SPECTRUM_GROUP
 from jobs.train import CV_GROUP
 from schemas.report import ReportSpec
 
@@ -117,6 +118,12 @@ class ReportData:
                 for key in store.keys(group):
                     if key not in UNREAD:
                         self._arrays[f"{group}/{key}"] = store.read(f"{group}/{key}")
+        self._remember_group(store, SPECTRUM_GROUP)
+        for name in store.keys(SPECTRUM_GROUP):
+            group = f"{SPECTRUM_GROUP}/{name}"
+            self._remember_group(store, group)
+            for key in store.keys(group):
+                self._arrays[f"{group}/{key}"] = store.read(f"{group}/{key}")
         for key in ("shift_dft_ppm", "shift_pred_ppm"):
             if store.exists(f"{CV_GROUP}/{key}"):
                 self._arrays[f"{CV_GROUP}/{key}"] = store.read(f"{CV_GROUP}/{key}")
@@ -179,6 +186,13 @@ def render_report(store: ReportData, out_dir: Path, spec: ReportSpec) -> Path:
         if md:
             figures.append(("Na in-plane mean squared displacement", _msd(store, md, out_dir,
                                                                           spec)))
+    spectra = [n for n in store.keys(SPECTRUM_GROUP) if n != "fit"
+               and store.exists(f"{SPECTRUM_GROUP}/{n}/intensity")]
+    if spectra:
+        figures.append(("Predicted isotropic spectra (exchange line shapes)",
+                        _spectra(store, spectra, out_dir, spec)))
+    if store.exists(f"{FIT_GROUP}/model"):
+        figures.append(("Measured spectrum and the fitted mixture", _fit(store, out_dir, spec)))
     parity = None
     if store.exists(f"{CV_GROUP}/shift_dft_ppm") and store.exists(f"{CV_GROUP}/shift_pred_ppm"):
         parity = _parity(store, out_dir, spec)
@@ -342,6 +356,85 @@ def _msd(store, systems, out_dir, spec) -> str:
     return _save_figure(fig, out_dir / "msd.png", spec)
 
 
+def _spectra(store, systems, out_dir, spec) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(systems), 1, figsize=(6.4, 2.4 * len(systems) + 0.6),
+                             squeeze=False, sharex=True)
+    for ax, name in zip(axes[:, 0], systems):
+        group = f"{SPECTRUM_GROUP}/{name}"
+        ppm, lines = store.read(f"{group}/ppm"), store.read(f"{group}/intensity")
+        temperatures = store.read(f"{group}/temperatures_k")
+        for k, (t, line) in enumerate(zip(temperatures, lines)):
+            ax.plot(ppm, line, lw=1.4 if k == 0 else 0.9, label=f"{t:g} K")
+        attrs = store.attrs(group)
+        ax.set_title(f"{name}: {attrs.get('regime', '')}", fontsize=8)
+        ax.set_ylabel("intensity (1/ppm)")
+        ax.legend(fontsize=7, frameon=False)
+    axes[-1, 0].set_xlabel("shift (ppm); isotropic lines only, no spinning sidebands")
+    axes[-1, 0].invert_xaxis()
+    return _save_figure(fig, out_dir / "spectra.png", spec)
+
+
+def _fit(store, out_dir, spec) -> str:
+    import matplotlib.pyplot as plt
+
+    attrs = store.attrs(FIT_GROUP)
+    ppm = store.read(f"{FIT_GROUP}/ppm")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.plot(ppm, store.read(f"{FIT_GROUP}/measured"), color="k", lw=1.0, label="measured")
+    ax.plot(ppm, store.read(f"{FIT_GROUP}/model"), color="C3", lw=1.2, label="fitted mixture")
+    for name, fraction, component in zip(attrs["systems"], attrs["fractions"],
+                                         store.read(f"{FIT_GROUP}/components")):
+        ax.plot(ppm, component + attrs.get("baseline", 0.0), "--", lw=0.9,
+                label=f"{name} ({fraction:.2f})")
+    ax.set_xlabel(f"shift (ppm); predicted lines moved by {attrs['offset_ppm']:.0f} ppm")
+    ax.set_ylabel("intensity")
+    ax.invert_xaxis()
+    ax.legend(fontsize=7, frameon=False)
+    return _save_figure(fig, out_dir / "spectrum_fit.png", spec)
+
+
+def _spectrum_lines(store) -> list[str]:
+    """The spectra's regimes, and the fit's fractions and peak assignments."""
+    names = [n for n in store.keys(SPECTRUM_GROUP) if n != "fit"
+             and store.exists(f"{SPECTRUM_GROUP}/{n}/intensity")]
+    if not names:
+        return []
+    lines = ["", "## Spectra", "",
+             "Isotropic lines only (no spinning sidebands, no quadrupolar shift): Bloch-McConnell "
+             "exchange of the site classes' mean shifts with the hop-rate matrix of the md, at "
+             "the manifest's field and intrinsic line width; rates are held at the md "
+             "temperature (one md temperature per manifest: no Arrhenius extrapolation).", ""]
+    for name in names:
+        attrs = store.attrs(f"{SPECTRUM_GROUP}/{name}")
+        shifts = ", ".join(f"{c} {p:.3f} at {_fmt(x)} ppm" for c, p, x in zip(
+            attrs.get("class_names", []), attrs.get("populations", []),
+            attrs.get("shift_ppm", [])))
+        lines.append(f"- **{name}** ({attrs.get('larmor_mhz', float('nan')):.2f} MHz): "
+                     f"{attrs.get('regime')}; populations {shifts}"
+                     + ("" if attrs.get("converged") else
+                        " (from averages that are not converged: see Convergence)") + ".")
+    if store.exists(f"{FIT_GROUP}/model"):
+        fit = store.attrs(FIT_GROUP)
+        lines += ["", f"### Fit of {fit['source']}", "",
+                  f"Measured = sum of the predicted lines (at {fit['temperature_k']:g} K) moved "
+                  f"by one offset {fit['offset_ppm']:.1f} +- {fit['offset_error_ppm']:.1f} ppm "
+                  f"and broadened per system; residual RMS {fit['residual_rms_rel']:.3g} of the "
+                  f"tallest point{'' if fit.get('success') else ' (the fit did not converge: ' + str(fit.get('message')) + ')'}.", "",
+                  "| system | fraction | +- | extra width (ppm) |", "| --- | ---: | ---: | ---: |"]
+        for name, f, e, w in zip(fit["systems"], fit["fractions"], fit["fraction_errors"],
+                                 fit["widths_ppm"]):
+            lines.append(f"| {name} | {f:.3f} | {_fmt(e, 3)} | {_fmt(w, 1)} |")
+        if fit.get("peaks"):
+            lines += ["", "| measured peak (ppm) | assigned to | its share there |",
+                      "| ---: | --- | ---: |"]
+            for peak in fit["peaks"]:
+                lines.append(f"| {peak['ppm']:.1f} | {peak['system']} | "
+                             f"{peak['fraction']:.2f} |")
+    return lines
+
+
 def _parity(store, out_dir, spec) -> tuple[str, float, float, int]:
     import matplotlib.pyplot as plt
 
@@ -419,6 +512,7 @@ def _summary(store, systems, figures, parity) -> str:
         if drifting:
             lines += ["", f"Note: no framework drift correction for {', '.join(drifting)} "
                       "(the infer stage wrote no framework_drift_a)."]
+    lines += _spectrum_lines(store)
     if parity is not None:
         _, rmse, r2, n = parity
         lines += ["", "## NN-NMR cross-validation", "",

@@ -149,6 +149,17 @@ def input_problems(manifest, store: Path | None = None) -> list[str]:
         if problem is None and "infer" in stages and infer.shifts_from == "labels":
             problem = _labels_problem(Path(path), f"infer.trajectories.{name}")
         problems.append(problem)
+    experiment = manifest.spectrum.experiment
+    if experiment is not None and "spectrum" in stages:
+        problem = _exists(Path(experiment.file), "spectrum.experiment.file", "either")
+        if problem is None:
+            from jobs.experiment import read_spectrum
+
+            try:
+                read_spectrum(experiment.file)
+            except ValueError as exc:
+                problem = f"spectrum.experiment.file: {exc}"
+        problems.append(problem)
     if vasp.potcar_dir is not None:
         problems.append(_exists(Path(vasp.potcar_dir), "label.vasp.potcar_dir", "folder"))
     problems = [p for p in problems if p]
@@ -261,6 +272,10 @@ def _new_store_problems(manifest, store_path: Path) -> list[str]:
             if system.name not in manifest.infer.trajectories:
                 problems.append(f"infer.trajectories: no file for system {system.name!r}, and "
                                 f"md does not run ({where})")
+    if "spectrum" in stages and "analyze" not in stages:
+        problems.append(f"stages: spectrum reads the site shifts and hop rates of the analyze "
+                        f"stage, but analyze does not run and {where} (got "
+                        f"{', '.join(manifest.stages)})")
     if "analyze" in stages and "infer" not in stages:
         problems.append(f"stages: analyze reads the shifts of the infer stage, but infer does "
                         f"not run and {where} (got {', '.join(manifest.stages)})")

@@ -19,11 +19,14 @@ from schemas.probe import ProbeSpec
 from schemas.report import ReportSpec
 from schemas.shift import SHIFT_PRESETS, ShiftSpec
 from schemas.system import BUILTIN_NAMES, BUILTIN_PREFIX, SystemSpec
+from schemas.spectrum import LARMOR_MHZ_PER_T, SpectrumSpec
 from schemas.train import TrainSpec
 
-STAGE_ORDER = ("probe", "potential", "md", "label", "train", "infer", "analyze", "report")
+STAGE_ORDER = ("probe", "potential", "md", "label", "train", "infer", "analyze", "spectrum",
+               "report")
 """Every stage, in the order a run executes them."""
-StageName = Literal["probe", "potential", "md", "label", "train", "infer", "analyze", "report"]
+StageName = Literal["probe", "potential", "md", "label", "train", "infer", "analyze", "spectrum",
+                    "report"]
 
 
 class Manifest(Spec):
@@ -31,7 +34,7 @@ class Manifest(Spec):
 
     stages: list[StageName] = Field(min_length=1)
     """Stages to run, in the order of STAGE_ORDER (probe, potential, md, label, train, infer,
-    analyze, report)."""
+    analyze, spectrum, report)."""
     store: Path = Path("dynshift.h5")
     """The run store (one HDF5 file); relative to the working directory of `dynshift run`."""
     seed: int = Field(default=2022, ge=0)
@@ -55,6 +58,8 @@ class Manifest(Spec):
     """Settings of the infer stage."""
     analyze: AnalyzeSpec = AnalyzeSpec()
     """Settings of the analyze stage."""
+    spectrum: SpectrumSpec = SpectrumSpec()
+    """Settings of the spectrum stage."""
     report: ReportSpec = ReportSpec()
     """Settings of the report stage."""
     checks: ChecksSpec = ChecksSpec()
@@ -96,7 +101,7 @@ def _cross_section_problems(manifest: Manifest) -> list[tuple[str, str]]:
             problems.append((f"systems.{index}.structure", f"unknown built-in structure (got "
                              f"{system.structure!r}; known: "
                              f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)})"))
-    needing = [s for s in ("md", "label", "infer", "analyze") if s in stages]
+    needing = [s for s in ("md", "label", "infer", "analyze", "spectrum") if s in stages]
     if needing and not manifest.systems:
         problems.append(("systems", f"stages {', '.join(needing)} need at least one system "
                                     "(got none)"))
@@ -125,6 +130,8 @@ def _cross_section_problems(manifest: Manifest) -> list[tuple[str, str]]:
                                  f"differs from train.centre, the nucleus of the shift model "
                                  f"(got {system.target_species!r}, train.centre "
                                  f"{manifest.train.centre!r})"))
+    if "spectrum" in stages:
+        problems += _spectrum_problems(manifest, names)
     framework = manifest.analyze.framework_species
     if framework is not None and "analyze" in stages:
         for system in manifest.systems:
@@ -147,6 +154,39 @@ def _cross_section_problems(manifest: Manifest) -> list[tuple[str, str]]:
                                                   f" >= md.frames {md.frames})"))
         elif "analyze" in stages and from_md and "infer" in stages:
             problems += _analyze_window_problems(manifest)
+    return problems
+
+
+def _spectrum_problems(manifest: Manifest, names: list[str]) -> list[tuple[str, str]]:
+    """spectrum settings the systems and the shift constants cannot meet."""
+    problems = []
+    spectrum = manifest.spectrum
+    for index, system in enumerate(manifest.systems):
+        if system.target_species not in LARMOR_MHZ_PER_T:
+            problems.append((f"systems.{index}.target_species",
+                             f"the spectrum stage knows no NMR isotope of "
+                             f"{system.target_species!r} (known: "
+                             f"{', '.join(sorted(LARMOR_MHZ_PER_T))})"))
+    try:
+        constants = manifest.shift.constants()
+    except ValueError:
+        constants = None  # reported by _shift_problems
+    if constants is not None:
+        theta = constants["theta_k"]
+        temperatures = [("spectrum.temperatures_k", t) for t in spectrum.temperatures_k]
+        if spectrum.experiment is not None and spectrum.experiment.temperature_k is not None:
+            temperatures.append(("spectrum.experiment.temperature_k",
+                                 spectrum.experiment.temperature_k))
+        for where, t in temperatures:
+            if t <= theta:
+                problems.append((where, f"must exceed shift.theta_k ({theta:g} K) for the "
+                                        f"Curie-Weiss scaling (got {t:g})"))
+    if spectrum.experiment is not None:
+        for key in spectrum.experiment.systems:
+            if key not in names:
+                problems.append(("spectrum.experiment.systems",
+                                 f"no system named {key!r} in systems (known: "
+                                 f"{', '.join(names) or '-'})"))
     return problems
 
 

@@ -15,7 +15,8 @@ from schemas import STAGE_ORDER
 ROOT = Path(__file__).resolve().parents[2]
 
 OWNERS = {"md": {"md"}, "label": {"label"}, "infer": {"infer"}, "analyze": {"analyze"},
-          "train": {"train", "nnmr", "gpr"}, "potential": {"potential"}, "probe": {"probe"}}
+          "train": {"train", "nnmr", "gpr"}, "potential": {"potential"}, "probe": {"probe"},
+          "spectrum": {"spectrum"}}
 """Store group -> the modules allowed to spell its path (nnmr, gpr: the shift models' formats)."""
 
 

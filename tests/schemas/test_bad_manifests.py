@@ -199,6 +199,27 @@ CORPUS = [
      "report.histogram_xlim_ppm"),
     ("probe-rank", "stages: [probe]\nprobe: {fail_on_rank: -1}\n", "probe.fail_on_rank"),
     ("store-folder", "stages: [probe]\nstore: .\n", "store:"),
+    # ---- spectrum ---------------------------------------------------------------------------
+    ("spectrum-without-analyze", "stages: [spectrum]\n" + ONE, "stages: spectrum reads"),
+    ("spectrum-no-systems", "stages: [spectrum]\n", "systems: stages spectrum need"),
+    ("spectrum-experiment-missing", MD.replace("analyze,", "analyze, spectrum,")
+     + "spectrum: {experiment: {file: nowhere.txt}}\n", "spectrum.experiment.file"),
+    ("spectrum-experiment-not-a-spectrum", MD.replace("analyze,", "analyze, spectrum,")
+     + "spectrum: {experiment: {file: MANIFEST}}\n", "spectrum.experiment.file"),
+    ("spectrum-experiment-system", MD.replace("analyze,", "analyze, spectrum,")
+     + "spectrum: {experiment: {file: x.txt, systems: [p6322, p2]}}\n",
+     "spectrum.experiment.systems"),
+    ("spectrum-cold", MD.replace("analyze,", "analyze, spectrum,")
+     + "spectrum: {temperatures_k: [300, -20]}\n", "spectrum.temperatures_k"),
+    ("spectrum-below-theta", MD.replace("analyze,", "analyze, spectrum,")
+     + "shift: {theta_k: 50}\nspectrum: {temperatures_k: [40]}\n", "spectrum.temperatures_k"),
+    ("spectrum-range", "stages: [probe]\nspectrum: {ppm_range: [100, 0]}\n",
+     "spectrum.ppm_range"),
+    ("spectrum-field", "stages: [probe]\nspectrum: {field_t: 0}\n", "spectrum.field_t"),
+    ("spectrum-offset", "stages: [probe]\nspectrum: {experiment: {file: x, "
+     "offset_range_ppm: [5, -5]}}\n", "spectrum.experiment.offset_range_ppm"),
+    ("spectrum-isotope", "stages: [probe, md, infer, analyze, spectrum]\nsystems: [{name: a, "
+     "structure: 'builtin:p2-nmmo-p63mcm', target_species: Mn}]\n", "systems.0.target_species"),
 ]
 
 

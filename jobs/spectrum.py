@@ -1,0 +1,192 @@
+"""The spectrum stage: isotropic exchange line shapes of every analysed system, and the fit of a
+measured spectrum as their mixture.
+
+Per system (read through :func:`jobs.analyze.site_exchange`): the site classes' mean shifts,
+populations (time committed to each class) and hop-rate matrix give the Bloch-McConnell
+(Anderson-Kubo) line (:func:`jobs.exchange.exchange_spectrum`) at the manifest's field and
+intrinsic line width; in fast exchange it is one line at the population-weighted mean, in slow
+exchange one line per class. Frames from a file have no dynamics: their lines are static.
+``spectrum.temperatures_k`` adds spectra at other temperatures, the shifts scaled by the
+Curie-Weiss law from ``shift.temperature_k`` (hop rates held at the md temperature). Isotropic
+lines only: no spinning sidebands, no quadrupolar shift.
+
+``spectrum.experiment`` fits a measured spectrum (:mod:`jobs.experiment`) as a sum of the
+systems' predicted lines with a common offset and per-system extra widths: the phase fractions
+with their errors, the offset, the residual and which system each measured peak belongs to.
+
+Every rank computes the same numbers (small, deterministic) and the store writes them once:
+``/spectrum/<system>/`` and ``/spectrum/fit/`` (layout: docs/spectrum.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.failure import InputError
+from engine.stages import StageInputs, StageResult
+from engine.store import RunStore
+from jobs.analyze import SiteExchange, analysed_systems, site_exchange
+from jobs.exchange import curie_weiss_scale, exchange_spectrum
+from jobs.experiment import MixtureFit, fit_mixture, read_spectrum
+from schemas.spectrum import LARMOR_MHZ_PER_T, SpectrumSpec
+
+SPECTRUM_GROUP = "/spectrum"
+"""The store group this stage owns."""
+FIT_GROUP = f"{SPECTRUM_GROUP}/fit"
+
+
+def larmor_mhz(species: str, field_t: float) -> float:
+    """Larmor frequency (MHz) of the NMR isotope of `species` at `field_t`."""
+    if species not in LARMOR_MHZ_PER_T:
+        raise InputError(f"spectrum: no NMR isotope known for {species} (known: "
+                         f"{', '.join(sorted(LARMOR_MHZ_PER_T))})")
+    return LARMOR_MHZ_PER_T[species][1] * field_t
+
+
+def exchange_regime(site: SiteExchange, larmor: float) -> str:
+    """Fast, slow or intermediate exchange: the hop rates between the classes that exchange
+    directly, against their line separations (2 pi x shift difference x Larmor frequency)."""
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(site.class_names)
+    if n < 2:
+        return "one site class: one line"
+    exchange = site.rate_per_s + site.rate_per_s.T
+    if not exchange.any():
+        return "no hops between site classes: static lines at the site shifts"
+    ratios = []
+    for a in range(n):
+        for b in range(a + 1, n):
+            separation = 2 * np.pi * abs(site.shift_ppm[a] - site.shift_ppm[b]) * larmor
+            if exchange[a, b] > 0 and separation > 0:
+                ratios.append(exchange[a, b] / separation)
+    n_groups, group = connected_components(exchange > 0, directed=False)
+    apart = ""
+    if n_groups > 1:
+        apart = "; classes that never exchange keep their own lines: " + " | ".join(
+            ", ".join(site.class_names[k] for k in np.flatnonzero(group == g))
+            for g in range(n_groups))
+    low, high = (min(ratios), max(ratios)) if ratios else (np.inf, np.inf)
+    span = f"rates / line separations {low:.3g} to {high:.3g}"
+    if low > 10:
+        regime = f"fast exchange ({span})" + (
+            ": one line at the population-weighted mean" if n_groups == 1 else "")
+    elif high < 0.1:
+        regime = f"slow exchange ({span}): one line per site class"
+    else:
+        regime = f"intermediate exchange ({span})"
+    return regime + apart
+
+
+def predicted_line(site: SiteExchange, freq_ppm: np.ndarray, larmor: float, linewidth_hz: float,
+                   scale: float = 1.0) -> np.ndarray:
+    """The system's line on `freq_ppm` (unit area), its shifts multiplied by `scale`."""
+    return exchange_spectrum(freq_ppm, site.shift_ppm * scale, site.populations,
+                             site.rate_per_s, larmor, linewidth_hz)
+
+
+@dataclass(frozen=True)
+class SpectrumResult(StageResult):
+    """Systems with predicted spectra, and the fitted phase fractions where an experiment was
+    given."""
+
+    systems: tuple[str, ...] = ()
+    fractions: tuple = ()
+    """(system, fraction, error) of the fit (empty without an experiment)."""
+    offset_ppm: float | None = None
+
+    def summary(self) -> dict:
+        """``spectra`` (count), and per fitted system ``<system>_fraction`` and the offset."""
+        out: dict = {"spectra": len(self.systems)}
+        for name, fraction, error in self.fractions:
+            out[f"{name}_fraction"] = round(fraction, 4)
+            out[f"{name}_fraction_err"] = round(error, 4)
+        if self.offset_ppm is not None:
+            out["offset_ppm"] = round(self.offset_ppm, 1)
+        return out
+
+
+def _curie_weiss(shift_constants: dict, t_to_k: float) -> float:
+    """Factor that takes a shift at the shift spec's temperature to `t_to_k`."""
+    return float(curie_weiss_scale(1.0, shift_constants["temperature_k"], t_to_k,
+                                   shift_constants["theta_k"]))
+
+
+def _put_fit(store: RunStore, fit: MixtureFit, measured, temperature_k: float) -> None:
+    store.require_group(FIT_GROUP)
+    store.put(f"{FIT_GROUP}/ppm", fit.ppm, unit="ppm", doc="measured points fitted")
+    inside = np.isin(measured.ppm, fit.ppm)
+    store.put(f"{FIT_GROUP}/measured", measured.intensity[inside], unit="intensity")
+    store.put(f"{FIT_GROUP}/model", fit.model, unit="intensity", doc="fitted mixture")
+    store.put(f"{FIT_GROUP}/components", np.stack([fit.components[s] for s in fit.systems]),
+              unit="intensity", doc="rows: systems (attr systems), baseline not included")
+    store.set_attrs(FIT_GROUP, systems=list(fit.systems), source=measured.source,
+                    fractions=[fit.fractions[s] for s in fit.systems],
+                    fraction_errors=[fit.fraction_errors[s] for s in fit.systems],
+                    widths_ppm=[fit.widths_ppm[s] for s in fit.systems],
+                    offset_ppm=fit.offset_ppm, offset_error_ppm=fit.offset_error_ppm,
+                    baseline=fit.baseline, residual_rms_rel=fit.residual_rms_rel,
+                    temperature_k=temperature_k, success=bool(fit.success), message=fit.message,
+                    peaks=[{"ppm": p.ppm, "intensity": p.intensity, "system": p.system,
+                            "fraction": p.fraction} for p in fit.peaks])
+
+
+def run_spectra(spec: SpectrumSpec, systems, shift, ctx, store: RunStore) -> SpectrumResult:
+    """Spectra of every analysed system of the manifest, and the fit (collective)."""
+    constants = shift.constants()
+    names = [s.name for s in systems if s.name in analysed_systems(store)]
+    missing = [s.name for s in systems if s.name not in names]
+    if missing:
+        raise InputError(f"spectrum: the store has no analysis of {', '.join(missing)}; run "
+                         "the analyze stage first")
+    freq = np.linspace(spec.ppm_range[0], spec.ppm_range[1], spec.points)
+    temperatures = [constants["temperature_k"], *spec.temperatures_k]
+    sites, larmors = {}, {}
+    for system in systems:
+        site = site_exchange(store, system.name)
+        larmor = larmor_mhz(system.target_species, spec.field_t)
+        sites[system.name], larmors[system.name] = site, larmor
+        lines = np.stack([predicted_line(site, freq, larmor, spec.linewidth_hz,
+                                         _curie_weiss(constants, t)) for t in temperatures])
+        group = f"{SPECTRUM_GROUP}/{system.name}"
+        store.require_group(group)
+        store.put(f"{group}/ppm", freq, unit="ppm")
+        store.put(f"{group}/intensity", lines, unit="1/ppm",
+                  doc="rows: temperatures_k; each line has unit area")
+        store.put(f"{group}/temperatures_k", np.asarray(temperatures), unit="K")
+        regime = exchange_regime(site, larmor)
+        store.set_attrs(group, larmor_mhz=larmor, field_t=spec.field_t,
+                        linewidth_hz=spec.linewidth_hz, class_names=list(site.class_names),
+                        populations=site.populations.tolist(), shift_ppm=site.shift_ppm.tolist(),
+                        regime=regime, kind=site.kind, converged=site.converged,
+                        rates="held at the md temperature" if site.kind == "md" else "none")
+        ctx.log(f"spectrum {system.name}: {regime}; at {larmor:.2f} MHz, "
+                f"{len(temperatures)} temperature(s)")
+    result = SpectrumResult(tuple(sites))
+    if spec.experiment is not None:
+        experiment = spec.experiment
+        measured = read_spectrum(experiment.file)
+        mixed = experiment.systems or list(sites)
+        t_exp = experiment.temperature_k or constants["temperature_k"]
+        predicted = {name: (freq, predicted_line(sites[name], freq, larmors[name],
+                                                 spec.linewidth_hz, _curie_weiss(constants,
+                                                                                 t_exp)))
+                     for name in mixed}
+        fit = fit_mixture(measured, predicted, offset_range_ppm=experiment.offset_range_ppm,
+                          window_ppm=experiment.window_ppm, baseline=experiment.baseline,
+                          peak_prominence=experiment.peak_prominence)
+        _put_fit(store, fit, measured, t_exp)
+        for line in fit.summary().splitlines():
+            ctx.log(f"spectrum fit: {line}")
+        result = SpectrumResult(tuple(sites), tuple(
+            (name, float(fit.fractions[name]), float(fit.fraction_errors[name]))
+            for name in fit.systems), float(fit.offset_ppm))
+    store.flush()
+    return result
+
+
+def run(spec: SpectrumSpec, inputs: StageInputs) -> SpectrumResult:
+    """Stage entry: predicted spectra into ``/spectrum`` and the fit of a measured one."""
+    with inputs.store.transaction():
+        return run_spectra(spec, list(inputs.systems), inputs.shift, inputs.ctx, inputs.store)
