@@ -361,8 +361,13 @@ def convergence_verdict(spec: AnalyzeSpec, timeline: Timeline, dynamics: HopStat
     """
     reasons = []
     if not mean_blocking.plateau:
-        reasons.append(f"the blocking error of the mean has no plateau ("
-                       f"{'too few frames' if not len(mean_blocking.block_sizes) else 'it still grows at the largest blocks'})")
+        if not len(mean_blocking.block_sizes):
+            reasons.append(f"too few frames for a blocking error (fewer than "
+                           f"{spec.blocking_min_blocks})")
+        else:
+            reasons.append(f"the blocking error of the mean reaches no plateau within the block "
+                           f"sizes the frames allow (up to {mean_blocking.block_sizes[-1]} "
+                           f"frames, {spec.blocking_min_blocks} blocks or more)")
     if not timeline.is_md:
         return not reasons, reasons or []
     shortest_fs = min(float(timeline.time[b - 1] - timeline.time[a])

@@ -491,6 +491,9 @@ def _summary(store, systems, figures, parity) -> str:
                        store.read(f"{group}/shift_ppm"), store.read(f"{group}/shift_stderr_ppm"),
                        store.read(f"{group}/samples"))
             for cls, occ, shift, err, n in rows:
+                if n == 0:
+                    lines.append(f"| {name} | {cls} | 0 | no samples | - | 0 |")
+                    continue
                 lines.append(f"| {name} | {cls} | {occ:.3f} | {_fmt(shift)} | {_fmt(err)} | "
                              f"{int(n)} |")
         lines += ["", "## Averages", "",
@@ -532,9 +535,10 @@ def _convergence(store, systems) -> list[str]:
         line = f"- **{name}**: {verdict}."
         if not attrs.get("converged") and np.isfinite(attrs.get(
                 "mean_shift_stderr_lower_bound_ppm", float("nan"))):
-            line += (f" The mean {_fmt(attrs['mean_shift_ppm'], 1)} ppm is not yet a dynamic "
-                     f"average; its blocking error ({_fmt(attrs['mean_shift_stderr_lower_bound_ppm'], 1)}"
-                     " ppm) is only a lower bound.")
+            bound = _fmt(attrs["mean_shift_stderr_lower_bound_ppm"], 1)
+            line += (f" The mean {_fmt(attrs['mean_shift_ppm'], 1)} ppm is "
+                     + ("not yet a dynamic average; " if attrs.get("kind") == "md" else "")
+                     + f"its blocking error ({bound} ppm) is only a lower bound.")
         msd = store.attrs(f"{ANALYZE_GROUP}/{name}/msd")
         if msd and not msd.get("diffusive", True):
             line += f" No D: not diffusive over this run ({msd.get('not_diffusive_reason')})."

@@ -66,11 +66,17 @@ def test_report_from_store_writes_figures_and_table(tmp_path, shared_data):
             for cls, occ, shift in zip(store.attrs(group)["class_names"],
                                        store.read(f"{group}/occupation"),
                                        store.read(f"{group}/shift_ppm")):
-                shift_text = "-" if not np.isfinite(shift) else f"{shift:.0f}"
-                assert f"| {system} | {cls} | {occ:.3f} | {shift_text} |" in text
+                if np.isfinite(shift):
+                    assert f"| {system} | {cls} | {occ:.3f} | {shift:.0f} |" in text
+                else:  # a class without samples says so
+                    assert f"| {system} | {cls} | 0 | no samples |" in text
             mean = store.attrs(f"/analyze/{system}")["mean_shift_ppm"]
             assert f"| {system} | file | 40 | 16 | {mean:.1f} |" in text
     assert "Test RMSE 100.0 ppm" in text  # every prediction is off by exactly 100 ppm
+    assert "nan" not in text.lower()
+    # 40 frames allow blocks of 1 and 2 frames only (16 blocks or more): no plateau shown
+    assert ("- **p6322**: not converged: the blocking error of the mean reaches no plateau "
+            "within the block sizes the frames allow (up to 2 frames") in text
     assert "![Shift histograms by site (cf. Fig. 3a)](histograms.png)" in text
     other = report_from_store(store_path, tmp_path / "elsewhere")
     assert other == tmp_path / "elsewhere" / "summary.md" and other.exists()
@@ -84,7 +90,7 @@ def test_report_of_a_store_without_analysis_says_so(tmp_path, shared_data):
 
 
 MANIFEST = """\
-stages: [analyze, report]
+stages: [analyze, spectrum, report]
 systems:
   - {name: p63mcm, structure: "builtin:p2-nmmo-p63mcm"}
   - {name: p6322, structure: "builtin:p2-nmmo-p6322"}
@@ -107,7 +113,12 @@ def test_analyze_and_report_stages_under_mpirun(tmp_path, shared_data, dynshift_
     assert "analyze p63mcm: mean shift" in run.stdout
     folder = tmp_path / "staged-report"
     assert _is_png(folder / "histograms.png") and (folder / "summary.md").exists()
+    assert _is_png(folder / "spectra.png")
+    text = (folder / "summary.md").read_text()
+    assert "## Spectra" in text and "static lines at the site shifts" in text
+    assert "nan" not in text.lower()
     with RunStore(store_path, None, mode="r") as store:
+        assert store.stage_status("spectrum") == "complete"
         assert store.stage_status("analyze") == "complete"
         assert store.stage_status("report") == "complete"
         assert store.attrs("/analyze/p6322")["ranks"] == 2
