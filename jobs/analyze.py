@@ -375,9 +375,10 @@ def convergence_verdict(spec: AnalyzeSpec, timeline: Timeline, dynamics: HopStat
     hops = dynamics.centre_hops
     if len(hops) and np.min(hops) < spec.converged_min_hops_per_nucleus:
         still = int(np.sum(hops < spec.converged_min_hops_per_nucleus))
-        reasons.append(f"{still} of {len(hops)} nuclei hopped fewer than "
-                       f"{spec.converged_min_hops_per_nucleus:g} times (mean "
-                       f"{dynamics.mean_hops:.2f} hops per nucleus)")
+        need = spec.converged_min_hops_per_nucleus
+        did = "never hopped" if need <= 1 else f"hopped fewer than {need:g} times"
+        reasons.append(f"{still} of {len(hops)} nuclei {did} (mean {dynamics.mean_hops:.2f} "
+                       "hops per nucleus)")
     if correlation is None or not correlation.determined:
         longest = _time_text(correlation.window_fs) if correlation is not None else "-"
         reasons.append(f"the shift autocorrelation has not decayed within the longest lag "
