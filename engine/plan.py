@@ -245,6 +245,9 @@ def _stage_plan(stage: str, manifest, facts, ranks: int) -> tuple[str, float]:
                          / spec.histogram_bin_ppm))
         n_bytes = len(systems) * 8 * (bins * 8 + spec.map_bins ** 2 * 4 + spec.running_points
                                       * 4 + spec.msd_lags * 3)
+        # the site of every target nucleus in every frame (int32)
+        n_bytes += sum(4 * (counts[s.name] or 0) * f.target_count
+                       for s, f in zip(systems, facts) if f)
         parts = [f"{s.name} {_frames_text(counts[s.name])} frames: "
                  f"{_spread(_block_sizes(counts[s.name], ranks)) if counts[s.name] else '?'}"
                  for s in systems]
