@@ -1,4 +1,5 @@
-"""The label stage: sparse frames of the md trajectories, sharded over ranks, labelled by DFT.
+"""The label stage: sparse frames of the md trajectories, sharded over ranks, labelled by DFT
+(VASP or GPAW: :mod:`jobs.labellers`).
 
 Per system, the stage chooses frames from ``/md/<system>/<rNNN>`` (every k-th saved frame of each
 replica, or N evenly spaced over all replicas), wraps them into the cell and pre-sizes every
@@ -400,9 +401,11 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
     """
     gyromagnetic_factor = shift_spec.constants()["gyromagnetic_factor"]
     for target in sorted({s.target_species for s in systems}):
-        given = spec.vasp.ngyromag.get(target) if spec.labeller == "vasp" else None
+        section = getattr(spec, spec.labeller, None)  # label.vasp / label.gpaw
+        given = section.ngyromag.get(target) if section is not None else None
         if given is not None and given != gyromagnetic_factor and ctx.is_root:
-            ctx.warn(f"label.vasp.ngyromag[{target}] = {given:g} but shift.gyromagnetic_factor"
+            ctx.warn(f"label.{spec.labeller}.ngyromag[{target}] = {given:g} but "
+                     f"shift.gyromagnetic_factor"
                      f" = {gyromagnetic_factor:g}: A_tot scales with NGYROMAG, so the shifts "
                      f"will be off by {given / gyromagnetic_factor:.4g}x")
     labeller = make_labeller(spec, gyromagnetic_factor, ctx.cores, ctx.rank)

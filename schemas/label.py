@@ -1,4 +1,5 @@
-"""The label stage: sparse frames labelled by DFT (VASP) with retries and a failure budget."""
+"""The label stage: sparse frames labelled by DFT (VASP or GPAW) with retries and a failure
+budget."""
 from __future__ import annotations
 
 import re
@@ -11,6 +12,9 @@ from schemas.base import Element, InputPath, NonEmptyText, Spec, SpecError
 
 IncarValue = Union[bool, int, float, str, list[Union[bool, int, float, str]]]
 """A value of one INCAR tag: a scalar or a list (written space-separated)."""
+
+GpawValue = Union[bool, int, float, str, list, dict]
+"""A GPAW keyword's value as YAML gives it (written to the run's gpaw-input.json)."""
 
 _INCAR_TAG = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
@@ -84,6 +88,98 @@ class VaspSpec(Spec):
         return self
 
 
+class GpawSpec(Spec):
+    """How to run GPAW: the launch command (profile) and the calculation it is given (template).
+
+    Defaults are a spin-polarised PBE plane-wave single point; see docs/label.md for what the
+    couplings are converted to (VASP's A_tot) and a setting that labels an 88-atom P2-NMMO frame
+    in minutes."""
+
+    command: list[NonEmptyText] = Field(
+        default=["mpirun", "-np", "{cores}", "{python}", "{script}"], min_length=1)
+    """The launch command as an argument list, run in each frame's work directory. `{script}`
+    becomes the run script written there (run_gpaw.py), `{python}` the `python` below, `{cores}`
+    and `{rank}` the rank's cores and rank; e.g. `["srun", "--exact", "-n", "32", "{python}",
+    "{script}"]` on Slurm, or `["{python}", "{script}"]` for one process. Never a shell string;
+    the MPI launcher's rank variables are not passed on."""
+    python: NonEmptyText | None = None
+    """The Python interpreter that has GPAW (`{python}` in the command); default: the one
+    running dynshift."""
+    walltime_s: float = Field(default=86400.0, gt=0)
+    """Wall-time limit of one GPAW run (s); a run past it is killed (its whole process group)
+    and counts as a failed attempt ("timeout")."""
+    kill_grace_s: float = Field(default=10.0, ge=0)
+    """After SIGTERM on a time-out, seconds to wait before SIGKILL."""
+    env: dict[NonEmptyText, str] = {}
+    """Extra environment variables for the launch; GPAW_MPI_BACKEND=cgpaw, OMP_NUM_THREADS=1
+    and OPENBLAS_NUM_THREADS=1 are set unless given here."""
+    mode: Literal["pw", "lcao"] = "pw"
+    """Basis: plane waves (`ecut_ev`) or atomic orbitals (LCAO, `basis`; much cheaper)."""
+    ecut_ev: float = Field(default=400.0, gt=0)
+    """Plane-wave cutoff (eV), mode pw."""
+    basis: NonEmptyText = "dzp"
+    """LCAO basis set (`dzp`, `szp`, `sz`, ...) from gpaw-data, mode lcao."""
+    h_a: float | None = Field(default=None, gt=0)
+    """Real-space grid spacing (A) of the densities; default GPAW's (0.2 A in LCAO; from
+    `ecut_ev` in pw)."""
+    kpts: tuple[int, int, int] = (1, 1, 1)
+    """k-point mesh."""
+    kpts_gamma: bool = True
+    """Gamma-centred mesh (else Monkhorst-Pack)."""
+    xc: NonEmptyText = "PBE"
+    """Exchange-correlation functional (GPAW's name: `PBE`, `LDA`, `SCAN` with libxc, ...)."""
+    setups: dict[Element, NonEmptyText] = {}
+    """PAW setup per species (gpaw-data's names: `{Mn: "7", Mg: "2", Na: "1"}` takes the
+    setups with 7, 2 and 1 valence electrons); not listed: GPAW's default setup."""
+    fixed_magmom: float | None = None
+    """Fixed total magnetic moment N_up - N_down (mu_B), VASP's NUPDOWN (48 for the 88-atom
+    P2-NMMO cell); the initial moments (`magmoms`) must add up to it. Null: the moment is
+    free (it starts from `magmoms`)."""
+    magmoms: dict[Element, float] = {}
+    """Initial magnetic moment per atom of each species (mu_B), e.g. `{Mn: 3}` for Mn4+; with
+    a fixed moment and none given, the moment is spread evenly over the atoms."""
+    smearing_ev: float = Field(default=0.05, gt=0)
+    """Fermi-Dirac width (eV)."""
+    mixer_beta: float = Field(default=0.05, gt=0, le=1)
+    """Pulay density mixing: fraction of the new density."""
+    mixer_nmaxold: int = Field(default=5, ge=1)
+    """Pulay density mixing: densities kept."""
+    mixer_weight: float = Field(default=50.0, gt=0)
+    """Pulay density mixing: weight of long wavelengths."""
+    energy_tol_ev: float = Field(default=5e-4, gt=0)
+    """SCF convergence: energy change (eV per valence electron, GPAW's `energy`)."""
+    density_tol: float = Field(default=1e-4, gt=0)
+    """SCF convergence: density change (electrons per valence electron, GPAW's `density`)."""
+    maxiter: int = Field(default=300, ge=1)
+    """Maximum SCF iterations; a run that does not converge within them is a failed attempt
+    ("unconverged")."""
+    ngyromag: dict[Element, float] = {}
+    """Nuclear gamma/2pi (MHz/T) per species, VASP's NGYROMAG: the couplings are converted to
+    VASP's A_tot with it. Species not listed get the shift section's `gyromagnetic_factor`
+    (100 in the lin2022-nmmo preset), so A and the A -> shift conversion use one convention."""
+    gpaw: dict[NonEmptyText, GpawValue] = {}
+    """Further GPAW keywords, or overrides of the ones above (e.g. `{nbands: "120%",
+    eigensolver: {name: etdm-lcao}}`); written to gpaw-input.json as given."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "GpawSpec":
+        problems = []
+        if not self.command[0].strip():
+            problems.append(("command.0", f"the program is blank (got {self.command[0]!r})"))
+        if min(self.kpts) < 1:
+            problems.append(("kpts", f"every k-point count must be >= 1 (got "
+                                     f"{list(self.kpts)})"))
+        bad_env = [k for k in self.env if "=" in k or not k.strip()]
+        if bad_env:
+            problems.append(("env", f"variable names without '=' or blanks (got {bad_env})"))
+        if not any("{script}" in arg for arg in self.command):
+            problems.append(("command", "no argument holds {script} (the run script), e.g. "
+                                        "[mpirun, -np, '{cores}', '{python}', '{script}']"))
+        if problems:
+            raise SpecError(*problems)
+        return self
+
+
 class LabelSpec(Spec):
     """Choose sparse frames from md trajectories and label them with a DFT code."""
 
@@ -96,10 +192,13 @@ class LabelSpec(Spec):
     """Stride in saved frames for `selection: every`."""
     skip_saved: int = Field(default=0, ge=0)
     """Saved frames to skip at the start of every replica (equilibration)."""
-    labeller: Literal["vasp"] = "vasp"
-    """The labeller that computes A_iso, energy and forces of a frame."""
+    labeller: Literal["vasp", "gpaw"] = "vasp"
+    """The labeller that computes A_iso, energy and forces of a frame: `vasp` (licensed) or
+    `gpaw` (open; `pip install gpaw gpaw-data`, see docs/label.md)."""
     vasp: VaspSpec = VaspSpec()
     """Settings of the VASP labeller."""
+    gpaw: GpawSpec = GpawSpec()
+    """Settings of the GPAW labeller."""
     work_dir: Path = Path("label-work")
     """Root of the per-frame work directories `<work_dir>/<system>/r<replica>-f<frame>`
     (relative to the working directory of `dynshift run`); keep it on a shared file system."""

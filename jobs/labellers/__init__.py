@@ -6,7 +6,7 @@ SinglePointCalculator, ``arrays["fermi_contact_mhz"]`` (A_iso per atom, MHz) and
 ``info["magnetic_moment_s"]``, with atoms in the order they were given. A failed attempt is a
 :class:`LabelError` with a short reason code; the label stage retries it, and records it.
 
-Backends: ``vasp`` (:mod:`jobs.labellers.vasp`).
+Backends: ``vasp`` (:mod:`jobs.labellers.vasp`), ``gpaw`` (:mod:`jobs.labellers.gpaw`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 from ase import Atoms
 
 REASONS = ("exit", "timeout", "launch", "no_outcar", "truncated", "unconverged", "bad_outcar",
-           "atom_count", "wrong_frame")
+           "atom_count", "wrong_frame", "no_result", "bad_result")
 """Reason codes of failed attempts (`exit` carries the exit status: ``exit_1``)."""
 
 
@@ -68,4 +68,8 @@ def make_labeller(spec, gyromagnetic_factor: float, cores: int = 1, rank: int = 
         from jobs.labellers.vasp import VaspLabeller
 
         return VaspLabeller.from_spec(spec.vasp, gyromagnetic_factor, cores, rank)
+    if spec.labeller == "gpaw":
+        from jobs.labellers.gpaw import GpawLabeller
+
+        return GpawLabeller.from_spec(spec.gpaw, gyromagnetic_factor, cores, rank)
     raise ValueError(f"unknown labeller {spec.labeller!r}")

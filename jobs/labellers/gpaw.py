@@ -50,6 +50,11 @@ RESULT_FILE = "result.json"
 TEXT_LOG = "gpaw.txt"
 """GPAW's own log (its `txt`)."""
 
+DEFAULT_ENV = {"GPAW_MPI_BACKEND": "cgpaw", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+"""Environment of every GPAW launch (`label.gpaw.env` wins): GPAW's own MPI (its C extension,
+so that `mpirun -np N python run_gpaw.py` runs in parallel without `gpaw python`), and one BLAS
+/ OpenMP thread per MPI process."""
+
 PLANCK_J_S = 6.62607015e-34
 ELEMENTARY_CHARGE_C = 1.602176634e-19
 NUCLEAR_MAGNETON_J_PER_T = 5.0507837393e-27
@@ -179,12 +184,18 @@ class GpawTemplate:
 
     # ---- input ----------------------------------------------------------------------------
     def initial_magmoms(self, atoms: Atoms) -> list[float]:
-        """Initial moment per atom (mu_B): `magmoms[species]`, else 0; with a fixed total
-        moment and no guess at all, the total spread evenly over the atoms."""
-        moments = [float(self.magmoms.get(s, 0.0)) for s in atoms.get_chemical_symbols()]
-        if self.fixed_magmom is not None and not any(moments):
-            moments = [self.fixed_magmom / len(atoms)] * len(atoms)
-        return moments
+        """Initial moment per atom (mu_B): `magmoms[species]`, else 0. With a fixed total
+        moment (GPAW fixes N_up - N_down to the sum of the initial moments) they are scaled to
+        add up to it, or, if they add up to zero, the total is spread evenly over the atoms."""
+        moments = np.array([float(self.magmoms.get(s, 0.0))
+                            for s in atoms.get_chemical_symbols()])
+        if self.fixed_magmom is not None:
+            total = moments.sum()
+            if abs(total) > 1e-12:
+                moments *= self.fixed_magmom / total
+            else:
+                moments = np.full(len(atoms), self.fixed_magmom / len(atoms))
+        return moments.tolist()
 
     def calculator_parameters(self) -> dict:
         """The GPAW keywords of a frame: defaults of this template, then `gpaw` overrides."""
@@ -305,7 +316,7 @@ class GpawLabeller:
             mixer_weight=spec.mixer_weight, energy_tol_ev=spec.energy_tol_ev,
             density_tol=spec.density_tol, maxiter=spec.maxiter, ngyromag=dict(spec.ngyromag),
             ngyromag_default=gyromagnetic_factor, gpaw=dict(spec.gpaw))
-        env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **dict(spec.env)}
+        env = {**DEFAULT_ENV, **dict(spec.env)}
         profile = GpawProfile(expand_command(spec.command, cores, rank, spec.python),
                               spec.walltime_s, spec.kill_grace_s, env)
         return cls(template, profile)
@@ -343,7 +354,6 @@ complete). An SCF that does not converge within maxiter gives result.json with c
 """
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -398,6 +408,5 @@ def main():
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)
 '''
 """The run script written into every frame's work directory (needs only GPAW and ASE)."""
