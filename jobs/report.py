@@ -368,7 +368,7 @@ def _spectra(store, systems, out_dir, spec) -> str:
         for k, (t, line) in enumerate(zip(temperatures, lines)):
             ax.plot(ppm, line, lw=1.4 if k == 0 else 0.9, label=f"{t:g} K")
         attrs = store.attrs(group)
-        ax.set_title(f"{name}: {attrs.get('regime', '')}", fontsize=8)
+        ax.set_title(f"{name}: {str(attrs.get('regime', '')).split(' (')[0]}", fontsize=9)
         ax.set_ylabel("intensity (1/ppm)")
         ax.legend(fontsize=7, frameon=False)
     axes[-1, 0].set_xlabel("shift (ppm); isotropic lines only, no spinning sidebands")

@@ -107,6 +107,13 @@ def vasp_fermi_contact_mhz(a_iso_ev_per_g, total_magmom_mu_b: float,
     return np.asarray(a_iso_ev_per_g, dtype=float) * g_n * MHZ_PER_EV / total_magmom_mu_b
 
 
+def gpaw_importable() -> bool:
+    """True when GPAW and its PAW setups (gpaw-data) can be imported by this interpreter."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("gpaw", "gpaw_data"))
+
+
 def expand_command(command, cores: int, rank: int, python: str | None = None,
                    script: str = SCRIPT_FILE) -> tuple[str, ...]:
     """The launch command with `{cores}`, `{rank}`, `{python}` (this interpreter, unless given)
@@ -322,8 +329,13 @@ class GpawLabeller:
         return cls(template, profile)
 
     def check(self, species: list[str]) -> None:
-        """Raise InputError for a missing launch program."""
+        """Raise InputError for a missing launch program, or when the command runs this
+        interpreter and it cannot import gpaw."""
         self.profile.check()
+        if sys.executable in self.profile.command and not gpaw_importable():
+            raise InputError("label.labeller: gpaw, but this Python cannot import gpaw "
+                             "(install it: DYNSHIFT_GPAW=1 bash run/install.sh, or set "
+                             "label.gpaw.python to one that has it)")
 
     def label(self, atoms: Atoms, work_dir: Path, title: str) -> Atoms:
         """Write the input, run GPAW, read and check the result (LabelError on failure)."""
@@ -345,7 +357,7 @@ class GpawLabeller:
             return None
 
 
-RUN_SCRIPT = r'''"""dynshift's GPAW run script: one spin-polarised single point and its hyperfine couplings.
+RUN_SCRIPT = r'''"""dynshift's GPAW run script: a spin-polarised single point and its hyperfine couplings.
 
 Reads gpaw-input.json, runs the SCF on every process it was started with (mpirun -np N python
 run_gpaw.py), writes frame.gpw, then on process 0 alone: hyperfine tensors with the frozen-core
