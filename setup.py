@@ -10,7 +10,7 @@ setup(
     package_data={"jobs": ["data/*"], "schemas": ["*.yaml"]},
     install_requires=[
         "numpy", "pydantic>=2.5", "PyYAML", "mpi4py>=3.1", "h5py>=3.8", "ase>=3.23",
-        "dscribe>=2.1", "numba", "deepmd-kit", "matplotlib", "nmrglue",
+        "dscribe>=2.1", "numba", "deepmd-kit", "matplotlib", "nmrglue", "scipy",
     ],
     entry_points={"console_scripts": ["dynshift = engine.cli:main"]},
 )
