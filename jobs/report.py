@@ -417,11 +417,12 @@ def _spectrum_lines(store) -> list[str]:
                         " (from averages that are not converged: see Convergence)") + ".")
     if store.exists(f"{FIT_GROUP}/model"):
         fit = store.attrs(FIT_GROUP)
+        failed = "" if fit.get("success") else f" (the fit did not converge: {fit.get('message')})"
         lines += ["", f"### Fit of {fit['source']}", "",
                   f"Measured = sum of the predicted lines (at {fit['temperature_k']:g} K) moved "
                   f"by one offset {fit['offset_ppm']:.1f} +- {fit['offset_error_ppm']:.1f} ppm "
                   f"and broadened per system; residual RMS {fit['residual_rms_rel']:.3g} of the "
-                  f"tallest point{'' if fit.get('success') else ' (the fit did not converge: ' + str(fit.get('message')) + ')'}.", "",
+                  f"tallest point{failed}.", "",
                   "| system | fraction | +- | extra width (ppm) |", "| --- | ---: | ---: | ---: |"]
         for name, f, e, w in zip(fit["systems"], fit["fractions"], fit["fraction_errors"],
                                  fit["widths_ppm"]):

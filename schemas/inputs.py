@@ -166,6 +166,14 @@ def input_problems(manifest, store: Path | None = None) -> list[str]:
 
     if "label" in stages and manifest.label.labeller == "vasp":
         problems += _potcar_problems(vasp, facts)
+    gpaw_here = manifest.label.labeller == "gpaw" and manifest.label.gpaw.python is None
+    if "label" in stages and gpaw_here:
+        import importlib.util
+
+        if any(importlib.util.find_spec(m) is None for m in ("gpaw", "gpaw_data")):
+            problems.append("label.labeller: gpaw, but this Python cannot import gpaw and "
+                            "gpaw_data (DYNSHIFT_GPAW=1 bash run/install.sh, or set "
+                            "label.gpaw.python)")
     store_path = Path(store if store is not None else manifest.store)
     if store_path.is_dir():
         problems.append(f"store: {store_path} is a folder, not a store file")

@@ -357,7 +357,7 @@ class GpawLabeller:
             return None
 
 
-RUN_SCRIPT = r'''"""dynshift's GPAW run script: a spin-polarised single point and its hyperfine couplings.
+RUN_SCRIPT = r'''"""dynshift's GPAW run script: one spin-polarised single point, its couplings.
 
 Reads gpaw-input.json, runs the SCF on every process it was started with (mpirun -np N python
 run_gpaw.py), writes frame.gpw, then on process 0 alone: hyperfine tensors with the frozen-core

@@ -132,6 +132,16 @@ def test_the_fit_recovers_known_fractions_and_offset(dft_store, ctx, tmp_path, f
     assert result.offset_ppm == pytest.approx(-150.0, abs=5.0)
     assert fit["systems"] == ["p6322", "p63mcm"] and len(model) == len(ppm)
     assert fit["residual_rms_rel"] < 0.03 and fit["peaks"]
+    # the report shows the fitted fractions, the overlay and the peak assignments
+    from jobs.report import ReportData, render_report
+    from schemas.report import ReportSpec
+
+    with RunStore(dft_store, ctx, mode="r") as store:
+        summary = render_report(ReportData(store), tmp_path / "report", ReportSpec(dpi=50))
+    text = summary.read_text()
+    assert f"| p6322 | {got['p6322']:.3f} |" in text and "### Fit of" in text
+    assert "| measured peak (ppm) | assigned to |" in text and "nan" not in text.lower()
+    assert (tmp_path / "report" / "spectrum_fit.png").stat().st_size > 3000
 
 
 def test_an_unanalysed_system_and_an_unknown_isotope_are_refused(dft_store, ctx):
