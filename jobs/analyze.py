@@ -266,6 +266,11 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
     occupation = class_count / n_samples
     model_std = (moments_mean_std(*ensemble_std.reshaped())[0] if has_std
                  else np.full(n_classes, np.nan))
+    # the model's own uncertainty of a mean: the mean predicted sigma of its samples (NN-NMR:
+    # the ensemble spread; GPR: the calibrated sigma). Model errors are correlated over
+    # similar environments, so averaging does not reduce it: a bound, beside the blocking error
+    model_sigma = (float(ensemble_std.sum.sum() / ensemble_std.count.sum())
+                   if has_std and ensemble_std.count.sum() > 0 else float("nan"))
 
     diffusion = correlation = None
     if timeline.is_md:
@@ -330,6 +335,7 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
                     n_segments=len(timeline.segment_bounds),
                     mean_shift_ppm=overall.mean, mean_shift_stderr_ppm=mean_stderr,
                     mean_shift_stderr_lower_bound_ppm=mean_blocking.stderr,
+                    mean_shift_model_sigma_ppm=model_sigma,
                     n_blocks=overall.n_blocks, class_names=list(sites.class_names),
                     framework_drift_corrected=has_drift, d_cm2_s=d_cm2_s,
                     diffusive=bool(diffusion is not None and diffusion.diffusive),
@@ -463,7 +469,9 @@ def _put_sites(store: RunStore, target: str, sites: SiteSet, site_occupation, oc
     store.put(f"{group}/shift_stderr_ppm", stderr, unit="ppm",
               doc="block-averaging standard error of the site-centred mean")
     store.put(f"{group}/ensemble_std_ppm", model_std, unit="ppm",
-              doc="mean model-ensemble standard deviation of the predictions in a class")
+              doc="mean predicted sigma of the shifts in a class (NN-NMR: ensemble spread; "
+                  "GPR: calibrated sigma): the model's uncertainty of the class mean (a bound: "
+                  "model errors are correlated, averaging does not reduce them)")
     store.set_attrs(group, class_names=list(sites.class_names), radius_a=sites.radius_a,
                     target_species=sites.target_species)
 

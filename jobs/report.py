@@ -483,23 +483,30 @@ def _summary(store, systems, figures, parity) -> str:
                   "xy plane; occupation: fraction of all Na samples (frames x Na); +- is the "
                   "blocking standard error, given only where the system's averages are "
                   "converged (see Convergence).", "",
-                  "| system | site | occupation | centred shift (ppm) | +- (ppm) | samples |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+                  "The model sigma is the mean predicted uncertainty of the shifts (NN-NMR: "
+                  "ensemble spread; GPR: calibrated sigma); model errors are correlated, so it "
+                  "is not reduced by averaging and stands beside the statistical error.", "",
+                  "| system | site | occupation | centred shift (ppm) | +- (ppm) | model sigma "
+                  "(ppm) | samples |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for name in systems:
             group = f"{ANALYZE_GROUP}/{name}/sites"
             classes = store.attrs(group)["class_names"]
+            sigma = (store.read(f"{group}/ensemble_std_ppm")
+                     if store.exists(f"{group}/ensemble_std_ppm") else [np.nan] * len(classes))
             rows = zip(classes, store.read(f"{group}/occupation"),
                        store.read(f"{group}/shift_ppm"), store.read(f"{group}/shift_stderr_ppm"),
-                       store.read(f"{group}/samples"))
-            for cls, occ, shift, err, n in rows:
+                       sigma, store.read(f"{group}/samples"))
+            for cls, occ, shift, err, model, n in rows:
                 if n == 0:
-                    lines.append(f"| {name} | {cls} | 0 | no samples | - | 0 |")
+                    lines.append(f"| {name} | {cls} | 0 | no samples | - | - | 0 |")
                     continue
                 lines.append(f"| {name} | {cls} | {occ:.3f} | {_fmt(shift)} | {_fmt(err)} | "
-                             f"{int(n)} |")
+                             f"{_fmt(model)} | {int(n)} |")
         lines += ["", "## Averages", "",
-                  "| system | source | frames | Na | mean shift (ppm) | +- (ppm) | D (cm2/s) |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| system | source | frames | Na | mean shift (ppm) | +- (ppm) | model sigma "
+                  "(ppm) | D (cm2/s) |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name in systems:
             attrs = store.attrs(f"{ANALYZE_GROUP}/{name}")
             d = attrs.get("d_cm2_s", float("nan"))
@@ -509,6 +516,7 @@ def _summary(store, systems, figures, parity) -> str:
             lines.append(f"| {name} | {attrs.get('kind')} | {attrs.get('n_frames')} | "
                          f"{attrs.get('n_centres')} | {_fmt(attrs['mean_shift_ppm'], 1)} | "
                          f"{_fmt(err, 1) if np.isfinite(err) else 'not converged'} | "
+                         f"{_fmt(attrs.get('mean_shift_model_sigma_ppm', float('nan')), 1)} | "
                          f"{d_text} |")
         lines += _convergence(store, systems)
         drifting = [n for n in systems

@@ -190,6 +190,7 @@ def test_md_source_diffusion_blocks_and_running_average(tmp_path, ctx, shared_da
         assert running[k] == pytest.approx(shift32[upto].mean(), rel=1e-12)
         assert np.allclose(centre_running[k], shift32[upto].mean(axis=0), rtol=1e-12)
     assert np.allclose(ensemble[np.isfinite(ensemble)], 7.0)
+    assert attrs["mean_shift_model_sigma_ppm"] == pytest.approx(7.0)  # every sigma is 7 ppm
 
 
 def test_timeline_segments_blocks_and_bins():
