@@ -240,9 +240,11 @@ class Trajectory:
                                                comm=serial)
 
     def run(self, steps: int) -> None:
-        """Advance `steps` MD steps."""
+        """Advance `steps` MD steps (an exploding run's overflows stay silent: the frame checks
+        name it, with its frame and time, instead of numpy's warnings from the thermostat)."""
         if steps > 0:
-            self.dynamics.run(steps)
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.dynamics.run(steps)
 
     # resumable state: positions, momenta (ASE units), thermostat variables / RNG state
     def thermostat_state(self) -> bytes:

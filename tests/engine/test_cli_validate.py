@@ -13,7 +13,7 @@ def test_a_valid_manifest_prints_its_summary(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["validate", str(ROOT / "run" / "default.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "valid; stages probe, md, infer, analyze, report; systems p63mcm, p6322; " \
+    assert "valid; stages probe, md, infer, analyze, spectrum, report; systems p63mcm, p6322; " \
            "store dynshift-demo.h5" in out
 
 
