@@ -194,6 +194,8 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
     progress = Progress(ctx, f"analyze {system.name}", len(mine))
     centre_ids = np.arange(n_centres)
     store.require_group(target)
+    for stale in ("dynamics", "msd"):  # a new analysis (other frames, or no md) starts clean
+        store.delete(f"{target}/{stale}")
     site_name = f"{target}/dynamics/site"
     store.create_dataset(site_name, (n_frames, n_centres), dtype="i4",
                          chunks=(max(1, min(n_frames, 1 << 20 // max(n_centres, 1))), n_centres),

@@ -220,3 +220,24 @@ def test_spec_rejects_bad_ranges():
         AnalyzeSpec(msd_fit_window_fs=(10.0, 5.0))
     with pytest.raises(ValueError):
         AnalyzeSpec(site_radius_a=0.0)
+
+
+def test_a_new_analysis_replaces_the_dynamics_of_the_last(tmp_path, ctx, shared_data):
+    """An md analysis, then one of frames from a file into the same group: no stale hops,
+    rates or MSD are left for the spectrum stage to read."""
+    frame0 = ase.io.read(shared_data / "p63mcm-dev.extxyz", 0)
+    system = SystemSpec(name="walk", structure="builtin:p2-nmmo-p63mcm")
+    with RunStore(tmp_path / "again.h5", ctx, mode="w") as store:
+        _md_source(store, "/infer/walk", frame0, 2, 120, 50.0, 0.15, seed=2)
+        analyze_system(AnalyzeSpec(), system, ctx, store)
+        assert store.shape("/analyze/walk/dynamics/site") == (240, 16)
+        assert store.exists("/analyze/walk/dynamics/rate_per_ps")
+        frames = ase.io.read(shared_data / "p63mcm-dev.extxyz", ":30")
+        put_labelled_frames(frames, system.model_copy(update={"name": "dft"}), ShiftSpec(), ctx,
+                            store)
+        analyze_system(AnalyzeSpec(), system, ctx, store, source="/infer/dft",
+                       target="/analyze/walk")
+        assert store.shape("/analyze/walk/dynamics/site") == (30, 16)
+        assert not store.exists("/analyze/walk/dynamics/rate_per_ps")
+        assert not store.exists("/analyze/walk/msd")
+        assert store.attrs("/analyze/walk")["kind"] == "file"
