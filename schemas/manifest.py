@@ -162,6 +162,9 @@ def _spectrum_problems(manifest: Manifest, names: list[str]) -> list[tuple[str, 
     problems = []
     spectrum = manifest.spectrum
     for index, system in enumerate(manifest.systems):
+        if system.name == "fit":
+            problems.append((f"systems.{index}.name", "'fit' is the spectrum stage's own group "
+                                                      "(/spectrum/fit); rename the system"))
         if system.target_species not in LARMOR_MHZ_PER_T:
             problems.append((f"systems.{index}.target_species",
                              f"the spectrum stage knows no NMR isotope of "

@@ -215,6 +215,8 @@ CORPUS = [
      + "shift: {theta_k: 50}\nspectrum: {temperatures_k: [40]}\n", "spectrum.temperatures_k"),
     ("spectrum-range", "stages: [probe]\nspectrum: {ppm_range: [100, 0]}\n",
      "spectrum.ppm_range"),
+    ("spectrum-system-fit", "stages: [probe, md, infer, analyze, spectrum]\nsystems: [{name: fit, "
+     "structure: 'builtin:p2-nmmo-p63mcm'}]\n", "systems.0.name"),
     ("spectrum-field", "stages: [probe]\nspectrum: {field_t: 0}\n", "spectrum.field_t"),
     ("spectrum-offset", "stages: [probe]\nspectrum: {experiment: {file: x, "
      "offset_range_ppm: [5, -5]}}\n", "spectrum.experiment.offset_range_ppm"),
