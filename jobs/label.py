@@ -402,13 +402,13 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
     gyromagnetic_factor = shift_spec.constants()["gyromagnetic_factor"]
     for target in sorted({s.target_species for s in systems}):
         section = getattr(spec, spec.labeller, None)  # label.vasp / label.gpaw
-        given = section.ngyromag.get(target) if section is not None else None
+        given = getattr(section, "ngyromag", {}).get(target)  # the model labeller has none
         if given is not None and given != gyromagnetic_factor and ctx.is_root:
             ctx.warn(f"label.{spec.labeller}.ngyromag[{target}] = {given:g} but "
                      f"shift.gyromagnetic_factor"
                      f" = {gyromagnetic_factor:g}: A_tot scales with NGYROMAG, so the shifts "
                      f"will be off by {given / gyromagnetic_factor:.4g}x")
-    labeller = make_labeller(spec, gyromagnetic_factor, ctx.cores, ctx.rank)
+    labeller = make_labeller(spec, gyromagnetic_factor, ctx.cores, ctx.rank, shift_spec)
     with store.transaction():  # the selection and the datasets of every system, at once
         store.set_attrs(LABEL_ROOT, systems=[s.name for s in systems], labeller=spec.labeller)
         for system in systems:

@@ -162,6 +162,15 @@ def input_problems(manifest, store: Path | None = None) -> list[str]:
         problems.append(problem)
     if vasp.potcar_dir is not None:
         problems.append(_exists(Path(vasp.potcar_dir), "label.vasp.potcar_dir", "folder"))
+    oracle = manifest.label.model
+    if oracle.dp_model is not None:
+        problems.append(_exists(Path(oracle.dp_model), "label.model.dp_model"))
+    if oracle.shift_model is not None:
+        problem = _exists(Path(oracle.shift_model), "label.model.shift_model")
+        if problem is None:
+            why = shift_model_facts(Path(oracle.shift_model))[2]
+            problem = f"label.model.shift_model: {why}" if why else None
+        problems.append(problem)
     problems = [p for p in problems if p]
 
     if "label" in stages and manifest.label.labeller == "vasp":

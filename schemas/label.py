@@ -180,6 +180,20 @@ class GpawSpec(Spec):
         return self
 
 
+class ModelLabellerSpec(Spec):
+    """The `model` labeller: labels computed by models, not by DFT. Energies and forces from a
+    frozen deepmd-kit model, the A_iso of the target nuclei from a shift model (its shift turned
+    back into A_iso by the shift section's eq. 1); other atoms get no A_iso (NaN). For tests, a
+    campaign with a known answer, and distillation; never a result."""
+
+    dp_model: InputPath | None = None
+    """Frozen DP model (.pb) for energies and forces; null: the shipped P2-NMMO model
+    (jobs/data/dp-p2-nmmo.pb)."""
+    shift_model: InputPath | None = None
+    """Store holding a trained /train shift model (NN-NMR ensemble or GPR); null: the shipped
+    P2-NMMO NN-NMR ensemble (jobs/data/nnmr-p2-nmmo.h5)."""
+
+
 class LabelSpec(Spec):
     """Choose sparse frames from md trajectories and label them with a DFT code."""
 
@@ -192,13 +206,17 @@ class LabelSpec(Spec):
     """Stride in saved frames for `selection: every`."""
     skip_saved: int = Field(default=0, ge=0)
     """Saved frames to skip at the start of every replica (equilibration)."""
-    labeller: Literal["vasp", "gpaw"] = "vasp"
-    """The labeller that computes A_iso, energy and forces of a frame: `vasp` (licensed) or
-    `gpaw` (open; `pip install gpaw gpaw-data`, see docs/label.md)."""
+    labeller: Literal["vasp", "gpaw", "model"] = "vasp"
+    """The labeller that computes A_iso, energy and forces of a frame: `vasp` (licensed),
+    `gpaw` (open; `pip install gpaw gpaw-data`, see docs/label.md) or `model` (NOT DFT: a DP
+    model's energies and forces and a shift model's A_iso; an oracle for tests and for
+    distilling a model into another)."""
     vasp: VaspSpec = VaspSpec()
     """Settings of the VASP labeller."""
     gpaw: GpawSpec = GpawSpec()
     """Settings of the GPAW labeller."""
+    model: ModelLabellerSpec = ModelLabellerSpec()
+    """Settings of the model labeller (an oracle, not DFT)."""
     work_dir: Path = Path("label-work")
     """Root of the per-frame work directories `<work_dir>/<system>/r<replica>-f<frame>`
     (relative to the working directory of `dynshift run`); keep it on a shared file system."""

@@ -6,7 +6,8 @@ SinglePointCalculator, ``arrays["fermi_contact_mhz"]`` (A_iso per atom, MHz) and
 ``info["magnetic_moment_s"]``, with atoms in the order they were given. A failed attempt is a
 :class:`LabelError` with a short reason code; the label stage retries it, and records it.
 
-Backends: ``vasp`` (:mod:`jobs.labellers.vasp`), ``gpaw`` (:mod:`jobs.labellers.gpaw`).
+Backends: ``vasp`` (:mod:`jobs.labellers.vasp`), ``gpaw`` (:mod:`jobs.labellers.gpaw`), and
+``model`` (:mod:`jobs.labellers.model`: models, not DFT; an oracle for tests and distillation).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class Labeller(Protocol):
         (a job that finished after its rank was killed); None otherwise."""
 
 
-def make_labeller(spec, gyromagnetic_factor: float, cores: int = 1, rank: int = 0) -> Labeller:
+def make_labeller(spec, gyromagnetic_factor: float, cores: int = 1, rank: int = 0,
+                  shift_spec=None) -> Labeller:
     """The labeller that a LabelSpec configures.
 
     Parameters
@@ -59,6 +61,9 @@ def make_labeller(spec, gyromagnetic_factor: float, cores: int = 1, rank: int = 
         The shift conversion's gyromagnetic convention (the NGYROMAG default).
     cores, rank
         This rank's cores and rank (replace `{cores}` and `{rank}` in a launch command).
+    shift_spec
+        The A_iso -> shift conversion (schemas.shift.ShiftSpec): the `model` labeller turns a
+        shift model's prediction back into A_iso with it.
 
     Returns
     -------
@@ -72,4 +77,9 @@ def make_labeller(spec, gyromagnetic_factor: float, cores: int = 1, rank: int = 
         from jobs.labellers.gpaw import GpawLabeller
 
         return GpawLabeller.from_spec(spec.gpaw, gyromagnetic_factor, cores, rank)
+    if spec.labeller == "model":
+        from jobs.labellers.model import ModelLabeller
+        from schemas.shift import ShiftSpec
+
+        return ModelLabeller.from_spec(spec.model, shift_spec or ShiftSpec())
     raise ValueError(f"unknown labeller {spec.labeller!r}")

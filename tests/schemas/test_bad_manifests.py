@@ -215,6 +215,10 @@ CORPUS = [
      + "shift: {theta_k: 50}\nspectrum: {temperatures_k: [40]}\n", "spectrum.temperatures_k"),
     ("spectrum-range", "stages: [probe]\nspectrum: {ppm_range: [100, 0]}\n",
      "spectrum.ppm_range"),
+    ("model-labeller-dp", "stages: [probe]\nlabel: {labeller: model, model: {dp_model: no.pb}}\n",
+     "label.model.dp_model"),
+    ("model-labeller-shift", "stages: [probe]\nlabel: {labeller: model, model: {shift_model: "
+     "MANIFEST}}\n", "label.model.shift_model"),
     ("spectrum-system-fit", "stages: [probe, md, infer, analyze, spectrum]\nsystems: [{name: fit, "
      "structure: 'builtin:p2-nmmo-p63mcm'}]\n", "systems.0.name"),
     ("spectrum-field", "stages: [probe]\nspectrum: {field_t: 0}\n", "spectrum.field_t"),
