@@ -11,8 +11,11 @@ Backends: ``vasp`` (:mod:`jobs.labellers.vasp`), ``gpaw`` (:mod:`jobs.labellers.
 """
 from __future__ import annotations
 
+import os
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Mapping, Protocol, runtime_checkable
 
 from ase import Atoms
 
@@ -28,6 +31,49 @@ class LabelError(Exception):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclass(frozen=True)
+class LaunchProfile:
+    """How an external DFT program is launched: the command (argument list), its time limit
+    and environment; `section` names the manifest section in messages, `log_name` the file in
+    the work directory that takes its output. One per backend (VaspProfile, GpawProfile)."""
+
+    command: tuple[str, ...]
+    walltime_s: float
+    kill_grace_s: float = 10.0
+    env: Mapping[str, str] = field(default_factory=dict)
+    section: str = "label"
+    log_name: str = "program.out"
+
+    def check(self) -> None:
+        """Raise InputError when the command's program cannot be found."""
+        from engine.failure import InputError
+
+        program = self.command[0]
+        if shutil.which(program) is None and not (Path(program).is_file()
+                                                   and os.access(program, os.X_OK)):
+            raise InputError(f"{self.section}.command: program {program!r} not found on PATH "
+                             "(nor an executable file)")
+
+    def run(self, work_dir: Path) -> int:
+        """Run the command in `work_dir`; returns its exit status.
+
+        Raises
+        ------
+        LabelError
+            ``timeout`` past `walltime_s` (the process group is killed), ``launch`` when the
+            program cannot be started.
+        """
+        from engine.external import ProgramTimeout, run_program
+
+        try:
+            return run_program(self.command, work_dir, work_dir / self.log_name, self.env,
+                               self.walltime_s, self.kill_grace_s)
+        except OSError as exc:
+            raise LabelError("launch", f"{self.command[0]}: {exc.strerror}") from None
+        except ProgramTimeout:
+            raise LabelError("timeout", f"killed after {self.walltime_s:g} s") from None
 
 
 @runtime_checkable

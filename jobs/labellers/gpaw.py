@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +34,8 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from engine.external import ProgramTimeout, run_program
 from engine.failure import InputError
-from jobs.labellers import LabelError
+from jobs.labellers import LabelError, LaunchProfile
 from jobs.labellers.vasp import POSITION_TOLERANCE_A, _tail
 
 OUTPUT_LOG = "gpaw.out"
@@ -130,38 +127,12 @@ def expand_command(command, cores: int, rank: int, python: str | None = None,
 
 
 @dataclass(frozen=True)
-class GpawProfile:
-    """How GPAW is launched: the command (argument list), its time limit and environment."""
+class GpawProfile(LaunchProfile):
+    """How GPAW is launched (jobs.labellers.LaunchProfile): its command, time limit and
+    environment; output to ``gpaw.out``."""
 
-    command: tuple[str, ...]
-    walltime_s: float
-    kill_grace_s: float = 10.0
-    env: Mapping[str, str] = field(default_factory=dict)
-
-    def check(self) -> None:
-        """Raise InputError when the command's program cannot be found."""
-        program = self.command[0]
-        if shutil.which(program) is None and not (Path(program).is_file()
-                                                   and os.access(program, os.X_OK)):
-            raise InputError(f"label.gpaw.command: program {program!r} not found on PATH "
-                             "(nor an executable file)")
-
-    def run(self, work_dir: Path) -> int:
-        """Run the command in `work_dir`; returns its exit status.
-
-        Raises
-        ------
-        LabelError
-            ``timeout`` past `walltime_s` (the process group is killed), ``launch`` when the
-            program cannot be started.
-        """
-        try:
-            return run_program(self.command, work_dir, work_dir / OUTPUT_LOG, self.env,
-                               self.walltime_s, self.kill_grace_s)
-        except OSError as exc:
-            raise LabelError("launch", f"{self.command[0]}: {exc.strerror}") from None
-        except ProgramTimeout:
-            raise LabelError("timeout", f"killed after {self.walltime_s:g} s") from None
+    section: str = "label.gpaw"
+    log_name: str = OUTPUT_LOG
 
 
 @dataclass(frozen=True)
