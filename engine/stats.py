@@ -90,6 +90,21 @@ def reduce_moments(ctx, *accumulators: BinnedMoments) -> None:
         offset += 3 * n
 
 
+def gather_items(ctx, items: list) -> list:
+    """Every rank's `items` (small Python objects), concatenated in rank order (collective)."""
+    if ctx.size == 1:
+        return list(items)
+    return [item for rank_items in ctx.comm.allgather(list(items)) for item in rank_items]
+
+
+def gather_rows(ctx, rows: np.ndarray) -> np.ndarray:
+    """Every rank's `rows` concatenated along axis 0 in rank order (collective): with
+    contiguous frame blocks per rank (``ctx.block``), a per-frame series in frame order."""
+    if ctx.size == 1:
+        return np.asarray(rows)
+    return np.concatenate(ctx.comm.allgather(np.asarray(rows)))
+
+
 def moments_mean_std(count, total, total_sq) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (population) standard deviation per key; NaN where the count is zero."""
     count = np.asarray(count, dtype=float)

@@ -24,13 +24,13 @@ from engine.stages import StageInputs, StageResult
 from engine.failure import InputError
 from engine.progress import Progress
 from engine.stats import (BinnedMoments, bin_index, block_average, blocking, fit_diffusion,
-                          grid_index, integrated_correlation_time, loglog_slope,
+                          gather_rows, grid_index, integrated_correlation_time, loglog_slope,
                           moments_mean_std, reduce_moments, running_average)
 from engine.store import RunStore
 from jobs.hops import HopCounter, HopStatistics, finish_hops
 from jobs.infer import system_group as infer_group
 from jobs.md import thermostat_text
-from jobs.sites import SiteSet, assign_sites, find_sites
+from jobs.sites import SiteSet, assign_sites, find_sites, nearest_site_spacing_a
 from schemas.analyze import AnalyzeSpec
 from schemas.system import SystemSpec
 
@@ -249,9 +249,8 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
     progress.finish()
     reduce_moments(ctx, *accumulators)
     store.flush()
-    if ctx.size > 1:  # the per-frame class series, in frame order (ranks hold contiguous blocks)
-        frame_count = np.concatenate(ctx.comm.allgather(frame_count))
-        frame_sum = np.concatenate(ctx.comm.allgather(frame_sum))
+    frame_count = gather_rows(ctx, frame_count)  # the per-frame class series, in frame order
+    frame_sum = gather_rows(ctx, frame_sum)
     dynamics = finish_hops(ctx, hops) if hops is not None else None
 
     # ---- finish (pure numpy on identical reduced sums, every rank) ------------------------
@@ -279,7 +278,7 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
         diffusion, correlation = _lag_pass(
             spec, ctx, store, source, target, timeline, has_drift, overall.mean,
             (float(blocks.count.sum()), float(blocks.sum_sq.sum())),
-            _site_spacing_a(sites, store.read(f"{source}/cell_a", 0)))
+            nearest_site_spacing_a(sites, store.read(f"{source}/cell_a", 0)))
     converged, reasons = convergence_verdict(spec, timeline, dynamics, correlation,
                                              mean_blocking)
     verdict = "converged" if converged else "not converged: " + "; ".join(reasons)
@@ -405,23 +404,6 @@ def _time_text(t_fs: float) -> str:
     if t_fs >= 1e6:
         return f"{t_fs * 1e-6:.3g} ns"
     return f"{t_fs * 1e-3:.3g} ps"
-
-
-def _site_spacing_a(sites: SiteSet, cell_a) -> float:
-    """Shortest xy distance between two site centres of one slab (A, minimum image)."""
-    cell = np.asarray(cell_a, dtype=float)
-    best = np.inf
-    for layer in np.unique(sites.site_layer):
-        frac = sites.centres_frac[sites.site_layer == layer, :2]
-        if len(frac) < 2:
-            continue
-        delta = frac[:, None, :] - frac[None, :, :]
-        delta -= np.round(delta)
-        cart = delta @ cell[:2, :2]
-        dist = np.sqrt(np.einsum("ijk,ijk->ij", cart, cart))
-        dist[np.eye(len(frac), dtype=bool)] = np.inf
-        best = min(best, float(dist.min()))
-    return best
 
 
 def _put_dynamics(store: RunStore, target: str, sites: SiteSet, dynamics: HopStatistics,

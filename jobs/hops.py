@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.stats import BinnedMoments, reduce_moments
+from engine.stats import BinnedMoments, gather_items, reduce_moments
 
 
 @dataclass
@@ -173,33 +173,32 @@ def _join(pieces: list[_Piece], counter: HopCounter, segment_end: dict) -> None:
             hop = seen & (site >= 0) & (piece.first_site != site)
             if np.any(hop):  # a hop at the piece boundary
                 c = np.flatnonzero(hop)
-                klass = counter._class(site[c])
-                counter.hops.add(klass * counter.n_classes + counter._class(piece.first_site[c]))
+                counter.hops.add(counter._class(site[c]) * counter.n_classes
+                                 + counter._class(piece.first_site[c]))
                 counter.centre_hops.add(c)
-                done = np.isfinite(since[c])
-                counter.residence.add(klass[done], (piece.first_time[c] - since[c])[done])
-                counter.class_time.add(klass[done], (piece.first_time[c] - since[c])[done])
-                censored = ~done
-                counter.class_time.add(klass[censored], (piece.first_time[c] - _seg_start(
-                    chain, c))[censored])
+                _end_residence(counter, chain, site, since, c, piece.first_time[c])
                 site[c] = piece.first_site[c]
                 since[c] = piece.first_time[c]
             inner = np.isfinite(piece.first_change)
             if np.any(inner):  # the residence that the piece's first inner hop ends
                 c = np.flatnonzero(inner)
-                klass = counter._class(site[c])
-                done = np.isfinite(since[c])
-                counter.residence.add(klass[done], (piece.first_change[c] - since[c])[done])
-                counter.class_time.add(klass[done], (piece.first_change[c] - since[c])[done])
-                censored = ~done
-                counter.class_time.add(klass[censored], (piece.first_change[c] - _seg_start(
-                    chain, c))[censored])
+                _end_residence(counter, chain, site, since, c, piece.first_change[c])
                 site[c] = piece.last_site[c]
                 since[c] = piece.last_change[c]
         # censored at the segment's end
         c = np.flatnonzero(site >= 0)
         start = np.where(np.isfinite(since[c]), since[c], _seg_start(chain, c))
         counter.class_time.add(counter._class(site[c]), segment_end[seg] - start)
+
+
+def _end_residence(counter: HopCounter, chain: list[_Piece], site, since, c, t_end) -> None:
+    """The stays of nuclei `c` in their current sites end at `t_end`: complete ones (begun by
+    a hop) count as residences, those begun at the segment's start only as time in the class."""
+    klass = counter._class(site[c])
+    done = np.isfinite(since[c])
+    start = np.where(done, since[c], _seg_start(chain, c))
+    counter.residence.add(klass[done], (t_end - start)[done])
+    counter.class_time.add(klass, t_end - start)
 
 
 def _seg_start(chain: list[_Piece], centres: np.ndarray) -> np.ndarray:
@@ -216,9 +215,7 @@ def finish_hops(ctx, counter: HopCounter) -> HopStatistics:
 
     Every rank must call it with a counter over its own frames (in time order).
     """
-    pieces = counter.pieces
-    if ctx.size > 1:
-        pieces = [p for rank_pieces in ctx.comm.allgather(pieces) for p in rank_pieces]
+    pieces = gather_items(ctx, counter.pieces)
     own = (counter.hops, counter.residence, counter.class_time, counter.centre_hops)
     reduce_moments(ctx, *own)  # inner hops of every rank; the joins are the same everywhere
     segment_end: dict[int, float] = {}

@@ -302,6 +302,22 @@ def find_sites(numbers, positions_a, cell_a, target_species: str = "Na",
                    np.array(slabs), class_names, layer_z, float(radius_a), target_species)
 
 
+def nearest_site_spacing_a(sites: SiteSet, cell_a) -> float:
+    """Shortest xy distance between two site centres of one slab (A, minimum image, in
+    `cell_a`); inf with fewer than two sites per slab."""
+    cell = np.asarray(cell_a, dtype=float)
+    best = np.inf
+    for layer in np.unique(sites.site_layer):
+        frac = sites.centres_frac[sites.site_layer == layer, :2]
+        if len(frac) < 2:
+            continue
+        cart = _minimum_image(frac[:, None, :] - frac[None, :, :]) @ cell[:2, :2]
+        dist = np.sqrt(np.einsum("ijk,ijk->ij", cart, cart))
+        dist[np.eye(len(frac), dtype=bool)] = np.inf
+        best = min(best, float(dist.min()))
+    return best
+
+
 def assign_sites(positions_a, cells_a, sites: SiteSet) -> SiteAssignment:
     """Assign each sample to the nearest site of its slab within the site radius (xy).
 

@@ -76,6 +76,48 @@ class LaunchProfile:
             raise LabelError("timeout", f"killed after {self.walltime_s:g} s") from None
 
 
+def tail(path: Path, n_chars: int = 200) -> str:
+    """The last characters of a log file, on one line."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " ".join(text[-n_chars:].split())
+
+
+class TemplateLabeller:
+    """A labeller that writes a template's input, runs a program under a :class:`LaunchProfile`
+    and reads the template's result (VASP, GPAW). A subclass names itself (`name`) and the file
+    whose presence marks a finished run (`result_file`); `check` is its own."""
+
+    name = "program"
+    result_file = "result"
+
+    def __init__(self, template, profile: LaunchProfile):
+        self.template = template
+        self.profile = profile
+
+    def label(self, atoms: Atoms, work_dir: Path, title: str) -> Atoms:
+        """Write the input, run the program, read and check the result (LabelError on
+        failure)."""
+        work_dir = Path(work_dir)
+        self.template.write_input(work_dir, atoms, title)
+        status = self.profile.run(work_dir)
+        if status != 0:
+            raise LabelError(f"exit_{status}" if status > 0 else f"exit_signal{-status}",
+                             tail(work_dir / self.profile.log_name))
+        return self.template.read_results(work_dir, atoms)
+
+    def recover(self, atoms: Atoms, work_dir: Path) -> Atoms | None:
+        """The result already in `work_dir` if it is complete and of `atoms`, else None."""
+        if not (Path(work_dir) / self.result_file).is_file():
+            return None
+        try:
+            return self.template.read_results(work_dir, atoms)
+        except LabelError:
+            return None
+
+
 @runtime_checkable
 class Labeller(Protocol):
     """What the label stage needs of a backend."""

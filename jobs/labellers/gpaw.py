@@ -35,8 +35,8 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from engine.failure import InputError
-from jobs.labellers import LabelError, LaunchProfile
-from jobs.labellers.vasp import POSITION_TOLERANCE_A, _tail
+from jobs.labellers import LabelError, LaunchProfile, TemplateLabeller
+from jobs.labellers.vasp import POSITION_TOLERANCE_A
 
 OUTPUT_LOG = "gpaw.out"
 """The launch command's stdout and stderr, in the work directory."""
@@ -271,14 +271,11 @@ class GpawTemplate:
         return labelled
 
 
-class GpawLabeller:
+class GpawLabeller(TemplateLabeller):
     """Labels frames with GPAW: a :class:`GpawTemplate` run under a :class:`GpawProfile`."""
 
     name = "gpaw"
-
-    def __init__(self, template: GpawTemplate, profile: GpawProfile):
-        self.template = template
-        self.profile = profile
+    result_file = RESULT_FILE
 
     @classmethod
     def from_spec(cls, spec, gyromagnetic_factor: float = 100.0, cores: int = 1,
@@ -307,25 +304,6 @@ class GpawLabeller:
             raise InputError("label.labeller: gpaw, but this Python cannot import gpaw "
                              "(install it: DYNSHIFT_GPAW=1 bash run/install.sh, or set "
                              "label.gpaw.python to one that has it)")
-
-    def label(self, atoms: Atoms, work_dir: Path, title: str) -> Atoms:
-        """Write the input, run GPAW, read and check the result (LabelError on failure)."""
-        work_dir = Path(work_dir)
-        self.template.write_input(work_dir, atoms, title)
-        status = self.profile.run(work_dir)
-        if status != 0:
-            raise LabelError(f"exit_{status}" if status > 0 else f"exit_signal{-status}",
-                             _tail(work_dir / OUTPUT_LOG))
-        return self.template.read_results(work_dir, atoms)
-
-    def recover(self, atoms: Atoms, work_dir: Path) -> Atoms | None:
-        """The result already in `work_dir` if it is complete and of `atoms`, else None."""
-        if not (Path(work_dir) / RESULT_FILE).is_file():
-            return None
-        try:
-            return self.template.read_results(work_dir, atoms)
-        except LabelError:
-            return None
 
 
 RUN_SCRIPT = r'''"""dynshift's GPAW run script: one spin-polarised single point, its couplings.

@@ -25,7 +25,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from engine.failure import InputError
-from jobs.labellers import LabelError, LaunchProfile
+from jobs.labellers import LabelError, LaunchProfile, TemplateLabeller
 
 OUTPUT_LOG = "vasp.out"
 """The launch command's stdout and stderr, in the work directory."""
@@ -193,14 +193,11 @@ class VaspTemplate:
         return labelled
 
 
-class VaspLabeller:
+class VaspLabeller(TemplateLabeller):
     """Labels frames with VASP: a :class:`VaspTemplate` run under a :class:`VaspProfile`."""
 
     name = "vasp"
-
-    def __init__(self, template: VaspTemplate, profile: VaspProfile):
-        self.template = template
-        self.profile = profile
+    result_file = "OUTCAR"
 
     @classmethod
     def from_spec(cls, spec, gyromagnetic_factor: float = 100.0, cores: int = 1,
@@ -221,31 +218,3 @@ class VaspLabeller:
         for name in species:
             self.template.potcar_path(name)
         self.profile.check()
-
-    def label(self, atoms: Atoms, work_dir: Path, title: str) -> Atoms:
-        """Write the input, run VASP, read and check the result (LabelError on failure)."""
-        work_dir = Path(work_dir)
-        self.template.write_input(work_dir, atoms, title)
-        status = self.profile.run(work_dir)
-        if status != 0:
-            raise LabelError(f"exit_{status}" if status > 0 else f"exit_signal{-status}",
-                             _tail(work_dir / OUTPUT_LOG))
-        return self.template.read_results(work_dir, atoms)
-
-    def recover(self, atoms: Atoms, work_dir: Path) -> Atoms | None:
-        """The result already in `work_dir` if it is complete and of `atoms`, else None."""
-        if not (Path(work_dir) / "OUTCAR").is_file():
-            return None
-        try:
-            return self.template.read_results(work_dir, atoms)
-        except LabelError:
-            return None
-
-
-def _tail(path: Path, n_chars: int = 200) -> str:
-    """The last characters of a log file, on one line."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return " ".join(text[-n_chars:].split())
