@@ -17,9 +17,10 @@ threads are OMP_NUM_THREADS):
     .venv/bin/python benchmarks/bench_gpr.py curve --r-cut 8.5 --n-max 10 --zeta 12 \\
         --regularisation 1e-5 --n-sparse 2000 --sizes 25 50 100 200 400
 
-``speed``   predict time per frame (16 Na) of a GPR model (M, n_features of the SOAP setting)
-            beside the shipped NN-NMR ensemble (jobs/data/nnmr-p2-nmmo.h5), same process,
-            and the SOAP time per frame (dscribe; the compiled kernel when it checks)::
+``speed``   per frame (16 Na): SOAP (the compiled kernel when it checks) and predict of the
+            shipped NN-NMR ensemble (jobs/data/nnmr-p2-nmmo.h5, its own 5.5 A SOAP) beside
+            the GPR model's weight-space form (zeta 1, ``--sketch-rows``) and sparse forms
+            (``--n-sparse``) at the given SOAP setting, same process, and their ratios::
 
     .venv/bin/python benchmarks/bench_gpr.py speed --r-cut 8.5 --n-max 10 --n-sparse 1000 2000
 
@@ -71,7 +72,7 @@ def spec_of(args):
     from schemas.train import GprSpec
 
     return GprSpec(zeta=args.zeta, regularisation=args.regularisation, n_sparse=args.n_sparse,
-                   sparse_selection=args.selection)
+                   sparse_selection=args.selection, variance_sketch_rows=args.sketch_rows)
 
 
 def run_cv(args) -> None:
@@ -103,18 +104,34 @@ def run_curve(args) -> None:
     from engine.seeds import SeedStreams
     from jobs import gpr
     from jobs.nnmr import regression_metrics
+    from jobs.train import frame_folds
 
     frames, rows, _, features, _ = load_data(args)
     spec = spec_of(args)
-    zeta, lam, m = args.zeta[0], args.regularisation[0], args.n_sparse[0]
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(frames))
     test_frames = order[:args.test_frames]
     pool = order[args.test_frames:]
     test_rows = np.flatnonzero(np.isin(rows.frame, test_frames))
     seeds = SeedStreams(args.seed)
+    fixed = (args.zeta[0], args.regularisation[0], args.n_sparse[0])
 
-    def score(chosen_frames):
+    def tuned(chosen_frames):
+        """(zeta, lambda, M) by 5-fold CV over the chosen frames alone (the stage's protocol;
+        the test frames are never looked at), or the first of each list with --no-tune."""
+        if not args.tune:
+            return fixed
+        chosen_frames = np.asarray(chosen_frames)
+        train_rows = np.flatnonzero(np.isin(rows.frame, chosen_frames))
+        local = {int(f): i for i, f in enumerate(chosen_frames)}
+        fold_of_frame = frame_folds(len(chosen_frames), args.folds, args.seed)
+        fold_of_row = fold_of_frame[[local[int(f)] for f in rows.frame[train_rows]]]
+        cv = gpr.cross_validate(features[train_rows], rows.shift_ppm[train_rows], fold_of_row,
+                                spec, seeds)
+        return cv.grid[cv.best(args.select_by)]
+
+    def score(chosen_frames, point):
+        zeta, lam, m = point
         train_rows = np.flatnonzero(np.isin(rows.frame, chosen_frames))
         started = time.perf_counter()
         model = gpr.fit(features, rows.shift_ppm, zeta, lam, min(m, len(train_rows)), 1.0,
@@ -123,16 +140,23 @@ def run_curve(args) -> None:
         mean, _ = model.predict(features[test_rows])
         return model, regression_metrics(rows.shift_ppm[test_rows], mean), seconds
 
-    for size in args.sizes:
-        _, metrics, seconds = score(pool[:size])
-        print(json.dumps({"curve": "random", "frames": size, **metrics,
+    def report(curve, size, point, metrics, seconds):
+        print(json.dumps({"curve": curve, "frames": size, "zeta": point[0],
+                          "regularisation": point[1], "n_sparse": point[2], **metrics,
                           "fit_s": seconds}), flush=True)
+
+    for size in args.sizes:
+        point = tuned(pool[:size])
+        _, metrics, seconds = score(pool[:size], point)
+        report("random", size, point, metrics, seconds)
     # uncertainty-driven: start from the first sizes[0] random frames, then add the pool
-    # frames of largest mean predicted variance, a batch at a time, up to each size
+    # frames of largest mean predicted variance, a batch at a time, up to each size (the
+    # hyperparameters: those tuned at the previous size)
     chosen = list(pool[:args.sizes[0]])
+    point = tuned(chosen)
     for size in args.sizes:
         while len(chosen) < size:
-            model, _, _ = score(np.asarray(chosen))
+            model, _, _ = score(np.asarray(chosen), point)
             rest = np.setdiff1d(pool, chosen)
             rest_rows = np.isin(rows.frame, rest)
             _, std = model.predict(features[rest_rows])
@@ -141,9 +165,9 @@ def run_curve(args) -> None:
             batch = max(1, min(size - len(chosen), int(np.ceil(args.batch_fraction *
                                                                 len(chosen)))))
             chosen.extend(rest[np.argsort(-per_frame, kind="stable")[:batch]].tolist())
-        _, metrics, seconds = score(np.asarray(chosen))
-        print(json.dumps({"curve": "uncertainty", "frames": size, **metrics,
-                          "fit_s": seconds}), flush=True)
+        point = tuned(chosen)
+        _, metrics, seconds = score(np.asarray(chosen), point)
+        report("uncertainty", size, point, metrics, seconds)
 
 
 def _best_ms(call, repeats: int = 5) -> float:
@@ -158,35 +182,55 @@ def _best_ms(call, repeats: int = 5) -> float:
 
 def run_speed(args) -> None:
     from jobs.gpr import GprShiftModel
+    from jobs.infer import featurizer_for
     from jobs.nnmr import ShiftEnsemble, fast_predictor
     from jobs.soap import SoapFeaturizer
 
-    frames_per_call = 32
     shipped = ShiftEnsemble.from_store(ROOT / "jobs" / "data" / "nnmr-p2-nmmo.h5")
-    rng = np.random.default_rng(0)
-    nn_rows = rng.random((16 * frames_per_call, shipped.n_features), dtype=np.float32)
-    out = {"nnmr_numpy_ms_per_frame": _best_ms(lambda: shipped.predict(nn_rows)) /
-           frames_per_call}
-    fast = fast_predictor(shipped)
-    if fast is not shipped:
-        out["nnmr_tensorflow_ms_per_frame"] = _best_ms(lambda: fast.predict(nn_rows)) / \
-            frames_per_call
-    featurizer = SoapFeaturizer(["Na", "Mg", "Mn", "O"], "Na", args.r_cut, args.sigma,
-                                args.n_max, args.l_max, kernel="auto")
     frames = __import__("ase.io", fromlist=["read"]).read(DATA / "p63mcm-dev.extxyz", ":32")
     numbers = frames[0].numbers
     positions = np.stack([a.positions for a in frames])
     cells = np.stack([np.asarray(a.cell) for a in frames])
+    rng = np.random.default_rng(0)
+    out = {}
+    # NN-NMR: its own SOAP (5.5 A) and predict, per frame of 16 Na
+    nn_featurizer = featurizer_for(shipped, "auto")
+    out["nnmr_soap_kernel"] = nn_featurizer.array_kernel()
+    out["nnmr_soap_ms_per_frame"] = _best_ms(
+        lambda: nn_featurizer.features_arrays(numbers, positions, cells), 3) / len(frames)
+    nn_rows = nn_featurizer.features_arrays(numbers, positions, cells)
+    out["nnmr_numpy_ms_per_frame"] = _best_ms(lambda: shipped.predict(nn_rows)) / len(frames)
+    fast = fast_predictor(shipped)
+    if fast is not shipped:
+        out["nnmr_tensorflow_ms_per_frame"] = _best_ms(lambda: fast.predict(nn_rows)) / \
+            len(frames)
+    nn_predict = out.get("nnmr_tensorflow_ms_per_frame", out["nnmr_numpy_ms_per_frame"])
+    out["nnmr_infer_ms_per_frame"] = out["nnmr_soap_ms_per_frame"] + nn_predict
+    # GPR: SOAP at the given settings, then each form
+    featurizer = SoapFeaturizer(["Na", "Mg", "Mn", "O"], "Na", args.r_cut, args.sigma,
+                                args.n_max, args.l_max, kernel="auto")
     out["soap_kernel"] = featurizer.array_kernel()
     out["soap_ms_per_frame"] = _best_ms(
         lambda: featurizer.features_arrays(numbers, positions, cells), 3) / len(frames)
     rows = featurizer.features_arrays(numbers, positions, cells)
+    n = featurizer.n_features
+    weight_space = GprShiftModel(None, rng.standard_normal(n),
+                                 rng.standard_normal((args.sketch_rows, n)).astype(np.float16),
+                                 1, 1e-8, 1600.0, 40.0, {})
+    out["gpr_weight_space_ms_per_frame"] = _best_ms(lambda: weight_space.predict(rows)) / \
+        len(frames)
+    out["gpr_weight_space_infer_ms_per_frame"] = out["soap_ms_per_frame"] + \
+        out["gpr_weight_space_ms_per_frame"]
+    out["gpr_weight_space_vs_nnmr_infer"] = out["gpr_weight_space_infer_ms_per_frame"] / \
+        out["nnmr_infer_ms_per_frame"]
+    out["gpr_weight_space_vs_nnmr_predict"] = out["gpr_weight_space_ms_per_frame"] / nn_predict
     for m in args.n_sparse:
         sparse = rows[rng.integers(len(rows), size=m)] + 0.0
         model = GprShiftModel(sparse, rng.standard_normal(m), rng.standard_normal((m, m)),
-                              args.zeta[0], 1e-4, 1600.0, 10.0, {})
+                              max(2, args.zeta[-1]), 1e-4, 1600.0, 10.0, {})
         out[f"gpr_M{m}_ms_per_frame"] = _best_ms(lambda: model.predict(rows)) / len(frames)
-    out.update(r_cut_a=args.r_cut, n_features=featurizer.n_features, zeta=args.zeta[0])
+    out.update(r_cut_a=args.r_cut, n_features=n, sketch_rows=args.sketch_rows,
+               frames_per_call=len(frames))
     print(json.dumps({"speed": out}), flush=True)
 
 
@@ -208,6 +252,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-fraction", type=float, default=0.25,
                         help="uncertainty selection: frames added per step / frames chosen")
     parser.add_argument("--cache", default="/tmp/dynshift-gpr-cache")
+    parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
+                        help="curve: choose (zeta, lambda, M) by CV over the chosen frames at "
+                             "each size (default); --no-tune: the first of each list")
+    parser.add_argument("--select-by", choices=["nlpd", "rmse"], default="nlpd")
+    parser.add_argument("--sketch-rows", type=int, default=256)
     args = parser.parse_args(argv)
     {"cv": run_cv, "curve": run_curve, "speed": run_speed}[args.mode](args)
 

@@ -228,23 +228,115 @@ def solve_sparse(gram: np.ndarray, rhs: np.ndarray, chol_mm: np.ndarray,
                           float(regularisation))
 
 
+# ---- the weight-space form (zeta 1) ------------------------------------------------------------
+WEIGHT_SPACE_ZETA = 1
+"""The kernel exponent computed in weight space: k(x, y) = x . y has the SOAP space itself as
+its feature space, so the exact GP over ALL training rows is a Bayesian linear regression with
+n_features weights; no sparse points are needed (``n_sparse`` is recorded as 0)."""
+
+
+def linear_statistics(features: np.ndarray, targets: np.ndarray, rows: np.ndarray, comm=None,
+                      block_rows: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``X^T X``, ``X^T y`` and ``X^T 1`` of the training `rows`, summed over the ranks.
+
+    Each rank takes a contiguous block of `rows`, ``block_rows`` at a time; one ``Allreduce``
+    of each sum. Memory per rank: n_features^2 float64 (538 MB at 8200 features), whatever the
+    number of rows; cost O(N n_features^2) split over the ranks.
+    """
+    size, rank = (comm.Get_size(), comm.Get_rank()) if comm is not None else (1, 0)
+    bounds = np.linspace(0, len(rows), size + 1).round().astype(int)
+    mine = rows[bounds[rank]:bounds[rank + 1]]
+    n = features.shape[1]
+    gram, rhs, total = np.zeros((n, n)), np.zeros(n), np.zeros(n)
+    for start in range(0, len(mine), block_rows):
+        block = mine[start:start + block_rows]
+        x = np.asarray(features[block], dtype=np.float64)
+        gram += x.T @ x
+        rhs += x.T @ np.asarray(targets[block], dtype=np.float64)
+        total += x.sum(axis=0)
+    if comm is not None and size > 1:
+        from mpi4py import MPI
+
+        for array in (gram, rhs, total):
+            comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+    return gram, rhs, total
+
+
+@dataclass
+class LinearSolution:
+    """The exact GP of the linear kernel in weight space: ``(X^T X + lambda I) beta = X^T y``."""
+
+    coefficients: np.ndarray
+    """beta (n_features): the mean is ``x . beta`` (prior mean subtracted)."""
+    chol: np.ndarray
+    """Lower Cholesky factor L of X^T X + lambda I."""
+    regularisation: float
+
+    def mean(self, rows: np.ndarray) -> np.ndarray:
+        """Mean (target units, prior mean 0) of feature rows."""
+        return np.asarray(rows, dtype=np.float64) @ self.coefficients
+
+    def leverage(self, rows: np.ndarray) -> np.ndarray:
+        """``h = x^T (X^T X + lambda I)^-1 x`` per row, exactly (n_features^2 per row)."""
+        from scipy.linalg import solve_triangular
+
+        half = solve_triangular(self.chol, np.asarray(rows, dtype=np.float64).T, lower=True)
+        return np.einsum("ij,ij->j", half, half)
+
+    def sketch(self, rng: np.random.Generator, n_rows: int) -> np.ndarray:
+        """W (n_rows x n_features) with ``E |W x|^2 = h``: a Gaussian (Johnson-Lindenstrauss)
+        sketch ``W = S L^-1 / sqrt(k)`` of the posterior covariance; its relative error on h
+        is ~sqrt(2 / k) (k = 256: ~9 %, ~4 % on the standard deviation)."""
+        from scipy.linalg import solve_triangular
+
+        gaussian = rng.standard_normal((n_rows, len(self.coefficients)))
+        return solve_triangular(self.chol, gaussian.T, lower=True, trans="T").T / np.sqrt(
+            n_rows)
+
+    def raw_variance(self, rows: np.ndarray, sketch: np.ndarray | None = None) -> np.ndarray:
+        """``lambda (1 + h)`` per row (units of sigma_f^2): the predictive variance of a new
+        label, sigma_n^2 (1 + h); h from the `sketch` when one is given, else exact."""
+        if sketch is None:
+            h = self.leverage(rows)
+        else:
+            half = np.asarray(rows, dtype=np.float64) @ sketch.T
+            h = np.einsum("ij,ij->i", half, half)
+        return self.regularisation * (1.0 + h)
+
+
+def solve_linear(gram: np.ndarray, rhs: np.ndarray, regularisation: float) -> LinearSolution:
+    """Solve ``(X^T X + lambda I) beta = X^T y`` by Cholesky (scipy, float64)."""
+    from scipy.linalg import cho_solve, cholesky
+
+    normal = np.array(gram, dtype=np.float64, copy=True)
+    normal[np.diag_indices_from(normal)] += regularisation
+    chol = cholesky(normal, lower=True)
+    return LinearSolution(cho_solve((chol, True), rhs), chol, float(regularisation))
+
+
 # ---- the predictor ------------------------------------------------------------------------
 class GprShiftModel:
-    """A fitted sparse GP, predicting shifts (ppm) and calibrated standard deviations.
+    """A fitted GP, predicting shifts (ppm) and calibrated standard deviations.
 
     The same contract as :class:`jobs.nnmr.ShiftEnsemble`: ``settings`` (the /train
     attributes: ``soap``, ``species``, ``centre`` ...), ``n_features`` and
-    ``predict(features) -> (mean_ppm, std_ppm)``.
+    ``predict(features) -> (mean_ppm, std_ppm)``. Two forms:
+
+    - sparse (zeta >= 2): ``mean = mu + k(x, X_M) . w``,
+      ``std^2 = scale^2 (lambda + k(x, x) - |G k|^2)``; O(M n_features + M^2) per nucleus;
+    - weight space (zeta 1, ``sparse`` None): ``mean = mu + x . beta``,
+      ``std^2 = scale^2 lambda (1 + |W x|^2)`` with W the sketch of the posterior covariance
+      (:meth:`LinearSolution.sketch`); O((1 + k) n_features) per nucleus.
 
     Parameters
     ----------
     sparse
-        (M, n_features) representative SOAP rows.
+        (M, n_features) representative SOAP rows, or None for the weight-space form.
     weights
-        (M,) float64 weights (ppm).
+        (M,) float64 weights (ppm), or beta (n_features,) in the weight-space form.
     variance_factor
         (M, M) float64 G with ``std^2 = scale^2 (lambda + k(x, x) - |G k|^2)``
-        (:meth:`SparseSolution.variance_factor`).
+        (:meth:`SparseSolution.variance_factor`), or the (k, n_features) sketch W.
     zeta, regularisation
         Kernel exponent and lambda.
     target_mean_ppm
@@ -257,13 +349,19 @@ class GprShiftModel:
 
     n_models = 1
 
-    def __init__(self, sparse: np.ndarray, weights: np.ndarray, variance_factor: np.ndarray,
-                 zeta: int, regularisation: float, target_mean_ppm: float,
-                 std_scale_ppm: float, settings: dict | None = None, chunk_rows: int = 4096):
-        self.sparse = np.ascontiguousarray(sparse, dtype=np.float64)
+    def __init__(self, sparse: np.ndarray | None, weights: np.ndarray,
+                 variance_factor: np.ndarray, zeta: int, regularisation: float,
+                 target_mean_ppm: float, std_scale_ppm: float, settings: dict | None = None,
+                 chunk_rows: int = 4096):
+        self.sparse = None if sparse is None else np.ascontiguousarray(sparse, dtype=np.float64)
         self.weights = np.asarray(weights, dtype=np.float64)
-        self.variance_factor = np.ascontiguousarray(variance_factor, dtype=np.float64)
+        # the sketch's squares sum without cancellation: float32 is exact enough (1e-7 of h)
+        self.variance_factor = np.ascontiguousarray(
+            variance_factor, dtype=np.float64 if sparse is not None else np.float32)
         self.zeta = int(zeta)
+        if self.sparse is None and self.zeta != WEIGHT_SPACE_ZETA:
+            raise ValueError(f"a GPR model without sparse points is the weight-space (zeta "
+                             f"{WEIGHT_SPACE_ZETA}) form; got zeta {self.zeta}")
         self.regularisation = float(regularisation)
         self.target_mean_ppm = float(target_mean_ppm)
         self.std_scale_ppm = float(std_scale_ppm)
@@ -272,14 +370,19 @@ class GprShiftModel:
         self.name = "gpr"
 
     @property
+    def form(self) -> str:
+        """``sparse`` or ``weight-space``."""
+        return "weight-space" if self.sparse is None else "sparse"
+
+    @property
     def n_features(self) -> int:
         """Length of the SOAP rows the model takes."""
-        return int(self.sparse.shape[1])
+        return int(len(self.weights) if self.sparse is None else self.sparse.shape[1])
 
     @property
     def n_sparse(self) -> int:
-        """M, the number of representative environments."""
-        return int(self.sparse.shape[0])
+        """M, the number of representative environments (0 in the weight-space form)."""
+        return 0 if self.sparse is None else int(self.sparse.shape[0])
 
     def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean shift (ppm) and calibrated predictive standard deviation (ppm) per row, float32."""
@@ -291,25 +394,37 @@ class GprShiftModel:
         std = np.empty(len(features), dtype=np.float32)
         for start in range(0, len(features), self.chunk_rows):
             rows = np.asarray(features[start:start + self.chunk_rows], dtype=np.float64)
-            k = polynomial_kernel(rows @ self.sparse.T, self.zeta)
-            self_k = np.power(np.einsum("ij,ij->i", rows, rows), self.zeta)
-            mean[start:start + len(rows)] = self.target_mean_ppm + k @ self.weights
-            half = k @ self.variance_factor.T
-            quad = np.einsum("ij,ij->i", half, half)
-            raw = np.maximum(self.regularisation + self_k - quad, self.regularisation)
+            if self.sparse is None:
+                mean[start:start + len(rows)] = self.target_mean_ppm + rows @ self.weights
+                half = (rows.astype(np.float32) @ self.variance_factor.T).astype(np.float64)
+                raw = self.regularisation * (1.0 + np.einsum("ij,ij->i", half, half))
+            else:
+                k = polynomial_kernel(rows @ self.sparse.T, self.zeta)
+                self_k = np.power(np.einsum("ij,ij->i", rows, rows), self.zeta)
+                mean[start:start + len(rows)] = self.target_mean_ppm + k @ self.weights
+                half = k @ self.variance_factor.T
+                quad = np.einsum("ij,ij->i", half, half)
+                raw = np.maximum(self.regularisation + self_k - quad, self.regularisation)
             std[start:start + len(rows)] = self.std_scale_ppm * np.sqrt(raw)
         return mean, std
 
     # ---- store -----------------------------------------------------------------------
-    def write(self, store, group: str, **attrs) -> None:
-        """Write the model under ``<group>`` (collective; every rank holds the same)."""
-        store.put(f"{group}/sparse_features", self.sparse.astype(np.float32))
+    def write(self, store, group: str, factor_dtype: str = "float32", **attrs) -> None:
+        """Write the model under ``<group>`` (collective; every rank holds the same).
+
+        The sparse rows and the sketch W are written in `factor_dtype` (float32 or float16;
+        the model then computes with them as stored); the weights and the sparse form's
+        variance factor stay float64 (the sparse weights are large and alternate)."""
+        if self.sparse is not None:
+            store.put(f"{group}/sparse_features", self.sparse.astype(factor_dtype))
+            store.put(f"{group}/variance_factor", self.variance_factor)
+        else:
+            store.put(f"{group}/variance_factor", self.variance_factor.astype(factor_dtype))
         store.put(f"{group}/weights_ppm", self.weights)
-        store.put(f"{group}/variance_factor", self.variance_factor)
         store.set_attrs(group, zeta=self.zeta, regularisation=self.regularisation,
                         target_mean_ppm=self.target_mean_ppm,
                         std_scale_ppm=self.std_scale_ppm, n_sparse=self.n_sparse,
-                        kernel="polynomial", **attrs)
+                        kernel="polynomial", form=self.form, factor_dtype=factor_dtype, **attrs)
 
     @classmethod
     def from_store(cls, store_or_path, group: str = "/train") -> "GprShiftModel":
@@ -331,7 +446,9 @@ class GprShiftModel:
                                  f"{where}/weights_ppm); run the train stage with model gpr")
             attrs = reader.attrs(where)
             # the stored sparse rows are float32: the model computes with them as stored
-            model = cls(reader.read(f"{where}/sparse_features"), reader.read(f"{where}/weights_ppm"),
+            sparse = reader.read(f"{where}/sparse_features") if reader.exists(
+                f"{where}/sparse_features") else None
+            model = cls(sparse, reader.read(f"{where}/weights_ppm"),
                         reader.read(f"{where}/variance_factor"), int(attrs["zeta"]),
                         float(attrs["regularisation"]), float(attrs["target_mean_ppm"]),
                         float(attrs["std_scale_ppm"]), reader.attrs(group))
@@ -420,52 +537,80 @@ def cross_validate(features: np.ndarray, shift_ppm: np.ndarray, fold_of_row: np.
     For each fold: the sparse points are chosen from the fold's training rows (seed stream
     ``train.gpr_sparse`` at the fold's index, nested: the first M of the largest M), the normal
     equations of its training rows are summed over the ranks, every grid point is solved, and
-    the held-out rows are predicted. The rows' folds come from ``fold_of_row`` (by frame).
+    the held-out rows are predicted. zeta 1 is solved in weight space instead (one grid point
+    per lambda, M recorded as 0): the fold's ``X^T X`` is the whole data's minus the held-out
+    rows', the (fold, lambda) solves are dealt over the ranks, and the held-out variances come
+    from the same sketch the fitted model uses (stream ``train.gpr_sketch``), so the
+    calibration measures the deployed predictor. The rows' folds come from ``fold_of_row``
+    (by frame).
     """
     from jobs.nnmr import regression_metrics
 
     started = time.monotonic()
     zetas = [int(z) for z in spec.zeta]
+    sparse_zetas = [z for z in zetas if z != WEIGHT_SPACE_ZETA]
     lambdas = [float(r) for r in spec.regularisation]
     n_rows = len(shift_ppm)
     folds = np.unique(fold_of_row)
-    grid = list(product(zetas, lambdas, [int(m) for m in spec.n_sparse]))
+    grid = [(z, lam, 0 if z == WEIGHT_SPACE_ZETA else int(m))
+            for z in zetas for lam in lambdas
+            for m in ([0] if z == WEIGHT_SPACE_ZETA else spec.n_sparse)]
     predictions = np.full((len(grid), n_rows), np.nan)
     raw = np.full((len(grid), n_rows), np.nan)
     size, rank = (comm.Get_size(), comm.Get_rank()) if comm is not None else (1, 0)
+    shift64 = np.asarray(shift_ppm, dtype=np.float64)
+    if WEIGHT_SPACE_ZETA in zetas:
+        whole = linear_statistics(features, shift64, np.arange(n_rows), comm, spec.block_rows)
+    task = 0
     for fold in folds:
         train = np.flatnonzero(fold_of_row != fold)
         test = np.flatnonzero(fold_of_row == fold)
         mean_ppm = float(np.mean(shift_ppm[train]))
-        targets = np.asarray(shift_ppm, dtype=np.float64) - mean_ppm
-        m_max = min(max(int(m) for m in spec.n_sparse), len(train))
-        chosen = train[sparse_points(features[train], m_max, spec.sparse_selection,
-                                     seeds.rng("train.gpr_sparse", int(fold)),
-                                     spec.projection_dims)]
-        sparse = np.asarray(features[chosen], dtype=np.float64)
-        gram, rhs, chol = normal_equations(features, targets, train, sparse, zetas, comm,
-                                           spec.block_rows, spec.jitter)
-        # held-out rows: each rank predicts a contiguous block, gathered below
-        bounds = np.linspace(0, len(test), size + 1).round().astype(int)
-        mine = test[bounds[rank]:bounds[rank + 1]]
-        dots_test = kernel_dots(features[mine], sparse)
-        self_dots = np.einsum("ij,ij->i", np.asarray(features[mine], np.float64),
-                              np.asarray(features[mine], np.float64))
-        for z, zeta in enumerate(zetas):
-            # nested: the first m columns of phi are the whitened rows of the first m points
-            phi = whitened(polynomial_kernel(dots_test, zeta), chol[z])
-            self_k = np.power(self_dots, zeta)
-            for g, (gz, lam, m) in enumerate(grid):
-                if gz != zeta:
+        if WEIGHT_SPACE_ZETA in zetas:
+            gram, xty, xsum = linear_statistics(features, shift64, test, comm, spec.block_rows)
+            np.subtract(whole[0], gram, out=gram)
+            rhs = (whole[1] - xty) - mean_ppm * (whole[2] - xsum)
+            for g, (gz, lam, _) in enumerate(grid):
+                if gz != WEIGHT_SPACE_ZETA:
                     continue
-                m = min(m, m_max)
-                solution = solve_sparse(gram[z][:m, :m], rhs[z][:m], chol[z][:m, :m], lam)
-                pred = mean_ppm + solution.mean(phi[:, :m])
-                var = solution.raw_variance(phi[:, :m], self_k)
-                predictions[g, mine] = pred
-                raw[g, mine] = var
+                task += 1
+                if (task - 1) % size != rank:
+                    continue
+                solution = solve_linear(gram, rhs, lam)
+                sketch = solution.sketch(seeds.rng("train.gpr_sketch", int(fold)),
+                                         spec.variance_sketch_rows)
+                predictions[g, test] = mean_ppm + solution.mean(features[test])
+                raw[g, test] = solution.raw_variance(features[test], sketch)
+                del solution
+            del gram
+        if sparse_zetas:
+            targets = shift64 - mean_ppm
+            m_max = min(max(int(m) for m in spec.n_sparse), len(train))
+            chosen = train[sparse_points(features[train], m_max, spec.sparse_selection,
+                                         seeds.rng("train.gpr_sparse", int(fold)),
+                                         spec.projection_dims)]
+            sparse = np.asarray(features[chosen], dtype=np.float64)
+            gram, rhs, chol = normal_equations(features, targets, train, sparse, sparse_zetas,
+                                               comm, spec.block_rows, spec.jitter)
+            # held-out rows: each rank predicts a contiguous block, gathered below
+            bounds = np.linspace(0, len(test), size + 1).round().astype(int)
+            mine = test[bounds[rank]:bounds[rank + 1]]
+            dots_test = kernel_dots(features[mine], sparse)
+            self_dots = np.einsum("ij,ij->i", np.asarray(features[mine], np.float64),
+                                  np.asarray(features[mine], np.float64))
+            for z, zeta in enumerate(sparse_zetas):
+                # nested: the first m columns of phi are the whitened rows of the first m points
+                phi = whitened(polynomial_kernel(dots_test, zeta), chol[z])
+                self_k = np.power(self_dots, zeta)
+                for g, (gz, lam, m) in enumerate(grid):
+                    if gz != zeta:
+                        continue
+                    m = min(m, m_max)
+                    solution = solve_sparse(gram[z][:m, :m], rhs[z][:m], chol[z][:m, :m], lam)
+                    predictions[g, mine] = mean_ppm + solution.mean(phi[:, :m])
+                    raw[g, mine] = solution.raw_variance(phi[:, :m], self_k)
         if log is not None:
-            log(f"gpr CV fold {fold}: {len(train)} training rows, M <= {m_max}, "
+            log(f"gpr CV fold {fold}: {len(train)} training rows, "
                 f"{time.monotonic() - started:.0f} s")
     if comm is not None and size > 1:
         from mpi4py import MPI
@@ -496,11 +641,20 @@ def fit(features: np.ndarray, shift_ppm: np.ndarray, zeta: int, regularisation: 
     """Fit one model on `rows` (default: all) at the given hyperparameters.
 
     The sparse points come from stream ``train.gpr_sparse`` at `seed_index` (the stage uses
-    ``folds``: the index after the CV folds').
+    ``folds``: the index after the CV folds'); zeta 1 is fitted in weight space (`n_sparse`
+    unused), its variance sketch drawn from stream ``train.gpr_sketch`` at `seed_index`.
     """
     rows = np.arange(len(shift_ppm)) if rows is None else np.asarray(rows)
     mean_ppm = float(np.mean(shift_ppm[rows]))
     targets = np.asarray(shift_ppm, dtype=np.float64) - mean_ppm
+    if int(zeta) == WEIGHT_SPACE_ZETA:
+        gram, rhs, _ = linear_statistics(features, targets, rows, comm, spec.block_rows)
+        solution = solve_linear(gram, rhs, regularisation)
+        del gram
+        sketch = solution.sketch(seeds.rng("train.gpr_sketch", int(seed_index)),
+                                 spec.variance_sketch_rows)
+        return GprShiftModel(None, solution.coefficients, sketch, zeta, regularisation,
+                             mean_ppm, std_scale_ppm, settings)
     chosen = rows[sparse_points(features[rows], n_sparse, spec.sparse_selection,
                                 seeds.rng("train.gpr_sparse", int(seed_index)),
                                 spec.projection_dims)]

@@ -295,8 +295,8 @@ def train_gpr(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
                                f"centres")
         ctx.log(f"train gpr: SOAP r_cut {r_cut:g} A, sigma {sigma:g} A: {len(features)} rows "
                 f"x {featurizer.n_features} features in {soap_seconds[f'{r_cut:g}/{sigma:g}']:.1f}"
-                f" s; cross-validating {len(gspec.zeta) * len(gspec.regularisation) * len(gspec.n_sparse)}"
-                f" (zeta, lambda, M)")
+                f" s; cross-validating (zeta, lambda, M) {gspec.zeta} x {gspec.regularisation} x "
+                f"{gspec.n_sparse}")
         cv = gpr.cross_validate(features, rows.shift_ppm, fold_of_row, gspec, seeds, ctx.comm,
                                 ctx.log)
         columns = cv.curve.arrays()
@@ -354,7 +354,8 @@ def train_gpr(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
         store.put(f"{CV_GROUP}/atom", rows.atom)
         for key, value in curve.items():
             store.put(f"{GROUP}/gpr/cv_curve/{key}", np.concatenate(value))
-        model.write(store, f"{GROUP}/gpr", soap_r_cut_a=featurizer.r_cut_a,
+        model.write(store, f"{GROUP}/gpr", factor_dtype=spec.weights_dtype,
+                    soap_r_cut_a=featurizer.r_cut_a,
                     soap_sigma_a=featurizer.sigma_a, select_by=gspec.select_by,
                     sparse_selection=gspec.sparse_selection, cv_seconds=float(cv.seconds),
                     fit_seconds=fit_seconds, soap_seconds=soap_seconds, complete=False)

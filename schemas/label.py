@@ -191,7 +191,7 @@ class ModelLabellerSpec(Spec):
     (jobs/data/dp-p2-nmmo.pb)."""
     shift_model: InputPath | None = None
     """Store holding a trained /train shift model (NN-NMR ensemble or GPR); null: the shipped
-    P2-NMMO NN-NMR ensemble (jobs/data/nnmr-p2-nmmo.h5)."""
+    P2-NMMO GPR model (jobs/data/gpr-p2-nmmo.h5)."""
 
 
 class LabelSpec(Spec):

@@ -16,19 +16,27 @@ class GprSpec(Spec):
     all frames and recorded with the whole CV curve under ``/train/gpr``.
     """
 
-    zeta: list[int] = Field(default=[3, 6], min_length=1)
+    zeta: list[int] = Field(default=[1, 3], min_length=1)
     """Exponents tried of the polynomial kernel k(x, y) = (x . y)^zeta of L2-normalised SOAP
-    rows (each >= 1). P2-NMMO, 5-fold CV at r_cut 8.5 A: 3 best (51.1 ppm at M 4000), then 4,
-    6 (52.1), 12, 24 (docs/gpr.md)."""
-    regularisation: list[float] = Field(default=[1e-7, 1e-6], min_length=1)
-    """Noise-to-signal variance ratios tried (sigma_n^2 / sigma_f^2, > 0): the ridge of the
-    sparse normal equations lambda K_MM + K_MN K_NM. P2-NMMO: 1e-7 and 1e-6 within 0.4 ppm,
-    1e-3 ~40 ppm worse."""
+    rows (each >= 1). zeta 1 (the linear kernel) is computed exactly in weight space over all
+    training rows (a Bayesian linear regression on the SOAP features: no sparse points, the
+    mean costs n_features per nucleus); zeta >= 2 by the sparse form with `n_sparse` points.
+    P2-NMMO, 5-fold CV at r_cut 8.5 A: zeta 1 49.3 ppm, 3 52.7 (M 3000), 6 59.3 (M 2000)
+    (docs/gpr.md)."""
+    regularisation: list[float] = Field(default=[1e-8, 1e-7, 1e-6], min_length=1)
+    """Noise-to-signal variance ratios tried (sigma_n^2 / sigma_f^2, > 0, in kernel units):
+    the ridge lambda of the normal equations. P2-NMMO, all 800 frames: 1e-8 best for zeta 1
+    (1e-7 +0.6 ppm), 1e-7 for zeta 3; 50 frames: 1e-6."""
     n_sparse: list[int] = Field(default=[3000], min_length=1)
-    """Numbers M of representative (sparse) environments tried (capped at the training rows).
-    Accuracy grows with M (P2-NMMO, 8.5 A, zeta 3: M 2000 56.9 ppm, 3000 52.7, 4000 51.1) and
-    so does the cost: the fit O(N M^2), prediction O(M n_features + M^2) per nucleus (16 Na:
-    5.1 ms per frame at M 1000, 17.8 at 3000; NN-NMR 1.2 ms; docs/gpr.md)."""
+    """Numbers M of representative (sparse) environments tried by zeta >= 2 (capped at the
+    training rows). Accuracy grows with M (P2-NMMO, 8.5 A, zeta 3: M 2000 56.9 ppm, 3000 52.7,
+    4000 51.1) and so does the cost: the fit O(N M^2), prediction O(M n_features + M^2) per
+    nucleus (16 Na: 5.1 ms per frame at M 1000, 17.8 at 3000; docs/gpr.md)."""
+    variance_sketch_rows: int = Field(default=256, ge=8)
+    """Rows k of the Gaussian sketch of the weight-space (zeta 1) model's posterior covariance:
+    the variance of a shift costs k n_features per nucleus instead of n_features^2, with a
+    relative error of ~sqrt(2 / k) on the variance (256: ~9 %; ~4 % on the standard deviation).
+    The cross validation uses the same sketch, so the calibration includes its error."""
     sparse_selection: Literal["fps", "random"] = "fps"
     """How the M environments are chosen from the training rows: farthest-point sampling (in a
     seeded random projection of the SOAP rows, ``projection_dims``) or a seeded random subset."""
@@ -146,7 +154,8 @@ class TrainSpec(Spec):
     """Train only the first n folds (a smaller shipped model); null: all `folds`."""
     weights_dtype: Literal["float32", "float16"] = "float32"
     """Precision of the weights written to the store (float16 halves the file; inference
-    computes in float32 either way)."""
+    computes in float32 either way). GPR: the precision of the stored sparse rows and of the
+    weight-space model's variance sketch; its weights stay float64."""
     parity_png: bool = True
     """Write a parity plot PNG of the out-of-fold predictions next to the store."""
 

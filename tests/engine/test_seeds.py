@@ -27,7 +27,9 @@ def test_no_two_streams_coincide(seed):
             state = _state(streams.key(name, *indices))
             assert state not in seen, f"{name}{indices} == {seen[state]}"
             seen[state] = (name, indices)
-    assert len(seen) == 64 * 2 + 2 + 1 + 8 + 64 + 8  # md x 2, potential x 2, train, gpr
+    # md x 2, potential x 2, train, gpr sparse + sketch, learn bootstrap, holdout, deepmd,
+    # explore
+    assert len(seen) == 64 * 2 + 2 + 1 + 8 + 64 + 8 + 8 + 8 + 64 + 64 + 512
 
 
 def test_the_old_collision_is_gone():

@@ -58,6 +58,40 @@ def test_sparse_with_every_row_sparse_is_full_krr_and_full_gp():
     assert np.abs(sparse.predict(x[test])[0] - krr).max() > 1.0
 
 
+@pytest.mark.parametrize("n_train", [50, 8])
+def test_weight_space_is_the_exact_linear_kernel_gp(n_train):
+    """zeta 1 in weight space is the GP of k = x . y over every training row: its mean is the
+    dual (kernel ridge) solution and its exact variance the full GP's, by Woodbury, whether
+    there are more rows than features (50 > 12) or fewer (8)."""
+    x = unit_rows(70, 12, seed=4)
+    y = 1600.0 + 900.0 * x[:, 0] - 700.0 * x[:, 3] + 30.0 * np.sin(9 * x[:, 5])
+    train, test = np.arange(n_train), np.arange(50, 70)
+    lam = 1e-3
+    spec = GprSpec(zeta=[1], regularisation=[lam], variance_sketch_rows=4096)
+    model = gpr.fit(x, y, 1, lam, 0, 1.0, spec, SeedStreams(3), rows=train)
+    assert model.form == "weight-space" and model.n_sparse == 0 and model.n_features == 12
+    k = x[train] @ x[train].T
+    k_star = x[test] @ x[train].T
+    mu = y[train].mean()
+    krr = mu + k_star @ np.linalg.solve(k + lam * np.eye(n_train), y[train] - mu)
+    gp_var = lam + 1.0 - np.einsum("ij,ji->i", k_star, np.linalg.solve(
+        k + lam * np.eye(n_train), k_star.T))
+    mean, std = model.predict(x[test])
+    np.testing.assert_allclose(mean, krr, rtol=0, atol=2e-3)  # float32 output
+    gram, rhs, _ = gpr.linear_statistics(x, y - mu, train)
+    solution = gpr.solve_linear(gram, rhs, lam)
+    np.testing.assert_allclose(solution.raw_variance(x[test]), gp_var, rtol=1e-8)
+    # the sketch (k = 4096 rows) is unbiased with a relative error ~ sqrt(2 / k) = 2 % on h
+    h = solution.leverage(x[test])
+    sketched = std.astype(np.float64) ** 2 / lam - 1.0
+    assert np.max(np.abs(sketched / h - 1.0)) < 0.1
+    assert abs(np.mean(sketched / h) - 1.0) < 0.03
+    # with a small sketch the error grows as the theory says (k = 16: ~35 %)
+    coarse = solution.sketch(np.random.default_rng(0), 16)
+    ratio = np.einsum("ij,ij->i", x[test] @ coarse.T, x[test] @ coarse.T) / h
+    assert 0.1 < np.std(ratio) < 0.8
+
+
 def test_farthest_points_spread_out_and_are_seeded():
     x = unit_rows(300, 16, seed=2)
     first = gpr.farthest_points(x, 20, SeedStreams(5).rng("train.gpr_sparse", 0))
@@ -138,6 +172,49 @@ def test_cross_validation_grid_and_chosen_point(forty_frames):
                                atol=0.01)
     np.testing.assert_allclose(refit.predict(features[held])[1] ** 2,
                                cv.raw_variance[1][held], rtol=1e-3)
+
+
+def test_cross_validation_of_the_weight_space_model_equals_a_refit(forty_frames):
+    """zeta 1 in the CV grid (one point per lambda, M 0): the fold's X^T X as the whole data's
+    minus the held-out rows' gives the same predictions as a fit on the fold's rows, and the
+    held-out variances come from the same sketch as that fit's."""
+    frames, featurizer, features, rows = forty_frames
+    fold_of_row = frame_folds(len(frames), 4, seed=3)[rows.frame]
+    spec = GprSpec(zeta=[1, 6], regularisation=[1e-6, 1e-4], n_sparse=[100])
+    cv = gpr.cross_validate(features, rows.shift_ppm, fold_of_row, spec, SeedStreams(1))
+    assert cv.grid == [(1, 1e-6, 0), (1, 1e-4, 0), (6, 1e-6, 100), (6, 1e-4, 100)]
+    assert np.all(np.isfinite(cv.predictions_ppm)) and np.all(cv.raw_variance > 0)
+    refit = gpr.fit(features, rows.shift_ppm, 1, 1e-4, 0, 1.0, spec, SeedStreams(1),
+                    rows=np.flatnonzero(fold_of_row != 2), seed_index=2)
+    held = fold_of_row == 2
+    mean, std = refit.predict(features[held])
+    np.testing.assert_allclose(mean, cv.predictions_ppm[1][held], atol=0.01)
+    np.testing.assert_allclose(std.astype(np.float64) ** 2, cv.raw_variance[1][held],
+                               rtol=1e-4)
+    # on 30 training frames the linear kernel learns: well under the spread of the shifts
+    assert cv.curve.rmse_ppm[1] < 0.5 * np.std(rows.shift_ppm)
+
+
+def test_weight_space_store_round_trip_in_float16(tmp_path):
+    x = unit_rows(40, 10, seed=8)
+    y = 1500.0 + 500.0 * x[:, 1]
+    spec = GprSpec(zeta=[1], regularisation=[1e-3], variance_sketch_rows=64)
+    model = gpr.fit(x.astype(np.float32), y, 1, 1e-3, 0, 21.0, spec, SeedStreams(2),
+                    settings={"soap": {"n_features": 10}, "centre": "Na"})
+    with RunStore(tmp_path / "m.h5") as store:
+        store.set_attrs("/train", model="gpr", centre="Na", soap={"n_features": 10})
+        model.write(store, "/train/gpr", factor_dtype="float16")
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        assert "sparse_features" not in f["/train/gpr"]
+        assert f["/train/gpr/variance_factor"].dtype == np.float16
+        assert f["/train/gpr/weights_ppm"].dtype == np.float64
+        assert f["/train/gpr"].attrs["form"] == "weight-space"
+    loaded = ShiftEnsemble.from_store(tmp_path / "m.h5")
+    assert isinstance(loaded, gpr.GprShiftModel) and loaded.form == "weight-space"
+    mean, std = loaded.predict(x)
+    np.testing.assert_array_equal(mean, model.predict(x)[0])  # the weights are float64
+    np.testing.assert_allclose(std, model.predict(x)[1], rtol=2e-3)  # float16 sketch
+    assert not np.allclose(std, model.predict(x)[1], rtol=1e-7, atol=0)
 
 
 def test_store_round_trip_through_shift_ensemble_reader(tmp_path):

@@ -41,7 +41,8 @@ def test_normal_equations_are_summed_over_ranks():
 def test_cross_validation_and_fit_equal_one_process():
     comm = MPI.COMM_WORLD
     x, y, fold_of_row = _data()
-    spec = GprSpec(zeta=[4, 9], regularisation=[1e-4, 1e-2], n_sparse=[30, 60], block_rows=50)
+    spec = GprSpec(zeta=[1, 4, 9], regularisation=[1e-4, 1e-2], n_sparse=[30, 60], block_rows=50,
+                   variance_sketch_rows=32)
     seeds = SeedStreams(5)
     cv = gpr.cross_validate(x, y, fold_of_row, spec, seeds, comm)
     alone = gpr.cross_validate(x, y, fold_of_row, spec, seeds, None)
@@ -60,6 +61,26 @@ def test_cross_validation_and_fit_equal_one_process():
     np.testing.assert_allclose(std, std1, rtol=1e-5)
     # the model learned the function (not a constant): the test can fail
     assert np.sqrt(np.mean((mean - y) ** 2)) < 0.3 * np.std(y)  # measured 0.18
+    every = comm.allgather(model.weights)
+    for other in every:
+        np.testing.assert_array_equal(other, every[0])
+
+
+def test_weight_space_fit_equals_one_process():
+    """zeta 1: X^T X summed over the ranks; the same weights and sketch on every rank."""
+    comm = MPI.COMM_WORLD
+    x, y, _ = _data()
+    spec = GprSpec(zeta=[1], regularisation=[1e-4], block_rows=37, variance_sketch_rows=32)
+    seeds = SeedStreams(5)
+    model = gpr.fit(x, y, 1, 1e-4, 0, 12.0, spec, seeds, comm, seed_index=4)
+    single = gpr.fit(x, y, 1, 1e-4, 0, 12.0, spec, seeds, None, seed_index=4)
+    assert model.form == "weight-space"
+    np.testing.assert_allclose(model.weights, single.weights, rtol=1e-7,
+                               atol=1e-9 * np.abs(single.weights).max())
+    np.testing.assert_allclose(model.variance_factor, single.variance_factor, rtol=1e-6,
+                               atol=1e-9 * np.abs(single.variance_factor).max())
+    mean, std = model.predict(x)
+    assert np.sqrt(np.mean((mean - y) ** 2)) < 0.3 * np.std(y)
     every = comm.allgather(model.weights)
     for other in every:
         np.testing.assert_array_equal(other, every[0])
