@@ -24,12 +24,12 @@ from engine.stages import StageInputs, StageResult
 from engine.failure import InputError
 from engine.progress import Progress
 from engine.stats import (BinnedMoments, bin_index, block_average, blocking, fit_diffusion,
-                          gather_rows, grid_index, integrated_correlation_time, loglog_slope,
-                          moments_mean_std, reduce_moments, running_average)
+                          gather_items, gather_rows, grid_index, integrated_correlation_time,
+                          loglog_slope, moments_mean_std, reduce_moments, running_average)
 from engine.store import RunStore
 from jobs.hops import HopCounter, HopStatistics, finish_hops
 from jobs.infer import system_group as infer_group
-from jobs.md import thermostat_text
+from jobs.md import md_trajectories, thermostat_text
 from jobs.sites import SiteSet, assign_sites, find_sites, nearest_site_spacing_a
 from schemas.analyze import AnalyzeSpec
 from schemas.system import SystemSpec
@@ -615,12 +615,71 @@ def analyze_systems(spec: AnalyzeSpec, systems: list[SystemSpec], ctx: RankConte
             thermostat = thermostat_text(store, system.name)
             if thermostat:
                 store.set_attrs(f"{ANALYZE_GROUP}/{system.name}", thermostat=thermostat)
+            deviation = model_deviation_summary(ctx, store, system.name)
+            store.set_attrs(f"{ANALYZE_GROUP}/{system.name}", **deviation)
+        if deviation["deviation_frames"]:
+            ctx.log(f"analyze {system.name}: model deviation of {deviation['deviation_frames']} "
+                    f"md frames: {100 * deviation['fraction_above_trust_hi']:.1f} % above "
+                    f"trust_hi = {deviation['trust_hi_ev_a']:g} eV/A, largest "
+                    f"{deviation['max_devi_f_ev_a_max']:.3g} eV/A")
         d_cm2_s = float(result.d_cm2_s) if np.isfinite(result.d_cm2_s) else None
         stderr = (float(result.mean_shift_stderr_ppm)
                   if np.isfinite(result.mean_shift_stderr_ppm) else None)
         rows.append((system.name, float(result.mean_shift_ppm), stderr, d_cm2_s,
                      result.converged))
     return AnalyzeResult(tuple(rows))
+
+
+def model_deviation_summary(ctx: RankContext, store: RunStore, system: str) -> dict:
+    """How many of the md frames of `system` the DP model ensemble trusts (collective).
+
+    The force deviations md recorded (``MdTrajectories.model_devi_f_ev_a``) of every saved
+    frame of every replica, sharded over the ranks in contiguous blocks of the frames
+    (replicas concatenated) and reduced once.
+
+    Returns
+    -------
+    dict
+        ``deviation_frames`` (frames with a deviation), ``fraction_above_trust_hi``,
+        ``fraction_below_trust_lo``, ``max_devi_f_ev_a_max`` (eV/A), ``trust_hi_ev_a`` and
+        ``trust_lo_ev_a`` (eV/A); 0 and NaN when md recorded no deviation (no ensemble, or no
+        md of `system`).
+    """
+    nan = float("nan")
+    empty = {"deviation_frames": 0, "fraction_above_trust_hi": nan,
+             "fraction_below_trust_lo": nan, "max_devi_f_ev_a_max": nan,
+             "trust_hi_ev_a": nan, "trust_lo_ev_a": nan}
+    try:
+        trajectories = md_trajectories(store, system)
+    except InputError:
+        return empty
+    replicas = [r for r in trajectories.replicas if trajectories.has_model_deviation(r)]
+    trust = [trajectories.trust_ev_a(r) for r in replicas]
+    if not replicas or None in trust:
+        return empty
+    trust_lo, trust_hi = trust[0]
+    offsets = np.cumsum([0] + [r.n_saved for r in replicas])
+    mine = ctx.block(int(offsets[-1]))
+    count = above = below = 0
+    largest = -np.inf
+    for replica, first in zip(replicas, offsets[:-1]):
+        lo, hi = max(mine.start, first), min(mine.stop, first + replica.n_saved)
+        if lo >= hi:
+            continue
+        values = trajectories.model_devi_f_ev_a(replica, np.s_[lo - first:hi - first])
+        values = values[np.isfinite(values)]
+        count += values.size
+        above += int(np.sum(values > trust_hi))
+        below += int(np.sum(values < trust_lo))
+        largest = max(largest, float(values.max())) if values.size else largest
+    parts = gather_items(ctx, [(count, above, below, largest)])
+    count, above, below = (sum(p[k] for p in parts) for k in range(3))
+    largest = max(p[3] for p in parts)
+    if count == 0:
+        return {**empty, "trust_hi_ev_a": trust_hi, "trust_lo_ev_a": trust_lo}
+    return {"deviation_frames": int(count), "fraction_above_trust_hi": above / count,
+            "fraction_below_trust_lo": below / count, "max_devi_f_ev_a_max": largest,
+            "trust_hi_ev_a": trust_hi, "trust_lo_ev_a": trust_lo}
 
 
 def run(spec: AnalyzeSpec, inputs: StageInputs) -> AnalyzeResult:

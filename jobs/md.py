@@ -8,7 +8,10 @@ of its replicas, writes them together with the state needed to resume (momenta a
 state after the chunk's last frame), and then all ranks flush; the stage's groups, datasets and
 attributes are made in one store transaction at its start (``n_saved`` at its end), so a kill
 between them never damages the store (engine/store.py RunStore.transaction). A killed run resumes each replica from its last saved frame and continues
-exactly as if never stopped. Store layout: docs/md.md.
+exactly as if never stopped. With ``md.deviation_models`` (or ``run_replicas(...,
+deviation_models=...)``), the force deviation of the ensemble of the propagating model and
+those models is computed on every saved frame of a chunk and written with it
+(jobs/deviation.py). Store layout: docs/md.md.
 """
 from __future__ import annotations
 
@@ -298,6 +301,21 @@ def create_datasets(store: RunStore, task: MdTask, n_atoms: int, spec: MdSpec) -
                          note="frames saved when resume_momenta/resume_thermostat were written")
 
 
+DEVIATION_DATASETS = ("model_devi_f_ev_a", "model_devi_f_mean_ev_a")
+"""A replica's per-frame force deviations of the model ensemble (jobs/deviation.py): DP-GEN's
+``max_devi_f`` (max over atoms) and ``avg_devi_f`` (mean over atoms), eV/A."""
+
+
+def create_deviation_datasets(store: RunStore, task: MdTask, spec: MdSpec) -> None:
+    """Create one replica's pre-sized, NaN-filled deviation datasets (collective)."""
+    n, chunk = spec.frames, min(spec.chunk_frames, spec.frames)
+    notes = ("DP-GEN max_devi_f: max over atoms of the std over models of the force vector",
+             "DP-GEN avg_devi_f: mean over atoms of the std over models of the force vector")
+    for name, note in zip(DEVIATION_DATASETS, notes):
+        store.create_dataset(f"{task.group}/{name}", (n,), "f8", chunks=(chunk,),
+                             unit="eV/angstrom", fill_value=np.nan, note=note)
+
+
 def _check_compatible(store: RunStore, task: MdTask, spec: MdSpec, n_atoms: int) -> None:
     """A resumed store must have been made with the same frame count, interval and cell."""
     shape = store.shape(f"{task.group}/positions_a")
@@ -315,7 +333,7 @@ def _check_compatible(store: RunStore, task: MdTask, spec: MdSpec, n_atoms: int)
 # ---- the verb ----------------------------------------------------------------------------------
 def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed: int,
                  base_dir: Path | None = None, model_fallback: Path | None = None,
-                 checks=None) -> "MdResult":
+                 checks=None, deviation_models: list[Path] | None = None) -> "MdResult":
     """Run every system's replicas (round robin over ranks) and stream frames into the store.
 
     Parameters
@@ -336,11 +354,17 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     checks
         The frame checks (schemas.checks.ChecksSpec; None: the defaults): the structure is
         checked before the first step and every saved frame after it (:func:`_check_frame`).
+    deviation_models
+        DP model files that, with the propagating model, form the ensemble whose force
+        deviation of every saved frame is recorded (jobs/deviation.py); None: those of
+        ``spec.deviation_models`` (a stage such as learn passes its own); empty: none.
     """
     seeds = SeedStreams(seed)
     tasks = md_tasks(systems, spec.replicas)
     structures = [build_structure(s, base_dir) for s in systems]
     interval_fs = spec.save_every_steps * spec.timestep_fs
+    extra_models = [Path(p) for p in (spec.deviation_models if deviation_models is None
+                                      else deviation_models)]
     with store.transaction():  # every group, dataset and attribute of the stage, at once
         for i, system in enumerate(systems):
             store.put(f"{system_group(system.name)}/numbers", structures[i].numbers.astype(np.int64))
@@ -357,11 +381,18 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
                             equilibration_steps=spec.equilibration_steps,
                             n_requested=spec.frames,
                             seed_key=seeds.key("md.velocities", task.system_index, task.replica))
+            if extra_models:
+                create_deviation_datasets(store, task, spec)
+                store.set_attrs(task.group, deviation_models=len(extra_models),
+                                deviation_model_files=[str(p) for p in extra_models],
+                                trust_lo_ev_a=spec.trust_lo_ev_a,
+                                trust_hi_ev_a=spec.trust_hi_ev_a)
     saved = {t.group: int(store.read_shared(f"{t.group}/resume_saved")[0]) for t in tasks}
     mine = [tasks[i] for i in ctx.round_robin(len(tasks))]
 
     with stored_model_file(store, model_fallback) as model_path:
         calculator = dp_calculator(model_path)  # one model load per rank
+        ensemble = _deviation_ensemble(model_path, extra_models, structures)
     trajectories: dict[str, Trajectory] = {}
     for task in mine:
         trajectory = Trajectory(structures[task.system_index], calculator, spec,
@@ -374,6 +405,8 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
                                store.read(f"{g}/resume_momenta"),
                                store.read(f"{g}/resume_thermostat"))
         trajectories[task.group] = trajectory
+        if ensemble is not None and done > 0:  # frames saved before deviations were asked for
+            _fill_deviations(ensemble, store, task, done, spec)
     # equilibration counts as its length in frames, so that the ETA holds from the start
     equilibration_frames = spec.equilibration_steps // spec.save_every_steps
     frames_left = sum(spec.frames - saved[t.group] + (equilibration_frames if saved[t.group] == 0
@@ -385,6 +418,9 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     ctx.log(f"md: {len(tasks)} trajectories over {ctx.size} ranks, {spec.frames} frames each, "
             f"every {interval_fs:g} fs; {sum(saved.values())} frames already in the store "
             f"(progress counts equilibration as {equilibration_frames} frames)")
+    if ensemble is not None:
+        ctx.log(f"md: recording the force deviation of every saved frame over {len(ensemble)} "
+                f"DP models (trust levels {spec.trust_lo_ev_a:g} / {spec.trust_hi_ev_a:g} eV/A)")
     n_rounds = -(-spec.frames // spec.chunk_frames)
     saved_at_entry = dict(saved)
     for round_index in range(n_rounds):
@@ -399,7 +435,7 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
             if start == 0:
                 trajectory.run(spec.equilibration_steps)
                 progress.update(equilibration_frames)
-            _run_chunk(trajectory, task, start, end, spec, store, progress, checks)
+            _run_chunk(trajectory, task, start, end, spec, store, progress, checks, ensemble)
             saved[task.group] = end
         # rows and resume state only (no metadata: a kill here cannot damage the store)
         store.flush()
@@ -420,6 +456,37 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     return MdResult(trajectories=len(tasks), frames_per_trajectory=spec.frames,
                     mean_temperature_k=float(np.mean(all_temperatures)),
                     save_interval_fs=interval_fs)
+
+
+def _deviation_ensemble(model_path: Path, extra_models: list[Path], structures):
+    """The propagating model and `extra_models` as a DeviationEnsemble (None without extra
+    models); every system's species checked against every model's type map (InputError)."""
+    if not extra_models:
+        return None
+    from jobs.deviation import DeviationEnsemble
+
+    names = ["the md model (potential)"] + [f"md.deviation_models: {p}" for p in extra_models]
+    ensemble = DeviationEnsemble.from_files([model_path, *extra_models], names)
+    for atoms in structures:
+        ensemble.check(atoms.get_chemical_symbols())
+    return ensemble
+
+
+def _fill_deviations(ensemble, store: RunStore, task: MdTask, done: int, spec: MdSpec) -> None:
+    """Compute the deviations of saved frames that have none (a store whose md ran without an
+    ensemble), chunk by chunk as :func:`_run_chunk` would have (independent writes)."""
+    g = task.group
+    missing = ~np.isfinite(store.read(f"{g}/{DEVIATION_DATASETS[0]}", np.s_[:done]))
+    numbers = store.read(f"{system_group(task.system)}/numbers")
+    for start in range(0, done, spec.chunk_frames):
+        stop = min(start + spec.chunk_frames, done)
+        if not missing[start:stop].any():
+            continue
+        rows = np.s_[start:stop]
+        values = ensemble.force_deviation(numbers, store.read(f"{g}/positions_a", rows),
+                                          store.read(f"{g}/cell_a", rows))
+        for name, column in zip(DEVIATION_DATASETS, values):
+            store.write_rows(f"{g}/{name}", start, column)
 
 
 def _check_start(trajectory: Trajectory, task: MdTask, start: int, checks=None) -> None:
@@ -462,9 +529,10 @@ def _check_frame(task: MdTask, frame: int, saved: int, time_fs: float, positions
 
 
 def _run_chunk(trajectory: Trajectory, task: MdTask, start: int, end: int, spec: MdSpec,
-               store: RunStore, progress: Progress, checks=None) -> None:
+               store: RunStore, progress: Progress, checks=None, ensemble=None) -> None:
     """Run frames start..end-1 of one replica and write them with the resume state; every
-    frame is checked (:func:`_check_frame`) before it is kept."""
+    frame is checked (:func:`_check_frame`) before it is kept. With an `ensemble`
+    (jobs.deviation.DeviationEnsemble) the chunk's force deviations are written with them."""
     atoms = trajectory.atoms
     n = end - start
     positions = np.empty((n, len(atoms), 3))
@@ -486,6 +554,10 @@ def _run_chunk(trajectory: Trajectory, task: MdTask, start: int, end: int, spec:
     store.write_rows(f"{g}/time_fs", start, interval_fs * np.arange(start + 1, end + 1))
     store.write_rows(f"{g}/temperature_k", start, temperature)
     store.write_rows(f"{g}/potential_energy_ev", start, energy)
+    if ensemble is not None:  # a pure function of the saved frames (resumes bit for bit)
+        for name, values in zip(DEVIATION_DATASETS,
+                                ensemble.force_deviation(atoms.numbers, positions, cells)):
+            store.write_rows(f"{g}/{name}", start, values)
     store.write_rows(f"{g}/resume_momenta", 0, atoms.get_momenta())
     store.write_rows(f"{g}/resume_thermostat", 0,
                      np.frombuffer(trajectory.thermostat_state(), dtype=np.uint8))
@@ -552,6 +624,29 @@ class MdTrajectories:
     def time_fs(self, replica: Replica, selection=()) -> np.ndarray:
         """Simulated time (fs, 0 = end of equilibration) of `selection` of the frames."""
         return self.store.read(f"{replica.group}/time_fs", selection)
+
+    def has_model_deviation(self, replica: Replica) -> bool:
+        """True when md recorded the replica's force deviation (a model ensemble)."""
+        return self.store.exists(f"{replica.group}/{DEVIATION_DATASETS[0]}")
+
+    def model_devi_f_ev_a(self, replica: Replica, selection=()) -> np.ndarray | None:
+        """DP-GEN's force deviation ``max_devi_f`` (eV/A, max over atoms) of `selection` of the
+        replica's frames (NaN where not written); None when md ran without a model ensemble."""
+        name = f"{replica.group}/{DEVIATION_DATASETS[0]}"
+        return self.store.read(name, selection) if self.store.exists(name) else None
+
+    def model_devi_f_mean_ev_a(self, replica: Replica, selection=()) -> np.ndarray | None:
+        """DP-GEN's ``avg_devi_f`` (eV/A, mean over atoms) of `selection` of the frames; None
+        when md ran without a model ensemble."""
+        name = f"{replica.group}/{DEVIATION_DATASETS[1]}"
+        return self.store.read(name, selection) if self.store.exists(name) else None
+
+    def trust_ev_a(self, replica: Replica) -> tuple[float, float] | None:
+        """(trust_lo, trust_hi) of the force deviation (eV/A) md recorded; None without."""
+        attrs = self.store.attrs(replica.group)
+        if "trust_hi_ev_a" not in attrs:
+            return None
+        return float(attrs["trust_lo_ev_a"]), float(attrs["trust_hi_ev_a"])
 
 
 def md_trajectories(store: RunStore, system: str, root: str = GROUP) -> MdTrajectories:

@@ -519,6 +519,7 @@ def _summary(store, systems, figures, parity) -> str:
                          f"{_fmt(attrs.get('mean_shift_model_sigma_ppm', float('nan')), 1)} | "
                          f"{d_text} |")
         lines += _convergence(store, systems)
+        lines += _deviation_lines(store, systems)
         drifting = [n for n in systems
                     if not store.attrs(f"{ANALYZE_GROUP}/{n}").get("framework_drift_corrected")]
         if drifting:
@@ -584,6 +585,37 @@ def _convergence(store, systems) -> list[str]:
                   "seen). Residence: between two hops of one Na (runs' first and last stays "
                   "are censored, not counted)."]
     return lines
+
+
+WARN_ABOVE_TRUST_HI = 0.01
+"""Fraction of a system's md frames above trust_hi beyond which the report warns."""
+
+
+def _deviation_lines(store, systems) -> list[str]:
+    """The share of md frames that the DP model ensemble trusts (analyze's attrs), per system,
+    and a warning for a system with more than 1 % of its frames above trust_hi."""
+    rows, warnings = [], []
+    for name in systems:
+        attrs = store.attrs(f"{ANALYZE_GROUP}/{name}")
+        n = int(attrs.get("deviation_frames", 0) or 0)
+        if n <= 0:
+            continue
+        above, below = attrs["fraction_above_trust_hi"], attrs["fraction_below_trust_lo"]
+        hi, lo = attrs["trust_hi_ev_a"], attrs["trust_lo_ev_a"]
+        rows.append(f"| {name} | {n} | {100 * below:.1f} % (< {lo:g} eV/A) | "
+                    f"{100 * above:.1f} % (> {hi:g} eV/A) | {attrs['max_devi_f_ev_a_max']:.3g} |")
+        if above > WARN_ABOVE_TRUST_HI:
+            warnings.append(f"WARNING: {100 * above:.1f} % of the frames of {name} have a model "
+                            f"deviation above trust_hi = {hi:g} eV/A; the potential is "
+                            "extrapolating there")
+    if not rows:
+        return []
+    return (["", "## Model deviation (trust in md)", "",
+             "Force deviation of the DP model ensemble on every saved md frame (DP-GEN's "
+             "max_devi_f: the largest over atoms of the spread of the models' forces, eV/A).",
+             "", "| system | md frames | below trust_lo | above trust_hi | largest (eV/A) |",
+             "| --- | ---: | ---: | ---: | ---: |"] + rows
+            + [line for warning in warnings for line in ("", warning)])
 
 
 def _time_words(dyn: dict) -> str:

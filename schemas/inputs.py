@@ -136,6 +136,8 @@ def input_problems(manifest, store: Path | None = None) -> list[str]:
         problems.append(_labelled_path(Path(path), f"potential.frames.{i}"))
     for i, path in enumerate(train.frames):
         problems.append(_labelled_path(Path(path), f"train.frames.{i}"))
+    for i, path in enumerate(manifest.md.deviation_models):
+        problems.append(_exists(Path(path), f"md.deviation_models.{i}"))
     model_facts = None
     if infer.model is not None:
         problem = _exists(Path(infer.model), "infer.model")

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import Spec, SpecError
+from schemas.base import InputPath, Spec, SpecError
 
 
 class MdSpec(Spec):
@@ -37,10 +37,28 @@ class MdSpec(Spec):
     stop_after_frames: int | None = Field(default=None, ge=1)
     """Diagnostics: stop the stage with an error once every replica saved at least this many
     frames (tests resume; a following run continues the trajectories); < frames."""
+    deviation_models: list[InputPath] = []
+    """Frozen DP models (.pb) that, with the model that propagates md, form an ensemble: with
+    at least 1 here, md records the model deviation of every saved frame (DP-GEN's
+    ``max_devi_f``: the largest over atoms of the spread of the models' forces, eV/A) and
+    analyze reports the fraction of frames above `trust_hi_ev_a`. Empty: no deviation."""
+    trust_lo_ev_a: float = Field(default=0.05, gt=0)
+    """Lower trust level of the force deviation (eV/A), DP-GEN's ``model_devi_f_trust_lo``:
+    frames below it are ones the potential describes well (DP-GEN's common 0.05)."""
+    trust_hi_ev_a: float = Field(default=0.15, gt=0)
+    """Upper trust level of the force deviation (eV/A), DP-GEN's ``model_devi_f_trust_hi``:
+    frames above it are ones where the potential extrapolates (DP-GEN's common 0.15); the
+    report warns when more than 1 % of a system's frames are above it."""
 
     @model_validator(mode="after")
     def _check(self) -> "MdSpec":
+        problems = []
         if self.stop_after_frames is not None and self.stop_after_frames >= self.frames:
-            raise SpecError(("stop_after_frames", f"must be < frames, or it never stops (got "
+            problems.append(("stop_after_frames", f"must be < frames, or it never stops (got "
                                                   f"{self.stop_after_frames} >= {self.frames})"))
+        if self.trust_lo_ev_a >= self.trust_hi_ev_a:
+            problems.append(("trust_lo_ev_a", f"must be smaller than trust_hi_ev_a (got "
+                                              f"{self.trust_lo_ev_a} >= {self.trust_hi_ev_a})"))
+        if problems:
+            raise SpecError(*problems)
         return self

@@ -43,3 +43,61 @@ def test_two_systems_two_replicas_over_the_ranks(shared_tmp):
     assert 0.75 * 300 < np.mean(temperatures) < 1.25 * 300, temperatures
     # the replicas are independent trajectories
     assert not np.allclose(first_positions[0], first_positions[1])
+
+
+def _perturbed_model(source, target, scale: float, seed: int) -> None:
+    """A copy of a frozen DP model whose first fitting layers are scaled by 1 + scale * N(0, 1)
+    per weight (a second model of the same cost; forces differ by ~0.003 eV/A at 0.02)."""
+    from jobs.potential import import_deepmd_tf
+
+    import_deepmd_tf()
+    import tensorflow as tf
+
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString(source.read_bytes())
+    rng = np.random.default_rng(seed)
+    for node in graph.node:
+        if node.op == "Const" and node.name.startswith("layer_0_type_") \
+                and node.name.endswith("/matrix"):
+            weights = tf.make_ndarray(node.attr["value"].tensor)
+            changed = weights * (1 + scale * rng.standard_normal(weights.shape))
+            node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(changed.astype(weights.dtype)))
+    target.write_bytes(graph.SerializeToString())
+
+
+def test_deviations_are_the_same_at_any_rank_count(shared_tmp):
+    """md's force deviations at n ranks equal those of one rank; analyze's reduction over
+    the ranks equals the fraction of the stored array."""
+    from jobs.analyze import model_deviation_summary
+    from jobs.md import md_trajectories
+    from schemas.potential import SHIPPED_MODEL
+
+    world = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
+    extra = shared_tmp / "perturbed.pb"
+    if world.is_root:
+        _perturbed_model(SHIPPED_MODEL, extra, 0.05, seed=1)
+    world.comm.Barrier()
+    systems = [SystemSpec(name="mcm", structure="builtin:p2-nmmo-p63mcm")]
+    spec = MdSpec(replicas=3, equilibration_steps=4, frames=4, save_every_steps=2,
+                  chunk_frames=2, deviation_models=[extra])
+    with RunStore(f"{shared_tmp}/many.h5", world) as store:
+        run_replicas(spec, systems, world, store, seed=5)
+        world.comm.Barrier()
+        md = md_trajectories(store, "mcm")
+        devi = np.concatenate([md.model_devi_f_ev_a(r) for r in md.replicas])
+        trust_hi = float(np.median(devi))
+        for replica in md.replicas:
+            store.set_attrs(replica.group, trust_hi_ev_a=trust_hi)
+        summary = model_deviation_summary(world, store, "mcm")
+    assert np.isfinite(devi).all() and devi.shape == (12,) and (devi > 0).all()
+    assert summary["deviation_frames"] == 12
+    assert summary["fraction_above_trust_hi"] == np.mean(devi > trust_hi)
+    assert summary["max_devi_f_ev_a_max"] == devi.max()
+    if world.is_root:  # the same md on one rank
+        alone = RankContext.from_comm(MPI.COMM_SELF, set_threads=False)
+        with RunStore(f"{shared_tmp}/one.h5", alone) as store:
+            run_replicas(spec, systems, alone, store, seed=5)
+            md = md_trajectories(store, "mcm")
+            one = np.concatenate([md.model_devi_f_ev_a(r) for r in md.replicas])
+        assert np.array_equal(one, devi), (one, devi)
+    world.comm.Barrier()

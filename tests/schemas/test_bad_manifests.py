@@ -311,3 +311,23 @@ def test_potcars_of_every_species_are_checked_when_label_runs(tmp_path, capsys, 
     (pots / "Mg_pv" / "POTCAR").write_text("fake")
     code, err = _validate(tmp_path, text, capsys)
     assert code == 0, err
+
+
+DEVIATION_CORPUS = [  # md's model ensemble (jobs/deviation.py), in the pattern of CORPUS
+    ("deviation-model-missing", MD + "md: {deviation_models: [gone.pb]}\n",
+     "md.deviation_models.0: file"),
+    ("deviation-model-folder", MD + "md: {deviation_models: [.]}\n",
+     "md.deviation_models.0:"),
+    ("trust-order", "stages: [probe]\nmd: {trust_lo_ev_a: 0.2, trust_hi_ev_a: 0.1}\n",
+     "md.trust_lo_ev_a: must be smaller than trust_hi_ev_a"),
+    ("trust-hi-zero", "stages: [probe]\nmd: {trust_hi_ev_a: 0}\n", "md.trust_hi_ev_a"),
+]
+
+
+@pytest.mark.parametrize("name,text,culprit", DEVIATION_CORPUS,
+                         ids=[c[0] for c in DEVIATION_CORPUS])
+def test_a_bad_deviation_manifest_exits_2_naming_its_culprit(name, text, culprit, tmp_path,
+                                                             capsys, monkeypatch):
+    test_a_bad_manifest_exits_2_naming_its_culprit(name, text, culprit, tmp_path, capsys,
+                                                   monkeypatch)
+    assert name not in [case[0] for case in CORPUS]
