@@ -37,8 +37,13 @@ last_error             (n,)               reason: detail of the last failed atte
 work_dir               (n,)               the frame's work directory
 =====================  =========  ======  ==============================================
 
-Attributes of ``/label/<system>``: selection, n_selected, n_done, n_failed, target_species,
-replica_names, and ``failures`` (JSON list of {replica, frame, reason, attempts, work_dir}).
+Attributes of ``/label/<system>``: selection, n_selected, n_done, n_failed, system,
+target_species, replica_names, and ``failures`` (JSON list of {replica, frame, reason,
+attempts, work_dir}).
+
+The machinery is a library for frames that do not come from /md: :func:`prepare_table` lays
+out a table of given frames at any group, :func:`label_tables` labels the tables (claims,
+retries, recovery, the failure budget), :func:`labelled_frames_in` reads their done frames.
 """
 from __future__ import annotations
 
@@ -61,6 +66,7 @@ from engine.failure import AgreedFailure, InputError
 from engine.store import RunStore
 from jobs.labellers import Labeller, LabelError, make_labeller
 from jobs.md import md_trajectories
+from schemas.base import duplicates
 
 LABEL_ROOT = "/label"
 """The store group this stage owns (``/label/<system>``); read it with
@@ -70,6 +76,9 @@ ERROR_BYTES, PATH_BYTES = 256, 512
 PROGRESS_EVERY_S = 60.0
 """Rank 0 reports its progress at most this often (frames are long DFT jobs)."""
 _REPLICA_NAME = re.compile(r"^r(\d+)$")
+TABLE_ATTRS = ("prepared", "n_selected", "system", "target_species", "n_done", "n_failed",
+               "failures")
+"""Attributes of a label table that :func:`prepare_table` and :func:`label_tables` own."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,8 @@ class LabelResult(StageResult):
 
 @dataclass
 class SystemFrames:
-    """The selected frames of one system, as every rank sees them at stage start."""
+    """The frames of one label table (a system's selection), as every rank sees them at the
+    start of :func:`label_tables`."""
 
     name: str
     group: str
@@ -160,11 +170,142 @@ def select_frames(spec, replicas: list[tuple[int, str, int]]) -> tuple[np.ndarra
 
 
 # ---- store layout -------------------------------------------------------------------------
+def _table_layout(n_frames: int, n_atoms: int) -> list[tuple]:
+    """(name, shape, dtype, fill value, unit) of every dataset of a label table."""
+    nan = float("nan")
+    return [
+        ("replica", (n_frames,), "i4", None, ""), ("frame", (n_frames,), "i8", None, ""),
+        ("time_fs", (n_frames,), "f8", nan, "fs"), ("numbers", (n_atoms,), "i4", None, ""),
+        ("positions_a", (n_frames, n_atoms, 3), "f8", nan, "A"),
+        ("cell_a", (n_frames, 3, 3), "f8", nan, "A"),
+        ("energy_ev", (n_frames,), "f8", nan, "eV"),
+        ("forces_ev_a", (n_frames, n_atoms, 3), "f8", nan, "eV/A"),
+        ("a_iso_mhz", (n_frames, n_atoms), "f8", nan, "MHz"),
+        ("shift_ppm", (n_frames, n_atoms), "f8", nan, "ppm"),
+        ("magnetic_moment_s", (n_frames,), "f8", nan, "mu_B"),
+        ("status", (n_frames,), "i1", STATUS_PENDING, ""),
+        ("attempts", (n_frames,), "i4", 0, ""),
+        ("last_error", (n_frames,), f"S{ERROR_BYTES}", b"", ""),
+        ("work_dir", (n_frames,), f"S{PATH_BYTES}", b"", ""),
+    ]
+
+
+def _table_problem(target_species: str, numbers: np.ndarray, replica: np.ndarray,
+                   frame: np.ndarray, attrs: dict) -> str | None:
+    """What is wrong with the arguments every rank gives :func:`prepare_table`, or None."""
+    if numbers.ndim != 1 or not len(numbers):
+        return f"numbers must be one atomic number per atom (got shape {numbers.shape})"
+    if replica.ndim != 1 or replica.shape != frame.shape:
+        return (f"replica and frame must be 1-D and of one length (got shapes {replica.shape} "
+                f"and {frame.shape})")
+    if not len(frame):
+        return "no frames"
+    if min(replica.min(), frame.min()) < 0:
+        return "replica and frame numbers must be >= 0"
+    repeated = duplicates(zip(replica.tolist(), frame.tolist()))
+    if repeated:
+        return f"every (replica, frame) once: they name the work dirs (got {repeated[:3]} twice)"
+    if target_species not in atomic_numbers:
+        return f"target_species {target_species!r} is not a chemical element"
+    reserved = sorted(set(attrs) & set(TABLE_ATTRS))
+    if reserved:
+        return f"attrs {reserved} are the table's own"
+    return None
+
+
+def _root_problem(n_frames: int, n_atoms: int, positions_a, cells_a, time_fs) -> str | None:
+    """What is wrong with the frame arrays rank 0 gives :func:`prepare_table`, or None."""
+    shapes = {"positions_a": (np.shape(positions_a), (n_frames, n_atoms, 3)),
+              "cells_a": (np.shape(cells_a), (n_frames, 3, 3))}
+    if time_fs is not None:
+        shapes["time_fs"] = (np.shape(time_fs), (n_frames,))
+    for name, (shape, expected) in shapes.items():
+        if tuple(shape) != expected:
+            return f"{name} has shape {tuple(shape)}, expected {expected}"
+    return None
+
+
+def prepare_table(ctx: RankContext, store: RunStore, group: str, *, name: str,
+                  target_species: str, numbers, positions_a, cells_a, replica, frame, time_fs,
+                  attrs: dict | None = None) -> None:
+    """Lay out a label table of given frames at `group` (collective, idempotent).
+
+    Creates the datasets of a label table (see the module's layout: every label row NaN,
+    status pending) and writes the frames, wrapped into their cells, from rank 0. A group that
+    is already prepared is kept as it is (a resumed run labels the frames it chose first).
+
+    Parameters
+    ----------
+    ctx
+        The rank context (every rank calls this with the same `group`, `name`,
+        `target_species`, `numbers`, `replica`, `frame` and `attrs`).
+    store
+        The run store.
+    group
+        Store group of the table, e.g. ``/label/<system>`` or a stage's own group.
+    name
+        The table's name (stored as the attribute ``system``): the folder of its frames' work
+        directories under the work root, the ``system`` of its labelled frames and messages.
+    target_species
+        Element whose A_iso is turned into a shift (``shift_ppm``; NaN for other atoms).
+    numbers
+        Atomic numbers (m,), one composition and atom order for every frame.
+    positions_a, cells_a
+        Positions (n, m, 3) and cell vectors as rows (n, 3, 3) in A; read on rank 0 only
+        (other ranks may pass None).
+    replica, frame
+        Source replica and frame number of each frame (n,), integers >= 0, each pair once:
+        a frame's work directory is ``<work root>/<name>/r<replica:03d>-f<frame:06d>``.
+    time_fs
+        Simulation time of each frame (n,) in fs, or None (NaN); read on rank 0 only.
+    attrs
+        Further attributes of `group` (e.g. how the frames were chosen); not the table's own
+        (:data:`TABLE_ATTRS`).
+
+    Raises
+    ------
+    ValueError
+        On every rank, for inconsistent arguments (shapes, repeated (replica, frame) pairs,
+        an unknown element, no frames).
+    """
+    if store.attrs(group).get("prepared"):
+        return
+    attrs = dict(attrs or {})
+    numbers = np.asarray(numbers, dtype=np.int32)
+    replica, frame = np.asarray(replica, dtype=np.int64), np.asarray(frame, dtype=np.int64)
+    problem = _table_problem(target_species, numbers, replica, frame, attrs)
+    if problem is None:
+        problem = ctx.comm.bcast(_root_problem(len(frame), len(numbers), positions_a, cells_a,
+                                               time_fs) if ctx.is_root else None, root=0)
+    if problem is not None:
+        raise ValueError(f"label table {group}: {problem}")
+    n_frames, n_atoms = len(frame), len(numbers)
+    for key, shape, dtype, fill, unit in _table_layout(n_frames, n_atoms):
+        store.create_dataset(f"{group}/{key}", shape, dtype=dtype, fill_value=fill, unit=unit)
+    if ctx.is_root:
+        positions = np.empty((n_frames, n_atoms, 3))
+        cells = np.empty((n_frames, 3, 3))
+        for row, (xyz, cell) in enumerate(zip(positions_a, cells_a)):
+            atoms = Atoms(numbers=numbers, positions=xyz, cell=cell, pbc=True)
+            atoms.wrap()
+            positions[row], cells[row] = atoms.positions, np.asarray(atoms.cell)
+        times = np.full(n_frames, np.nan) if time_fs is None else np.asarray(time_fs, float)
+        for key, values in (("replica", replica), ("frame", frame), ("time_fs", times),
+                            ("numbers", numbers), ("positions_a", positions),
+                            ("cell_a", cells)):
+            store.write_rows(f"{group}/{key}", 0, values)
+    store.flush()
+    store.set_attrs(group, prepared=True, n_selected=n_frames, system=name,
+                    target_species=target_species, **attrs)
+    store.flush()
+
+
 def _prepare_system(spec, ctx: RankContext, store: RunStore, system) -> None:
     """Choose the frames of `system` and pre-size /label/<system> (collective, idempotent).
 
     A store that already holds a prepared selection keeps it (a resumed run labels the same
-    frames); a new one is chosen from /md and written by rank 0.
+    frames; a warning when the manifest now asks another one); a new one is chosen from /md,
+    read by rank 0 and laid out by :func:`prepare_table`.
     """
     group = f"{LABEL_ROOT}/{system.name}"
     stored = store.attrs(group)
@@ -186,59 +327,34 @@ def _prepare_system(spec, ctx: RankContext, store: RunStore, system) -> None:
                          f"label.skip_saved = {spec.skip_saved}")
     trajectories = md_trajectories(store, system.name)
     numbers = np.asarray(trajectories.numbers, dtype=np.int32)
-    n_atoms = len(numbers)
-    nan = float("nan")
-    layout = [  # name, shape, dtype, fill value, unit
-        ("replica", (n_frames,), "i4", None, ""), ("frame", (n_frames,), "i8", None, ""),
-        ("time_fs", (n_frames,), "f8", nan, "fs"), ("numbers", (n_atoms,), "i4", None, ""),
-        ("positions_a", (n_frames, n_atoms, 3), "f8", nan, "A"),
-        ("cell_a", (n_frames, 3, 3), "f8", nan, "A"),
-        ("energy_ev", (n_frames,), "f8", nan, "eV"),
-        ("forces_ev_a", (n_frames, n_atoms, 3), "f8", nan, "eV/A"),
-        ("a_iso_mhz", (n_frames, n_atoms), "f8", nan, "MHz"),
-        ("shift_ppm", (n_frames, n_atoms), "f8", nan, "ppm"),
-        ("magnetic_moment_s", (n_frames,), "f8", nan, "mu_B"),
-        ("status", (n_frames,), "i1", STATUS_PENDING, ""),
-        ("attempts", (n_frames,), "i4", 0, ""),
-        ("last_error", (n_frames,), f"S{ERROR_BYTES}", b"", ""),
-        ("work_dir", (n_frames,), f"S{PATH_BYTES}", b"", ""),
-    ]
-    for name, shape, dtype, fill, unit in layout:
-        store.create_dataset(f"{group}/{name}", shape, dtype=dtype, fill_value=fill, unit=unit)
+    positions = cells = times = None
     if ctx.is_root:
-        positions = np.empty((n_frames, n_atoms, 3))
+        positions = np.empty((n_frames, len(numbers), 3))
         cells = np.empty((n_frames, 3, 3))
-        times = np.full(n_frames, nan)
+        times = np.full(n_frames, np.nan)
         for number in np.unique(replica):
             rows = np.flatnonzero(replica == number)
             source = trajectories.replica(int(number))
             picks = frame[rows]
-            raw_positions = trajectories.positions_a(source, picks)
-            raw_cells = trajectories.cell_a(source, picks)
+            positions[rows] = trajectories.positions_a(source, picks)
+            cells[rows] = trajectories.cell_a(source, picks)
             times[rows] = trajectories.time_fs(source, picks)
-            for row, xyz, cell in zip(rows, raw_positions, raw_cells):
-                atoms = Atoms(numbers=numbers, positions=xyz, cell=cell, pbc=True)
-                atoms.wrap()
-                positions[row], cells[row] = atoms.positions, np.asarray(atoms.cell)
-        for name, values in (("replica", replica), ("frame", frame), ("time_fs", times),
-                             ("numbers", numbers), ("positions_a", positions),
-                             ("cell_a", cells)):
-            store.write_rows(f"{group}/{name}", 0, values)
-    store.flush()
-    store.set_attrs(group, prepared=True, n_selected=n_frames, selection=spec.selection,
-                    every_k=spec.every_k, n_frames=spec.n_frames, skip_saved=spec.skip_saved,
-                    target_species=system.target_species,
-                    replica_names={str(k): v for k, v in names.items()})
-    store.flush()
+    prepare_table(ctx, store, group, name=system.name, target_species=system.target_species,
+                  numbers=numbers, positions_a=positions, cells_a=cells, replica=replica,
+                  frame=frame, time_fs=times,
+                  attrs={"selection": spec.selection, "every_k": spec.every_k,
+                         "n_frames": spec.n_frames, "skip_saved": spec.skip_saved,
+                         "replica_names": {str(k): v for k, v in names.items()}})
 
 
-def _load_system(store: RunStore, system) -> SystemFrames:
-    """The selection table, identical on every rank (collective: rank 0 reads it)."""
-    group = f"{LABEL_ROOT}/{system.name}"
+def _load_table(store: RunStore, group: str, name: str, target_species: str) -> SystemFrames:
+    """The table at `group`, identical on every rank (collective: rank 0 reads it)."""
+    if not store.attrs(group).get("prepared"):
+        raise ValueError(f"label: {group} is not a prepared label table (prepare_table first)")
     table = {key: store.read_shared(f"{group}/{key}") for key in (
         "replica", "frame", "numbers", "status", "attempts", "last_error", "work_dir")}
     return SystemFrames(
-        name=system.name, group=group, target_species=system.target_species,
+        name=name, group=group, target_species=target_species,
         replica=table["replica"], frame=table["frame"], numbers=table["numbers"],
         status=table["status"], attempts=table["attempts"],
         last_error=[v.decode(errors="replace") for v in table["last_error"]],
@@ -338,7 +454,8 @@ def _label_one(labeller: Labeller, spec, frames: SystemFrames, row: int, atoms: 
     writer.work_dir(frames, row, work_dir)
     attempts = int(frames.attempts[row])
     error = frames.last_error[row]
-    outcome = {"system": frames.name, "row": row, "work_dir": str(work_dir),
+    outcome = {"system": frames.name, "group": frames.group, "row": row,
+               "work_dir": str(work_dir),
                "recovered": 0, "labelled": 0, "failed_attempts": 0}
     labelled = labeller.recover(atoms, work_dir)
     if labelled is not None:  # finished after its rank was killed: count that attempt
@@ -369,38 +486,24 @@ def _label_one(labeller: Labeller, spec, frames: SystemFrames, row: int, atoms: 
     return outcome
 
 
-# ---- the stage ----------------------------------------------------------------------------
-def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -> LabelResult:
-    """Label this rank's shard of the selected frames with the configured labeller.
+# ---- labelling tables ---------------------------------------------------------------------
+def build_labeller(spec, ctx: RankContext, shift_spec, target_species) -> Labeller:
+    """The labeller of `spec` for this rank, after warning (rank 0) when NGYROMAG and the shift
+    conversion's gyromagnetic factor disagree for a target species.
 
     Parameters
     ----------
     spec
-        The manifest's `label` section (schemas.label.LabelSpec).
+        The label section (schemas.label.LabelSpec).
     ctx
-        The rank context (all ranks call this together).
-    store
-        The run store, holding /md/<system> trajectories.
-    systems
-        The manifest's systems (schemas.system.SystemSpec), labelled in this order.
+        The rank context (its cores and rank go into launch commands).
     shift_spec
         The A_iso -> shift conversion (schemas.shift.ShiftSpec).
-
-    Returns
-    -------
-    LabelResult
-        Counts over all systems and ranks (identical on every rank).
-
-    Raises
-    ------
-    RuntimeError
-        When more than `failure_budget` of the selected frames failed every attempt (after
-        recording them in the store).
-    InputError
-        For missing md trajectories, POTCARs or launch program.
+    target_species
+        The target species of the frames to label (iterable of element symbols).
     """
     gyromagnetic_factor = shift_spec.constants()["gyromagnetic_factor"]
-    for target in sorted({s.target_species for s in systems}):
+    for target in sorted(set(target_species)):
         section = getattr(spec, spec.labeller, None)  # label.vasp / label.gpaw
         given = getattr(section, "ngyromag", {}).get(target)  # the model labeller has none
         if given is not None and given != gyromagnetic_factor and ctx.is_root:
@@ -408,17 +511,64 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
                      f"shift.gyromagnetic_factor"
                      f" = {gyromagnetic_factor:g}: A_tot scales with NGYROMAG, so the shifts "
                      f"will be off by {given / gyromagnetic_factor:.4g}x")
-    labeller = make_labeller(spec, gyromagnetic_factor, ctx.cores, ctx.rank, shift_spec)
-    with store.transaction():  # the selection and the datasets of every system, at once
-        store.set_attrs(LABEL_ROOT, systems=[s.name for s in systems], labeller=spec.labeller)
-        for system in systems:
-            _prepare_system(spec, ctx, store, system)
-    ctx.comm.Barrier()
-    all_frames = [_load_system(store, system) for system in systems]
+    return make_labeller(spec, gyromagnetic_factor, ctx.cores, ctx.rank, shift_spec)
+
+
+def label_tables(spec, ctx: RankContext, store: RunStore, tables, shift_spec, work_root: Path,
+                 *, labeller: Labeller | None = None) -> LabelResult:
+    """Label the frames still to do of prepared label tables, on every rank (collective).
+
+    Ranks take frames on demand (an exclusive claim file per frame and run), recover a
+    finished result found in a frame's work directory instead of relaunching it, retry failed
+    attempts up to ``spec.max_attempts``, write each result as soon as they have it (status
+    last) and agree on the counts; done frames are never labelled again.
+
+    Parameters
+    ----------
+    spec
+        The label section (schemas.label.LabelSpec): labeller, max_attempts, failure_budget.
+    ctx
+        The rank context (all ranks call this together).
+    store
+        The run store, holding the tables (:func:`prepare_table`; flushed by every rank).
+    tables
+        (group, name, target_species) of each table, labelled in this order; groups and names
+        each once (a name is the folder of its frames' work directories).
+    shift_spec
+        The A_iso -> shift conversion (schemas.shift.ShiftSpec).
+    work_root
+        Root of the work directories: ``<work_root>/<name>/r<replica:03d>-f<frame:06d>``.
+    labeller
+        A labeller made by :func:`build_labeller` (default: one is built from `spec`).
+
+    Returns
+    -------
+    LabelResult
+        Counts over all tables and ranks (identical on every rank).
+
+    Raises
+    ------
+    AgreedFailure
+        When more than ``spec.failure_budget`` of the frames failed every attempt (after
+        recording them in the tables' attributes).
+    InputError
+        When the labeller cannot label the tables' species (POTCARs, type map, program).
+    ValueError
+        For a table that is not prepared, or a repeated group or name.
+    """
+    tables = [(str(group), str(name), str(target)) for group, name, target in tables]
+    for what, values in (("group", [t[0] for t in tables]), ("name", [t[1] for t in tables])):
+        repeated = duplicates(values)
+        if repeated:
+            raise ValueError(f"label: every table's {what} once (got {repeated} twice)")
+    ctx.comm.Barrier()  # rank 0's rows of tables prepared just before are on disk
+    all_frames = [_load_table(store, *table) for table in tables]
+    if labeller is None:
+        labeller = build_labeller(spec, ctx, shift_spec, [t[2] for t in tables])
     species = sorted({str(s) for frames in all_frames
                       for s in Atoms(numbers=frames.numbers).get_chemical_symbols()})
     labeller.check(species)
-    work_root = Path(spec.work_dir).resolve()
+    work_root = Path(work_root).resolve()
     tasks = [(index, row) for index, frames in enumerate(all_frames)
              for row in range(len(frames.status))
              if frames.status[row] == STATUS_PENDING
@@ -458,9 +608,9 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
 def _finish(spec, ctx: RankContext, store: RunStore, all_frames: list[SystemFrames],
             outcomes: list[dict], frames_per_rank: tuple[int, ...]) -> LabelResult:
     """Merge every rank's outcomes, record counts and failures (collective), check the budget."""
-    by_name = {frames.name: frames for frames in all_frames}
+    by_group = {frames.group: frames for frames in all_frames}
     for outcome in outcomes:
-        frames, row = by_name[outcome["system"]], outcome["row"]
+        frames, row = by_group[outcome["group"]], outcome["row"]
         frames.status[row] = outcome["status"]
         frames.attempts[row] = outcome["attempts"]
         frames.last_error[row] = outcome["error"]
@@ -490,14 +640,60 @@ def _finish(spec, ctx: RankContext, store: RunStore, all_frames: list[SystemFram
         lines = [f"  {f['system']} r{f['replica']:03d} f{f['frame']:06d}: {f['reason'][:120]} "
                  f"({f['attempts']} attempts; {f['work_dir']})" for f in failures_all[:10]]
         more = len(failures_all) - len(lines)
+        stage_tables = all(f.group == f"{LABEL_ROOT}/{f.name}" for f in all_frames)
+        where = f"{LABEL_ROOT}/<system>" if stage_tables else ", ".join(by_group)
         raise AgreedFailure(
             f"label: {result.n_failed} of {result.n_selected} frames failed every attempt, "
             f"more than label.failure_budget = {spec.failure_budget:g} "
             f"({spec.failure_budget * result.n_selected:.4g} frames):\n" + "\n".join(lines)
-            + (f"\n  ... and {more} more (see /label/<system> attrs 'failures')" if more else "")
+            + (f"\n  ... and {more} more (see {where} attrs 'failures')" if more else "")
             + "\nFix the cause and rerun (labelled frames are kept); raise label.max_attempts "
               "to retry the failed frames.")
     return result
+
+
+# ---- the stage ----------------------------------------------------------------------------
+def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -> LabelResult:
+    """Label this rank's shard of the selected frames with the configured labeller.
+
+    Chooses and lays out the frames of every system from /md (:func:`prepare_table`, once),
+    then labels them with :func:`label_tables` in ``spec.work_dir``.
+
+    Parameters
+    ----------
+    spec
+        The manifest's `label` section (schemas.label.LabelSpec).
+    ctx
+        The rank context (all ranks call this together).
+    store
+        The run store, holding /md/<system> trajectories.
+    systems
+        The manifest's systems (schemas.system.SystemSpec), labelled in this order.
+    shift_spec
+        The A_iso -> shift conversion (schemas.shift.ShiftSpec).
+
+    Returns
+    -------
+    LabelResult
+        Counts over all systems and ranks (identical on every rank).
+
+    Raises
+    ------
+    RuntimeError
+        When more than `failure_budget` of the selected frames failed every attempt (after
+        recording them in the store).
+    InputError
+        For missing md trajectories, POTCARs or launch program.
+    """
+    labeller = build_labeller(spec, ctx, shift_spec, [s.target_species for s in systems])
+    with store.transaction():  # the selection and the datasets of every system, at once
+        store.set_attrs(LABEL_ROOT, systems=[s.name for s in systems], labeller=spec.labeller)
+        for system in systems:
+            _prepare_system(spec, ctx, store, system)
+    ctx.comm.Barrier()
+    tables = [(f"{LABEL_ROOT}/{s.name}", s.name, s.target_species) for s in systems]
+    return label_tables(spec, ctx, store, tables, shift_spec, Path(spec.work_dir),
+                        labeller=labeller)
 
 
 def run(spec, inputs: StageInputs) -> LabelResult:
@@ -524,22 +720,42 @@ def labelled_frames(store: RunStore, systems: list[str] | None = None) -> list[A
     Returns
     -------
     list of ase.Atoms
+        As :func:`labelled_frames_in` gives them, ``info["system"]`` the system's name.
+    """
+    names = systems if systems is not None else store.attrs(LABEL_ROOT).get(
+        "systems", store.keys(LABEL_ROOT))
+    return labelled_frames_in(store, [f"{LABEL_ROOT}/{name}" for name in names])
+
+
+def labelled_frames_in(store: RunStore, groups: list[str]) -> list[Atoms]:
+    """The done frames of label tables at any groups, table by table, row by row.
+
+    Parameters
+    ----------
+    store
+        A run store (any rank may call this; no communication).
+    groups
+        Store groups of label tables (:func:`prepare_table`); a group without one is skipped.
+
+    Returns
+    -------
+    list of ase.Atoms
         Per done frame: positions (A, wrapped), cell, pbc; energy (eV) and forces (eV/A) in a
         SinglePointCalculator; ``arrays["fermi_contact_mhz"]`` and ``arrays["shift_ppm"]``;
-        ``info`` with source, system, replica, frame, time_fs and magnetic_moment_s.
+        ``info`` with source (``<store>:<group>#<row>``), system (the table's ``system``
+        attribute, else the group's last path component), replica, frame, time_fs and
+        magnetic_moment_s.
     """
     from jobs.frames import FERMI_CONTACT_KEY
 
-    names = systems if systems is not None else store.attrs(LABEL_ROOT).get(
-        "systems", store.keys(LABEL_ROOT))
     frames: list[Atoms] = []
-    for name in names:
-        group = f"{LABEL_ROOT}/{name}"
+    for group in groups:
         if not store.exists(f"{group}/status"):
             continue
         rows = np.flatnonzero(store.read(f"{group}/status") == STATUS_DONE)
         if not len(rows):
             continue
+        name = store.attrs(group).get("system") or group.rstrip("/").rsplit("/", 1)[-1]
         numbers = store.read(f"{group}/numbers")
         data = {key: store.read(f"{group}/{key}")[rows] for key in (
             "replica", "frame", "time_fs", "positions_a", "cell_a", "energy_ev", "forces_ev_a",

@@ -6,6 +6,9 @@ the rest is written as deepmd/npy systems, then ``dp train``, ``dp freeze`` and 
 faster) ``dp compress`` run as subprocesses on rank 0, and the energy / force RMSE on the
 held-out frames is recorded. The frozen model's bytes go to ``/potential/model.pb``: the md
 stage and a resumed run load it from there. Layout: docs/md.md.
+
+:func:`train_dp` is the training itself on frames given as lists of ase.Atoms (one list per
+deepmd system), for any stage that trains DP models on frames of its own.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from engine.seeds import SeedStreams
 from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
 from jobs.frame_checks import MIN_DISTANCE_A
-from schemas.potential import SHIPPED_MODEL, PotentialSpec
+from schemas.potential import SHIPPED_MODEL, DpTrainingSpec, PotentialSpec
 
 MODEL_PATH = "/potential/model.pb"
 """Store path of the frozen DP model (bytes of the .pb file)."""
@@ -89,7 +92,7 @@ def split_holdout(n_frames: int, fraction: float, rng: np.random.Generator) -> t
     return sorted(order[n_out:].tolist()), sorted(order[:n_out].tolist())
 
 
-def deepmd_input(spec: PotentialSpec, train_systems: list[str], valid_systems: list[str],
+def deepmd_input(spec: DpTrainingSpec, train_systems: list[str], valid_systems: list[str],
                  seed: int) -> dict:
     """The deepmd-kit training input (se_e2_a + energy fitting) for `spec`."""
     seeds = SeedStreams(seed).rng("potential.deepmd").integers(1, 2**31 - 1, size=3).tolist()
@@ -215,42 +218,68 @@ def holdout_errors(model_path: Path, frames) -> HoldoutErrors:
                          float(np.sqrt(force_sq / n_force)))
 
 
-# ---- the verb ----------------------------------------------------------------------------------
-def train_model(spec: PotentialSpec, frames_per_file: list, workdir: Path, seed: int,
-                threads: int, log=print) -> tuple[Path, dict]:
-    """Train, freeze and (maybe) compress a DP model in `workdir` (one process; serial).
+# ---- training -----------------------------------------------------------------------------
+def train_dp(spec: DpTrainingSpec, train_sets: list[list], valid_sets: list[list], workdir: Path,
+             seed: int, threads: int, log=print, *, train_names: list[str] | None = None,
+             valid_names: list[str] | None = None) -> tuple[Path, dict]:
+    """Train, freeze and (maybe) compress a DP model on given frames in `workdir` (serial).
 
-    A `workdir` left by a killed run is reused: training restarts from its last checkpoint.
+    Each set is written as one deepmd/npy system (``data/train-<name>``, ``data/test-<name>``),
+    the deepmd-kit input (:func:`deepmd_input` with `seed`) as ``input.json``; then ``dp train``
+    (restarting from the checkpoint a killed run left in `workdir`, if any), ``dp freeze`` and,
+    unless ``spec.compress`` is ``never``, ``dp compress`` run in `workdir`.
 
     Parameters
     ----------
     spec
-        The potential settings.
-    frames_per_file
-        The labelled frames of each file of ``spec.frames`` (lists of ase.Atoms).
+        The network, loss, optimiser and steps (a PotentialSpec is one).
+    train_sets
+        Labelled ase.Atoms (energy and forces in their calculator), one list per deepmd system:
+        one composition and atom order per set.
+    valid_sets
+        Held-out frames, one list per system (empty lists are skipped): deepmd-kit's validation
+        data, and the frames of the reported RMSEs.
+    workdir
+        Folder of the data, the input, the logs and the models (created if missing).
+    seed
+        Run seed; the three network seeds come from its ``potential.deepmd`` stream.
+    threads
+        Threads of the deepmd-kit subprocesses.
+    log
+        Progress messages go here.
+    train_names, valid_names
+        System names (default ``00``, ``01``, ... by position).
 
     Returns
     -------
     (Path, dict)
-        The frozen model to use, and a report: hold-out RMSE, timings, sizes, the input.
+        The model file to use (``frozen.pb`` or ``compressed.pb``), and a report:
+        holdout_frames, energy_rmse_mev_per_atom and force_rmse_ev_per_a on the frames of
+        `valid_sets` (NaN without any), train_s, model_file, model_mb, frozen_ms and
+        compressed_ms (one evaluation of the first validation frame, else the first training
+        frame).
+
+    Raises
+    ------
+    InputError
+        For an empty training set, or frames with elements not in ``spec.type_map``.
     """
+    train_names = _set_names(train_names, train_sets, "train_names")
+    valid_names = _set_names(valid_names, valid_sets, "valid_names")
+    if not train_sets:
+        raise InputError("potential: no training frames")
     workdir.mkdir(parents=True, exist_ok=True)
-    rng = SeedStreams(seed).rng("potential.holdout")
     train_systems, valid_systems, held_out = [], [], []
-    for number, (path, frames) in enumerate(zip(spec.frames, frames_per_file)):
+    for name, frames in zip(train_names, train_sets):
         if not frames:
-            raise InputError(f"potential.frames: {path} holds no frames")
-        train_idx, held_idx = split_holdout(len(frames), spec.holdout_fraction, rng)
-        name = f"{number:02d}-{Path(path).stem}"
-        write_deepmd_system([frames[i] for i in train_idx], workdir / "data" / f"train-{name}",
-                            list(spec.type_map))
+            raise InputError(f"potential: training set {name} holds no frames")
+        write_deepmd_system(frames, workdir / "data" / f"train-{name}", list(spec.type_map))
         train_systems.append(f"data/train-{name}")
-        if held_idx:
-            write_deepmd_system([frames[i] for i in held_idx], workdir / "data" / f"test-{name}",
-                                list(spec.type_map))
+    for name, frames in zip(valid_names, valid_sets):
+        if frames:
+            write_deepmd_system(frames, workdir / "data" / f"test-{name}", list(spec.type_map))
             valid_systems.append(f"data/test-{name}")
-            held_out += [frames[i] for i in held_idx]
-        log(f"potential: {path}: {len(train_idx)} training, {len(held_idx)} held-out frames")
+            held_out += list(frames)
     document = deepmd_input(spec, train_systems, valid_systems, seed)
     (workdir / "input.json").write_text(json.dumps(document, indent=2))
     start = time.monotonic()
@@ -263,7 +292,7 @@ def train_model(spec: PotentialSpec, frames_per_file: list, workdir: Path, seed:
     train_s = time.monotonic() - start
     run_dp(["freeze", "-o", "frozen.pb"], workdir, threads, "freeze.log")
     chosen = workdir / "frozen.pb"
-    probe_atoms = held_out[0] if held_out else frames_per_file[0][0]
+    probe_atoms = held_out[0] if held_out else train_sets[0][0]
     timing = {"frozen_ms": evaluation_time_ms(chosen, probe_atoms)}
     if spec.compress != "never":
         run_dp(["compress", "-i", "frozen.pb", "-o", "compressed.pb"], workdir, threads,
@@ -278,6 +307,55 @@ def train_model(spec: PotentialSpec, frames_per_file: list, workdir: Path, seed:
               "train_s": train_s, "model_file": chosen.name,
               "model_mb": chosen.stat().st_size / 2**20, **timing}
     return chosen, report
+
+
+def _set_names(names: list[str] | None, sets: list, argument: str) -> list[str]:
+    """`names`, or ``00``, ``01``, ... by position; one per set, each once."""
+    if names is None:
+        return [f"{number:02d}" for number in range(len(sets))]
+    names = [str(name) for name in names]
+    if len(names) != len(sets) or len(set(names)) != len(names):
+        raise ValueError(f"train_dp: {argument} must name each of the {len(sets)} sets once "
+                         f"(got {names})")
+    return names
+
+
+# ---- the verb ----------------------------------------------------------------------------------
+def train_model(spec: PotentialSpec, frames_per_file: list, workdir: Path, seed: int,
+                threads: int, log=print) -> tuple[Path, dict]:
+    """Train, freeze and (maybe) compress a DP model in `workdir` (one process; serial).
+
+    Per file of ``spec.frames``, ``spec.holdout_fraction`` of its frames is held out (seed
+    stream ``potential.holdout``); then :func:`train_dp` trains on the rest. A `workdir` left
+    by a killed run is reused: training restarts from its last checkpoint.
+
+    Parameters
+    ----------
+    spec
+        The potential settings.
+    frames_per_file
+        The labelled frames of each file of ``spec.frames`` (lists of ase.Atoms).
+
+    Returns
+    -------
+    (Path, dict)
+        The frozen model to use, and a report: hold-out RMSE, timings, sizes, the input.
+    """
+    rng = SeedStreams(seed).rng("potential.holdout")
+    train_sets, train_names, valid_sets, valid_names = [], [], [], []
+    for number, (path, frames) in enumerate(zip(spec.frames, frames_per_file)):
+        if not frames:
+            raise InputError(f"potential.frames: {path} holds no frames")
+        train_idx, held_idx = split_holdout(len(frames), spec.holdout_fraction, rng)
+        name = f"{number:02d}-{Path(path).stem}"
+        train_sets.append([frames[i] for i in train_idx])
+        train_names.append(name)
+        if held_idx:
+            valid_sets.append([frames[i] for i in held_idx])
+            valid_names.append(name)
+        log(f"potential: {path}: {len(train_idx)} training, {len(held_idx)} held-out frames")
+    return train_dp(spec, train_sets, valid_sets, workdir, seed, threads, log,
+                    train_names=train_names, valid_names=valid_names)
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,16 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "jobs" / "data" / "dp-p2-n
 """The DP model shipped for P2-Na2/3(Mg1/3Mn2/3)O2 (used when nothing is trained or given)."""
 
 
-class PotentialSpec(Spec):
-    """Train, freeze and (optionally) compress a DP model, or use an existing one.
+class DpTrainingSpec(Spec):
+    """How a deepmd-kit (TF backend) se_e2_a model is trained: the network, the loss, the
+    optimiser, the steps, compression and threads (no data: see :class:`PotentialSpec`).
 
-    With `frames` empty, no training happens: the stage stores `model` (default: the shipped
-    P2-NMMO model) for the md stage.
+    The fields are the potential section's; a stage that trains DP models on frames of its own
+    (:func:`jobs.potential.train_dp`) takes this part alone.
     """
 
-    model: InputPath | None = None
-    """An existing frozen DP model (.pb); when set, no training happens. Null and no `frames`:
-    the shipped P2-NMMO model (jobs/data/dp-p2-nmmo.pb)."""
-    frames: list[InputPath] = []
-    """Labelled frames to train on (extended XYZ with energy and forces, or VASP OUTCARs); one
-    deepmd system per file (one composition per file)."""
     type_map: list[Element] = Field(default=["Na", "Mg", "Mn", "O"], min_length=1)
     """Element of each DP atom type (order fixes the model's types)."""
-    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    """Fraction of the frames of each file held out from training for the RMSE report."""
     rcut_a: float = Field(default=5.5, gt=0)
     """Cut-off radius of the se_e2_a descriptor (A)."""
     rcut_smooth_a: float = Field(default=0.5, ge=0)
@@ -62,13 +55,9 @@ class PotentialSpec(Spec):
     train_threads: int | None = Field(default=None, ge=1)
     """Threads for training (null: the cores of rank 0)."""
 
-    @model_validator(mode="after")
-    def _check(self) -> "PotentialSpec":
+    def _problems(self) -> list[tuple[str, str]]:
+        """(field, message) of every inconsistency between fields (a subclass adds its own)."""
         problems = []
-        if self.model is not None and self.frames:
-            problems.append(("model", "give either `model` (no training) or `frames` (train), "
-                                      f"not both (got model {self.model} and "
-                                      f"{len(self.frames)} frames files)"))
         if self.rcut_smooth_a >= self.rcut_a:
             problems.append(("rcut_smooth_a", f"must be smaller than rcut_a (got "
                                               f"{self.rcut_smooth_a} >= {self.rcut_a})"))
@@ -88,6 +77,36 @@ class PotentialSpec(Spec):
         if self.energy_prefactors == (0, 0) and self.force_prefactors == (0, 0):
             problems.append(("force_prefactors", "energy and force prefactors are all 0: "
                                                  "nothing to fit"))
+        return problems
+
+    @model_validator(mode="after")
+    def _check(self) -> "DpTrainingSpec":
+        problems = self._problems()
         if problems:
             raise SpecError(*problems)
         return self
+
+
+class PotentialSpec(DpTrainingSpec):
+    """Train, freeze and (optionally) compress a DP model, or use an existing one.
+
+    With `frames` empty, no training happens: the stage stores `model` (default: the shipped
+    P2-NMMO model) for the md stage.
+    """
+
+    model: InputPath | None = None
+    """An existing frozen DP model (.pb); when set, no training happens. Null and no `frames`:
+    the shipped P2-NMMO model (jobs/data/dp-p2-nmmo.pb)."""
+    frames: list[InputPath] = []
+    """Labelled frames to train on (extended XYZ with energy and forces, or VASP OUTCARs); one
+    deepmd system per file (one composition per file)."""
+    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Fraction of the frames of each file held out from training for the RMSE report."""
+
+    def _problems(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.model is not None and self.frames:
+            problems.append(("model", "give either `model` (no training) or `frames` (train), "
+                                      f"not both (got model {self.model} and "
+                                      f"{len(self.frames)} frames files)"))
+        return problems + super()._problems()

@@ -254,3 +254,103 @@ def test_a_changed_selection_keeps_the_stored_one_with_a_warning(tmp_path, ctx, 
         result = label_frames(more, ctx, store, manifest.systems, manifest.shift)
     assert result.n_selected == 2 and result.n_labelled_now == 0
     assert "keeps its selection of 2 frames" in capsys.readouterr().err
+
+
+# ---- the library: label tables of frames that do not come from /md ------------------------
+NNMR_MODEL = Path(__file__).resolve().parents[2] / "jobs" / "data" / "nnmr-p2-nmmo.h5"
+
+
+def test_a_table_outside_label_is_labelled_once_and_kept_on_a_rerun(tmp_path, ctx, shared_data):
+    """prepare_table + label_tables on another stage's group with the model labeller: every
+    frame labelled once with the DP model's numbers; a second call labels nothing."""
+    import ase.io
+    from deepmd.infer import DeepPot
+
+    from jobs.label import label_tables, labelled_frames_in, prepare_table
+    from jobs.potential import import_deepmd_tf
+    from schemas.potential import SHIPPED_MODEL
+    from schemas.shift import ShiftSpec
+
+    frames = ase.io.read(shared_data / "p6322-dev.extxyz", ":4")
+    cells = np.array([a.cell.array for a in frames])
+    unwrapped = np.array([a.positions + 2 * a.cell[0] - a.cell[2] for a in frames])
+    group = "/learn/iter_000/label/p6322"
+    spec = LabelSpec(labeller="model", model={"shift_model": NNMR_MODEL})
+    tables = [(group, "p6322", "Na")]
+    table = dict(name="p6322", target_species="Na", numbers=frames[0].numbers,
+                 cells_a=cells, replica=[0, 0, 3, 3], frame=[5, 9, 5, 9], time_fs=None)
+    with RunStore(tmp_path / "run.h5", ctx) as store:
+        prepare_table(ctx, store, group, positions_a=unwrapped, attrs={"iteration": 0}, **table)
+        prepare_table(ctx, store, group, positions_a=0 * unwrapped, **table)  # kept as it is
+        result = label_tables(spec, ctx, store, tables, ShiftSpec(), tmp_path / "work")
+        assert (result.n_selected, result.n_done, result.n_failed) == (4, 4, 0)
+        assert (result.n_labelled_now, result.n_recovered, result.n_failed_attempts) == (4, 0, 0)
+        assert not store.exists("/label")
+        assert store.read(f"{group}/status").tolist() == [1] * 4
+        assert store.read(f"{group}/attempts").tolist() == [1] * 4
+        attrs = store.attrs(group)
+        assert (attrs["system"], attrs["target_species"], attrs["iteration"]) == ("p6322", "Na", 0)
+        assert (attrs["n_selected"], attrs["n_done"], attrs["n_failed"]) == (4, 4, 0)
+        work_dirs = [w.decode() for w in store.read(f"{group}/work_dir")]
+        assert work_dirs == [str(tmp_path / "work" / "p6322" / name) for name in (
+            "r000-f000005", "r000-f000009", "r003-f000005", "r003-f000009")]
+        assert len(list((tmp_path / "work").glob("p6322/*/labelled.npz"))) == 4
+        # positions: the given frames wrapped into their cells (shifted by lattice vectors)
+        positions = store.read(f"{group}/positions_a")
+        fractional = np.linalg.solve(cells[0].T, positions[0].T).T
+        assert fractional.min() >= 0 and fractional.max() < 1
+        delta = np.linalg.solve(cells[0].T, (positions[0] - frames[0].positions).T).T
+        np.testing.assert_allclose(delta, np.round(delta), atol=1e-9)
+        assert np.isnan(store.read(f"{group}/time_fs")).all()
+        # energies and forces: a direct evaluation of the DP model on the stored frames
+        import_deepmd_tf()
+        model = DeepPot(str(SHIPPED_MODEL))
+        types = [model.get_type_map().index(s) for s in frames[0].get_chemical_symbols()]
+        energies = store.read(f"{group}/energy_ev")
+        forces = store.read(f"{group}/forces_ev_a")
+        for row in range(4):
+            energy, force, _ = model.eval(positions[row].reshape(1, -1),
+                                          cells[row].reshape(1, -1), types)
+            assert energies[row] == pytest.approx(float(energy.ravel()[0]), abs=1e-9)
+            np.testing.assert_allclose(forces[row], force.reshape(-1, 3), atol=1e-9)
+        shifts = store.read(f"{group}/shift_ppm")
+        assert np.isfinite(shifts[:, :16]).all() and np.isnan(shifts[:, 16:]).all()
+        keys = ("energy_ev", "forces_ev_a", "a_iso_mhz", "shift_ppm", "magnetic_moment_s")
+        before = {key: store.read(f"{group}/{key}") for key in keys}
+
+        again = label_tables(spec, ctx, store, tables, ShiftSpec(), tmp_path / "work")
+        assert (again.n_done, again.n_labelled_now, again.n_recovered) == (4, 0, 0)
+        for key in keys:  # bit for bit (NaN where NaN)
+            np.testing.assert_array_equal(store.read(f"{group}/{key}"), before[key])
+        assert store.read(f"{group}/attempts").tolist() == [1] * 4
+
+        labelled = labelled_frames_in(store, [group, "/learn/iter_001/label/p6322"])
+        assert [(a.info["system"], a.info["replica"], a.info["frame"]) for a in labelled] == [
+            ("p6322", 0, 5), ("p6322", 0, 9), ("p6322", 3, 5), ("p6322", 3, 9)]
+        assert labelled[2].get_potential_energy() == energies[2]
+        np.testing.assert_array_equal(labelled[3].get_forces(), forces[3])
+        assert labelled[1].info["source"].endswith(f"{group}#1")
+
+
+def test_prepare_table_and_label_tables_refuse_inconsistent_input(tmp_path, ctx):
+    from jobs.label import label_tables, prepare_table
+    from schemas.shift import ShiftSpec
+
+    table = dict(name="x", target_species="Na", numbers=[11, 8], time_fs=None,
+                 positions_a=np.zeros((2, 2, 3)), cells_a=np.tile(np.eye(3), (2, 1, 1)))
+    with RunStore(tmp_path / "run.h5", ctx) as store:
+        with pytest.raises(ValueError, match=r"every \(replica, frame\) once"):
+            prepare_table(ctx, store, "/t/x", replica=[0, 0], frame=[1, 1], **table)
+        with pytest.raises(ValueError, match=r"positions_a has shape \(2, 2, 3\), expected "
+                                             r"\(3, 2, 3\)"):
+            prepare_table(ctx, store, "/t/x", replica=[0, 0, 0], frame=[1, 2, 3], **table)
+        with pytest.raises(ValueError, match="are the table's own"):
+            prepare_table(ctx, store, "/t/x", replica=[0, 0], frame=[1, 2],
+                          attrs={"n_done": 3}, **table)
+        assert not store.exists("/t/x")
+        spec = LabelSpec(labeller="model")
+        with pytest.raises(ValueError, match="/t/x is not a prepared label table"):
+            label_tables(spec, ctx, store, [("/t/x", "x", "Na")], ShiftSpec(), tmp_path)
+        with pytest.raises(ValueError, match=r"every table's name once"):
+            label_tables(spec, ctx, store, [("/t/x", "x", "Na"), ("/t/y", "x", "Na")],
+                         ShiftSpec(), tmp_path)

@@ -89,3 +89,51 @@ def test_tiny_training_run_end_to_end(tmp_path, shared_data):
     assert np.isfinite(attrs["force_rmse_ev_per_a"]) and attrs["force_rmse_ev_per_a"] > 0
     assert blob == (tmp_path / "s.h5.potential" / "frozen.pb").read_bytes()
     assert (tmp_path / "s.h5.potential" / "lcurve.out").read_text().count("\n") >= 3
+
+
+def _seeds(document: dict) -> list[int]:
+    model = document["model"]
+    return [model["descriptor"]["seed"], model["fitting_net"]["seed"],
+            document["training"]["seed"]]
+
+
+def test_train_dp_on_given_frames(tmp_path, shared_data):
+    """The library call: 6 training and 2 validation frames, 20 steps, a loadable model."""
+    import json
+
+    from deepmd.infer import DeepPot
+
+    from jobs.potential import deepmd_input, import_deepmd_tf, train_dp
+    from schemas.potential import DpTrainingSpec
+
+    frames = ase.io.read(shared_data / "p6322-dev.extxyz", ":8")
+    spec = DpTrainingSpec(steps=20, embedding_neurons=[4, 8], axis_neurons=4,
+                          fitting_neurons=[8, 8], sel=[20, 10, 20, 48], compress="never")
+    messages = []
+    model_file, report = train_dp(spec, [frames[:6]], [frames[6:]], tmp_path / "dp", seed=5,
+                                  threads=1, log=messages.append)
+    assert model_file == tmp_path / "dp" / "frozen.pb" and report["model_file"] == "frozen.pb"
+    import_deepmd_tf()
+    assert DeepPot(str(model_file)).get_type_map() == ["Na", "Mg", "Mn", "O"]
+    assert report["holdout_frames"] == 2
+    assert np.isfinite(report["energy_rmse_mev_per_atom"]) and report["force_rmse_ev_per_a"] > 0
+    assert np.isfinite(report["force_rmse_ev_per_a"]) and report["model_mb"] > 0
+    # the input is deepmd_input with this seed; another seed gives three other network seeds
+    written = json.loads((tmp_path / "dp" / "input.json").read_text())
+    assert written == deepmd_input(spec, ["data/train-00"], ["data/test-00"], 5)
+    assert written["training"]["numb_steps"] == 20
+    other = deepmd_input(spec, ["data/train-00"], ["data/test-00"], 6)
+    assert all(a != b for a, b in zip(_seeds(written), _seeds(other)))
+    assert len(np.load(tmp_path / "dp" / "data" / "train-00" / "set.000" / "energy.npy")) == 6
+    assert any("dp train, 20 steps" in m for m in messages)
+
+
+def test_train_dp_refuses_an_empty_training_set(tmp_path):
+    from jobs.potential import train_dp
+    from schemas.potential import DpTrainingSpec
+
+    with pytest.raises(InputError, match="training set 00 holds no frames"):
+        train_dp(DpTrainingSpec(steps=1), [[]], [], tmp_path / "dp", seed=1, threads=1)
+    with pytest.raises(ValueError, match="train_names must name each of the 1 sets once"):
+        train_dp(DpTrainingSpec(steps=1), [[]], [], tmp_path / "dp", seed=1, threads=1,
+                 train_names=["a", "b"])
