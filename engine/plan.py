@@ -189,6 +189,16 @@ def _stage_plan(stage: str, manifest, facts, ranks: int) -> tuple[str, float]:
         model = spec.model or "the shipped jobs/data/dp-p2-nmmo.pb"
         size = Path(model).stat().st_size if Path(model).is_file() else 0
         return f"rank 0 stores the model {model}", float(size)
+    if stage == "learn":
+        spec = manifest.learn
+        temps = len(spec.explore.temperatures_k)
+        return (f"up to {spec.max_iterations} iterations: {spec.models} DP models "
+                f"({spec.dp.steps} steps each) one per rank ({min(ranks, spec.models)} at a "
+                f"time), {len(systems)} systems x {temps} temperatures = {len(systems) * temps}"
+                f" explorations round robin, <= {spec.max_candidates_per_system} + "
+                f"{spec.shift.budget_per_iteration} frames labelled per system and iteration "
+                f"({manifest.label.labeller}); bootstrap {spec.bootstrap.frames_per_system} "
+                f"frames per system", 0.0)
     if stage == "md":
         md = manifest.md
         n_tasks = len(systems) * md.replicas

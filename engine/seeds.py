@@ -49,6 +49,19 @@ STREAMS: dict[str, tuple[tuple[str, ...], Callable[..., tuple[int, ...]], str]] 
     "train.gpr_sparse": (("fold",), lambda fold: (8, fold),
                          "the GPR model's sparse environments (first point, random projection "
                          "or subset) of CV fold `fold`; index `folds`: the final model"),
+    "learn.bootstrap": (("system",), lambda system: (10, system),
+                        "dpdata's perturbation of a system's structure (the bootstrap frames)"),
+    "learn.holdout": (("system", "table"), lambda system, table: (11, system, table),
+                      "the validation frames of one label table of the learn campaign"),
+    "learn.deepmd": (("iteration", "model"), lambda iteration, model: (12, iteration, model),
+                     "the deepmd-kit seeds of one DP model of a learn iteration's ensemble"),
+    "learn.explore": (("iteration", "system", "temperature"),
+                      lambda iteration, system, temperature: (13, iteration, system,
+                                                              temperature),
+                      "the initial velocities of one exploration trajectory"),
+    "train.gpr_sketch": (("fold",), lambda fold: (9, fold),
+                         "the Gaussian sketch of the GPR weight-space (zeta 1) model's "
+                         "posterior covariance, CV fold `fold`; index `folds`: the final model"),
 }
 """name -> (index names, key template, what draws from it). The template's output follows the
 master seed in the SeedSequence entropy."""

@@ -98,12 +98,30 @@ def show_store(path: Path, installed: dict | None = None) -> int:
             took = f"{elapsed:9.1f} s" if isinstance(elapsed, (int, float)) else " " * 11
             print(f"  {name:10s} {attrs.get('status', '?'):9s} {took}  "
                   f"{json.dumps(attrs.get('summary', {}), default=str)}")
-        print("\ndatasets:")
+        has_campaign = "learn" in f
+        if has_campaign:
+            print("\nlearn campaign (concurrent learning; docs/learn.md):")
+        else:
+            print("\ndatasets:")
 
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
                 unit = obj.attrs.get("unit", "")
                 unit = unit.decode() if isinstance(unit, bytes) else unit
                 print(f"  /{name:60s} {str(obj.shape):18s} {obj.dtype}  {unit}")
-        f.visititems(visit)
+        if not has_campaign:
+            f.visititems(visit)
+    if has_campaign:
+        from engine.store import RunStore
+        from jobs.learn import campaign_lines
+
+        reader = RunStore(path, None, mode="r")
+        try:
+            for line in campaign_lines(reader):
+                print(f"  {line}")
+        finally:
+            reader.close()
+        print("\ndatasets:")
+        with h5py.File(path, "r", locking=False) as f:
+            f.visititems(visit)
     return 0

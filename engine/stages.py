@@ -26,6 +26,7 @@ from engine.store import RunStore
 STAGES: dict[str, str] = {
     "probe": "jobs.probe",
     "potential": "jobs.potential",
+    "learn": "jobs.learn",
     "md": "jobs.md",
     "label": "jobs.label",
     "train": "jobs.train",
@@ -80,6 +81,9 @@ class StageInputs:
     dp_model
         A frozen DP model given in the manifest (``potential.model``), the md stage's model
         when the store holds none; None: the shipped one.
+    label
+        The label section (LabelSpec): how every DFT (or model) label is made, by the label
+        stage and by the learn loop.
     """
 
     ctx: RankContext
@@ -89,13 +93,15 @@ class StageInputs:
     shift: Any = None
     checks: Any = None
     dp_model: Path | None = None
+    label: Any = None
 
     @classmethod
     def from_manifest(cls, manifest, ctx: RankContext, store: RunStore) -> "StageInputs":
         """The inputs of every stage of `manifest`."""
         return cls(ctx=ctx, store=store, seeds=SeedStreams(manifest.seed),
                    systems=tuple(manifest.systems), shift=manifest.shift,
-                   checks=getattr(manifest, "checks", None), dp_model=manifest.potential.model)
+                   checks=getattr(manifest, "checks", None), dp_model=manifest.potential.model,
+                   label=getattr(manifest, "label", None))
 
 
 class Stage(Protocol):

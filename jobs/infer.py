@@ -31,12 +31,13 @@ from jobs.md import md_trajectories
 from jobs.nnmr import choose_predictor
 from jobs.sites import framework_drift_a, framework_mask
 from jobs.soap import SoapFeaturizer
-from schemas.infer import InferSpec
+from schemas.infer import SHIPPED_SHIFT_MODEL, InferSpec
 from schemas.shift import ShiftSpec
 from schemas.system import SystemSpec
 
-SHIPPED_MODEL = Path(__file__).resolve().parent / "data" / "nnmr-p2-nmmo.h5"
-"""The NN-NMR ensemble shipped with dynshift (trained on the shared P2-NMMO frames)."""
+SHIPPED_MODEL = SHIPPED_SHIFT_MODEL
+"""The shift model infer uses when neither the manifest nor the store gives one: the shipped
+GPR model of P2-NMMO (schemas.infer.SHIPPED_SHIFT_MODEL)."""
 
 
 GROUP = "/infer"
@@ -261,12 +262,13 @@ def frame_source(spec: InferSpec, system: SystemSpec, ctx: RankContext, store: R
 
 # ---- the model -----------------------------------------------------------------------------------
 def load_ensemble(spec: InferSpec, store: RunStore):
-    """The NN-NMR ensemble: ``spec.model``, else this store's /train, else the shipped one.
+    """The shift model: ``spec.model``, else this store's /train, else this store's learn
+    campaign's final shift model, else the shipped one.
 
     Returns
     -------
-    (ShiftEnsemble, str)
-        The ensemble and where it came from.
+    (ShiftEnsemble or GprShiftModel, str)
+        The model and where it came from.
     """
     from jobs.nnmr import ShiftEnsemble
 
@@ -278,6 +280,10 @@ def load_ensemble(spec: InferSpec, store: RunStore):
 
     if has_ensemble(store):
         return ShiftEnsemble.from_store(store), f"{store.path}:/train"
+    from jobs.learn import has_campaign, learned_shift_model
+
+    if has_campaign(store):
+        return learned_shift_model(store), f"{store.path}: the learn campaign's shift model"
     if not SHIPPED_MODEL.exists():
         raise InputError(f"infer: no model: this store has no /train, infer.model is not set, "
                          f"and the shipped model {SHIPPED_MODEL} is missing")

@@ -16,6 +16,7 @@ those models is computed on every saved frame of a chunk and written with it
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,7 +334,8 @@ def _check_compatible(store: RunStore, task: MdTask, spec: MdSpec, n_atoms: int)
 # ---- the verb ----------------------------------------------------------------------------------
 def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed: int,
                  base_dir: Path | None = None, model_fallback: Path | None = None,
-                 checks=None, deviation_models: list[Path] | None = None) -> "MdResult":
+                 checks=None, deviation_models: list[Path] | None = None,
+                 model: Path | None = None) -> "MdResult":
     """Run every system's replicas (round robin over ranks) and stream frames into the store.
 
     Parameters
@@ -358,6 +360,9 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
         DP model files that, with the propagating model, form the ensemble whose force
         deviation of every saved frame is recorded (jobs/deviation.py); None: those of
         ``spec.deviation_models`` (a stage such as learn passes its own); empty: none.
+    model
+        The DP model file to propagate with (a learn campaign's model 0); None: the store's
+        potential model, else `model_fallback` or the shipped one.
     """
     seeds = SeedStreams(seed)
     tasks = md_tasks(systems, spec.replicas)
@@ -390,7 +395,8 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     saved = {t.group: int(store.read_shared(f"{t.group}/resume_saved")[0]) for t in tasks}
     mine = [tasks[i] for i in ctx.round_robin(len(tasks))]
 
-    with stored_model_file(store, model_fallback) as model_path:
+    with (nullcontext(Path(model)) if model is not None
+          else stored_model_file(store, model_fallback)) as model_path:
         calculator = dp_calculator(model_path)  # one model load per rank
         ensemble = _deviation_ensemble(model_path, extra_models, structures)
     trajectories: dict[str, Trajectory] = {}
@@ -565,7 +571,20 @@ def _run_chunk(trajectory: Trajectory, task: MdTask, start: int, end: int, spec:
 
 
 def run(spec: MdSpec, inputs: StageInputs) -> MdResult:
-    """Stage entry: every system's replicas (spec: MdSpec) into ``/md``."""
+    """Stage entry: every system's replicas (spec: MdSpec) into ``/md``.
+
+    After a learn campaign (jobs/learn.py) md propagates with its final model 0 and records
+    the deviation of its whole ensemble (unless ``md.deviation_models`` names others)."""
+    from jobs.learn import has_campaign, learned_model_files
+
+    if has_campaign(inputs.store):
+        with learned_model_files(inputs.store) as paths:
+            inputs.ctx.log(f"md: the learn campaign's DP ensemble ({len(paths)} models; model 0 "
+                           f"propagates)")
+            return run_replicas(spec, list(inputs.systems), inputs.ctx, inputs.store,
+                                inputs.seeds.seed, checks=inputs.checks,
+                                deviation_models=list(spec.deviation_models) or paths[1:],
+                                model=paths[0])
     return run_replicas(spec, list(inputs.systems), inputs.ctx, inputs.store, inputs.seeds.seed,
                         model_fallback=inputs.dp_model, checks=inputs.checks)
 

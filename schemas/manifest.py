@@ -13,6 +13,7 @@ from schemas.base import Spec, SpecError, duplicates
 from schemas.checks import ChecksSpec
 from schemas.infer import InferSpec
 from schemas.label import LabelSpec
+from schemas.learn import LearnSpec
 from schemas.md import MdSpec
 from schemas.potential import PotentialSpec
 from schemas.probe import ProbeSpec
@@ -22,19 +23,19 @@ from schemas.system import BUILTIN_NAMES, BUILTIN_PREFIX, SystemSpec
 from schemas.spectrum import LARMOR_MHZ_PER_T, SpectrumSpec
 from schemas.train import TrainSpec
 
-STAGE_ORDER = ("probe", "potential", "md", "label", "train", "infer", "analyze", "spectrum",
-               "report")
+STAGE_ORDER = ("probe", "potential", "learn", "md", "label", "train", "infer", "analyze",
+               "spectrum", "report")
 """Every stage, in the order a run executes them."""
-StageName = Literal["probe", "potential", "md", "label", "train", "infer", "analyze", "spectrum",
-                    "report"]
+StageName = Literal["probe", "potential", "learn", "md", "label", "train", "infer", "analyze",
+                    "spectrum", "report"]
 
 
 class Manifest(Spec):
     """A dynshift run: which stages to run, on which systems, with every knob of every stage."""
 
     stages: list[StageName] = Field(min_length=1)
-    """Stages to run, in the order of STAGE_ORDER (probe, potential, md, label, train, infer,
-    analyze, spectrum, report)."""
+    """Stages to run, in the order of STAGE_ORDER (probe, potential, learn, md, label, train,
+    infer, analyze, spectrum, report)."""
     store: Path = Path("dynshift.h5")
     """The run store (one HDF5 file); relative to the working directory of `dynshift run`."""
     seed: int = Field(default=2022, ge=0)
@@ -48,6 +49,8 @@ class Manifest(Spec):
     """Settings of the probe stage."""
     potential: PotentialSpec = PotentialSpec()
     """Settings of the potential stage."""
+    learn: LearnSpec = LearnSpec()
+    """Settings of the learn stage (concurrent learning; its labels use the label section)."""
     md: MdSpec = MdSpec()
     """Settings of the md stage."""
     label: LabelSpec = LabelSpec()
@@ -101,11 +104,16 @@ def _cross_section_problems(manifest: Manifest) -> list[tuple[str, str]]:
             problems.append((f"systems.{index}.structure", f"unknown built-in structure (got "
                              f"{system.structure!r}; known: "
                              f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)})"))
-    needing = [s for s in ("md", "label", "infer", "analyze", "spectrum") if s in stages]
+    needing = [s for s in ("learn", "md", "label", "infer", "analyze", "spectrum") if s in stages]
     if needing and not manifest.systems:
         problems.append(("systems", f"stages {', '.join(needing)} need at least one system "
                                     "(got none)"))
     problems += _shift_problems(manifest.shift)
+    if "learn" in stages:
+        targets = sorted({s.target_species for s in manifest.systems})
+        if len(targets) > 1:
+            problems.append(("systems", f"learn trains one shift model: every system needs the "
+                                        f"same target_species (got {', '.join(targets)})"))
 
     infer = manifest.infer
     for key in infer.trajectories:

@@ -1,0 +1,115 @@
+"""The learn stage: concurrent learning of the DP potential and of the shift model (DP-GEN)."""
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from schemas.base import Spec, SpecError
+from schemas.potential import DpTrainingSpec
+
+
+class BootstrapSpec(Spec):
+    """The first training set: perturbed copies of every system's structure, labelled."""
+
+    frames_per_system: int = Field(default=20, ge=1)
+    """Perturbed copies of each system's (supercell) structure (dpdata's ``perturb``)."""
+    displacement_a: float = Field(default=0.1, gt=0, le=1.0)
+    """Largest random displacement of an atom (A; dpdata ``atom_pert_distance``, style
+    ``normal``: a Gaussian of this width per component, clipped by nothing)."""
+    cell_strain: float = Field(default=0.02, ge=0, lt=0.2)
+    """Largest random cell deformation (dpdata ``cell_pert_fraction``: each strain component
+    drawn uniformly in +-this)."""
+
+
+class ExploreSpec(Spec):
+    """The exploration md of one iteration: every system at every temperature."""
+
+    temperatures_k: list[float] = Field(default=[300.0, 600.0, 900.0], min_length=1)
+    """Thermostat temperatures (K, > 0); one trajectory per system and temperature."""
+    steps: list[int] = Field(default=[2000, 4000, 8000, 16000, 16000, 16000], min_length=1)
+    """MD steps per trajectory in iteration i (the last entry for later iterations): growing,
+    as DP-GEN's ``nsteps`` per iteration."""
+    save_every_steps: int = Field(default=20, ge=1)
+    """Steps between the frames whose model deviation is computed (the candidates)."""
+    timestep_fs: float = Field(default=1.0, gt=0)
+    """Integration time step (fs)."""
+    thermostat_time_fs: float = Field(default=100.0, gt=0)
+    """Nose-Hoover chain damping time (fs)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExploreSpec":
+        problems = []
+        if any(not t > 0 for t in self.temperatures_k):
+            problems.append(("temperatures_k", f"every temperature > 0 K (got "
+                                               f"{self.temperatures_k})"))
+        if any(s < 1 for s in self.steps):
+            problems.append(("steps", f"every entry >= 1 (got {self.steps})"))
+        if problems:
+            raise SpecError(*problems)
+        return self
+
+
+class ShiftLearnSpec(Spec):
+    """The shift model of the campaign: GPR on SOAP, labels chosen by its own uncertainty."""
+
+    budget_per_iteration: int = Field(default=10, ge=0)
+    """Explored frames per system and iteration labelled because the shift model is most
+    uncertain of their nuclei (largest mean predicted variance), besides the frames the DP
+    deviation selects (whose A_iso comes with their single point anyway)."""
+    soap_r_cut_a: float = Field(default=8.5, gt=1)
+    """SOAP cutoff of the campaign's GPR shift model (A; P2-NMMO CV: 8.5, docs/gpr.md)."""
+    soap_sigma_a: float = Field(default=0.5, gt=0)
+    """Width of the SOAP Gaussians (A)."""
+    soap_n_max: int = Field(default=10, ge=1)
+    """Radial basis functions of SOAP."""
+    soap_l_max: int = Field(default=9, ge=0, le=20)
+    """Maximum degree of the spherical harmonics of SOAP."""
+    zeta: int = Field(default=1, ge=1)
+    """Kernel exponent (1: the weight-space linear kernel, the P2-NMMO CV's choice)."""
+    regularisation: float = Field(default=1e-6, gt=0)
+    """lambda = sigma_n^2 / sigma_f^2 (1e-6: the CV choice at 50-100 frames, docs/gpr.md)."""
+    n_sparse: int = Field(default=3000, ge=1)
+    """Sparse environments when zeta >= 2."""
+    folds: int = Field(default=5, ge=2)
+    """Frame-level folds of the cross validation that calibrates the model's sigma."""
+
+
+class LearnSpec(Spec):
+    """Concurrent learning (DP-GEN): train an ensemble of DP models, explore by md with one,
+    measure the ensemble's force deviation at every saved frame, label the frames of moderate
+    deviation (and those whose shifts the shift model is least sure of) with the label
+    section's labeller, and repeat until the exploration stays accurate (docs/learn.md)."""
+
+    models: int = Field(default=4, ge=2)
+    """DP models of the ensemble (different seeds, same data); trained in parallel, one per
+    rank where ranks allow."""
+    dp: DpTrainingSpec = DpTrainingSpec(steps=4000, decay_steps=200)
+    """How every model of the ensemble is trained (from scratch, each iteration)."""
+    bootstrap: BootstrapSpec = BootstrapSpec()
+    """The first training set."""
+    explore: ExploreSpec = ExploreSpec()
+    """The exploration md."""
+    trust_lo_ev_a: float = Field(default=0.05, gt=0)
+    """Frames with a force deviation below this are accurate (DP-GEN model_devi_f_trust_lo)."""
+    trust_hi_ev_a: float = Field(default=0.15, gt=0)
+    """Frames at or above this are failed (counted, not labelled: the model is too far out
+    for a label to be trusted to help; DP-GEN model_devi_f_trust_hi)."""
+    max_candidates_per_system: int = Field(default=20, ge=1)
+    """At most this many candidate frames (trust_lo <= deviation < trust_hi) of each system
+    are labelled per iteration, spread evenly over temperature and time."""
+    accurate_fraction: float = Field(default=0.95, gt=0, le=1)
+    """The loop stops when this fraction of the explored frames is accurate in two successive
+    iterations."""
+    max_iterations: int = Field(default=6, ge=1)
+    """The loop stops after this many iterations in any case (the reason is recorded)."""
+    shift: ShiftLearnSpec = ShiftLearnSpec()
+    """The campaign's shift model and its labels chosen by disagreement."""
+    validation_fraction: float = Field(default=0.1, ge=0, lt=0.5)
+    """Fraction of the labelled frames of each system kept out of DP training (the energy /
+    force RMSE of each iteration's models is measured on them)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "LearnSpec":
+        if not self.trust_lo_ev_a < self.trust_hi_ev_a:
+            raise SpecError(("trust_hi_ev_a", f"must be > trust_lo_ev_a (got "
+                                              f"{self.trust_hi_ev_a} <= {self.trust_lo_ev_a})"))
+        return self
