@@ -90,6 +90,18 @@ def reduce_moments(ctx, *accumulators: BinnedMoments) -> None:
         offset += 3 * n
 
 
+def sum_over_ranks(comm, *arrays: np.ndarray) -> None:
+    """Sum each array over the ranks of `comm` in place (collective; one ``Allreduce`` per
+    array; every rank passes arrays of the same shapes in the same order). `comm` None or of
+    one rank: nothing to do."""
+    if comm is None or comm.Get_size() == 1:
+        return
+    from mpi4py import MPI
+
+    for array in arrays:
+        comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+
+
 def gather_items(ctx, items: list) -> list:
     """Every rank's `items` (small Python objects), concatenated in rank order (collective)."""
     if ctx.size == 1:

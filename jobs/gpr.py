@@ -16,8 +16,8 @@ L2-normalised SOAP rows of the target nuclei (:class:`jobs.soap.SoapFeaturizer`)
   variance (the calibration);
 - fit, MPI-parallel and memory-bounded: each rank computes the kernel rows K_NM of its
   contiguous block of rows, ``block_rows`` at a time, accumulates the M x M normal matrix
-  K_MN K_NM and the M-vector K_MN y, and the ranks sum them (``Allreduce``): memory
-  O(M^2 + block_rows M) per rank beyond the features; the M x M Cholesky solve is repeated on
+  K_MN K_NM and the M-vector K_MN y, and the ranks sum them (``engine.stats.sum_over_ranks``):
+  memory O(M^2 + block_rows M) per rank beyond the features; the M x M Cholesky solve is repeated on
   every rank (M <= a few thousand: ~0.1 s; every rank then holds the model, no broadcast);
 - everything from the dot products on is float64.
 
@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from itertools import product
 
 import numpy as np
+
+from engine.stats import sum_over_ranks
 
 MODEL_NAME = "gpr"
 """Value of the ``model`` attribute of ``/train`` for this model (NN-NMR's is ``nnmr``)."""
@@ -161,11 +163,7 @@ def normal_equations(features: np.ndarray, targets: np.ndarray, rows: np.ndarray
             phi = whitened(polynomial_kernel(dots, zeta), chol[z])
             gram[z] += phi.T @ phi
             rhs[z] += phi.T @ targets[block]
-    if comm is not None and size > 1:
-        from mpi4py import MPI
-
-        comm.Allreduce(MPI.IN_PLACE, gram, op=MPI.SUM)
-        comm.Allreduce(MPI.IN_PLACE, rhs, op=MPI.SUM)
+    sum_over_ranks(comm, gram, rhs)
     return gram, rhs, chol
 
 
@@ -254,11 +252,7 @@ def linear_statistics(features: np.ndarray, targets: np.ndarray, rows: np.ndarra
         gram += x.T @ x
         rhs += x.T @ np.asarray(targets[block], dtype=np.float64)
         total += x.sum(axis=0)
-    if comm is not None and size > 1:
-        from mpi4py import MPI
-
-        for array in (gram, rhs, total):
-            comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+    sum_over_ranks(comm, gram, rhs, total)
     return gram, rhs, total
 
 
@@ -612,14 +606,9 @@ def cross_validate(features: np.ndarray, shift_ppm: np.ndarray, fold_of_row: np.
         if log is not None:
             log(f"gpr CV fold {fold}: {len(train)} training rows, "
                 f"{time.monotonic() - started:.0f} s")
-    if comm is not None and size > 1:
-        from mpi4py import MPI
-
-        # every row was predicted on exactly one rank (NaN elsewhere): gather by a sum
-        for array in (predictions, raw):
-            local = np.nan_to_num(array, nan=0.0)
-            comm.Allreduce(MPI.IN_PLACE, local, op=MPI.SUM)
-            array[...] = local
+    if size > 1:  # every row was predicted on exactly one rank (NaN elsewhere): gather by a sum
+        predictions, raw = np.nan_to_num(predictions, nan=0.0), np.nan_to_num(raw, nan=0.0)
+        sum_over_ranks(comm, predictions, raw)
     curve = CvCurve()
     for g, (zeta, lam, m) in enumerate(grid):
         errors = predictions[g] - shift_ppm

@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.infer import SHIPPED_SHIFT_MODEL
 from schemas.system import BUILTIN_ATOMS, BUILTIN_NAMES, BUILTIN_PREFIX, builtin_species
 
 SHIPPED_DP_TYPE_MAP = ("Na", "Mg", "Mn", "O")
 """Elements of the shipped DP model jobs/data/dp-p2-nmmo.pb."""
-SHIPPED_NNMR = Path(__file__).resolve().parents[1] / "jobs" / "data" / "nnmr-p2-nmmo.h5"
-"""The shipped NN-NMR ensemble (jobs/infer.py SHIPPED_MODEL)."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +234,9 @@ def _model_problems(manifest, facts, model_facts, new_store: bool) -> list[str]:
     problems = []
     potential = manifest.potential
     type_map, source = None, None
-    if "md" in stages:
+    if "learn" in stages:  # the campaign trains its own DP models (and md uses them)
+        type_map, source = manifest.learn.dp.type_map, "learn.dp.type_map"
+    elif "md" in stages:
         if "potential" in stages and potential.frames:
             type_map, source = potential.type_map, "potential.type_map"
         elif potential.model is None and not potential.frames and (
@@ -246,8 +247,9 @@ def _model_problems(manifest, facts, model_facts, new_store: bool) -> list[str]:
             continue
         unknown = [s for s in fact.species if s not in type_map]
         if unknown:
+            what = "learn cannot train on it" if "learn" in stages else "md cannot run it"
             problems.append(f"systems.{index}.structure: species {unknown} unknown to {source} "
-                            f"(knows {list(type_map)}); md cannot run it")
+                            f"(knows {list(type_map)}); {what}")
     train, infer = manifest.train, manifest.infer
     soap_species, soap_source = None, None
     if "train" in stages and stages & {"label", "infer"}:
@@ -260,10 +262,11 @@ def _model_problems(manifest, facts, model_facts, new_store: bool) -> list[str]:
                 if centre is not None and system.target_species != centre:
                     problems.append(f"systems.{index}.target_species: infer.model predicts "
                                     f"{centre} shifts (got {system.target_species!r})")
-        elif infer.model is None and new_store and SHIPPED_NNMR.is_file():
-            centre, species, why = shift_model_facts(SHIPPED_NNMR)
+        elif infer.model is None and new_store and "learn" not in stages and \
+                SHIPPED_SHIFT_MODEL.is_file():  # a campaign brings its own shift model
+            centre, species, why = shift_model_facts(SHIPPED_SHIFT_MODEL)
             if why is None and species:
-                soap_species, soap_source = species, "the shipped NN-NMR model"
+                soap_species, soap_source = species, "the shipped GPR shift model"
     if soap_species is not None:
         for index, fact in enumerate(facts):
             if fact is None:

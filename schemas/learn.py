@@ -73,6 +73,16 @@ class ShiftLearnSpec(Spec):
     """Frame-level folds of the cross validation that calibrates the model's sigma."""
 
 
+class LearnDpSpec(DpTrainingSpec):
+    """How every DP model of a learn iteration is trained: the potential section's knobs, with
+    fewer steps (every iteration trains its ensemble from scratch on a growing set)."""
+
+    steps: int = Field(default=4000, ge=1)
+    """Training steps (batches of one frame) of each model in each iteration."""
+    decay_steps: int = Field(default=200, ge=1)
+    """Steps between learning-rate decays (start_lr to stop_lr over `steps`)."""
+
+
 class LearnSpec(Spec):
     """Concurrent learning (DP-GEN): train an ensemble of DP models, explore by md with one,
     measure the ensemble's force deviation at every saved frame, label the frames of moderate
@@ -82,7 +92,7 @@ class LearnSpec(Spec):
     models: int = Field(default=4, ge=2)
     """DP models of the ensemble (different seeds, same data); trained in parallel, one per
     rank where ranks allow."""
-    dp: DpTrainingSpec = DpTrainingSpec(steps=4000, decay_steps=200)
+    dp: LearnDpSpec = LearnDpSpec()
     """How every model of the ensemble is trained (from scratch, each iteration)."""
     bootstrap: BootstrapSpec = BootstrapSpec()
     """The first training set."""

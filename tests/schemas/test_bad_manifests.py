@@ -258,7 +258,14 @@ def test_every_shipped_manifest_validates(path: Path, capsys, monkeypatch, tmp_p
     if "../../shared" in path.read_text() and not (ROOT.parent / "shared" / "data").is_dir():
         pytest.skip("needs the shared data")
     monkeypatch.chdir(tmp_path)
-    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    if "potcar_dir: /path/to/" in path.read_text():
+        # a site template (a real VASP campaign): valid but for the POTCAR folder to fill in
+        assert code == 2 and "(1 error)" in err and "label.vasp.potcar_dir: folder /path/to/" \
+            in err, err
+        return
+    assert code == 0, err
 
 
 def test_one_line_per_culprit(tmp_path, capsys, monkeypatch):
