@@ -155,6 +155,14 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
             blobs[k] = bytes(store.read(f"{group}/model_{k}"))
     todo = [k for k in range(spec.models) if blobs[k] is None]
     reports = {}
+    previous = f"{iteration_group(iteration - 1)}/models"
+    reuse = spec.reuse_models and iteration > 0 and all(
+        store.exists(f"{previous}/model_{k}") for k in range(spec.models))
+    dp_spec = spec.dp
+    if reuse:
+        dp_spec = spec.dp.model_copy(update={
+            "steps": spec.reuse_steps, "start_lr": spec.reuse_start_lr,
+            "decay_steps": max(1, round(spec.dp.decay_steps * spec.reuse_steps / spec.dp.steps))})
     for round_start in range(0, len(todo), ctx.size):
         batch = todo[round_start:round_start + ctx.size]
         mine = batch[ctx.rank] if ctx.rank < len(batch) else None
@@ -167,9 +175,16 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
                 # a restart from deepmd-kit's checkpoint would not
                 folder = work / f"iter_{iteration:03d}" / f"model_{mine}"
                 shutil.rmtree(folder, ignore_errors=True)
+                init = None
+                if reuse:
+                    folder.mkdir(parents=True)
+                    init = folder / "init.pb"
+                    init.write_bytes(bytes(store.read(f"{previous}/model_{mine}")))
                 chosen, report = train_dp(
-                    spec.dp, train_sets, valid_sets, folder,
-                    seeds.integer("learn.deepmd", iteration, mine), ctx.cores, ctx.log)
+                    dp_spec, train_sets, valid_sets, folder,
+                    seeds.integer("learn.deepmd", iteration, mine), ctx.cores, ctx.log,
+                    init_model=init)
+                report["reused"] = bool(reuse)
                 outcome = (mine, chosen.read_bytes(), report, None)
             except Exception as exc:  # noqa: BLE001 - agreed below
                 outcome = (mine, None, None, f"{type(exc).__name__}: {exc}")
@@ -501,8 +516,8 @@ def run(spec: LearnSpec, inputs: StageInputs) -> LearnResult:
         attrs = store.attrs(it)
         if attrs.get("complete"):
             fractions.append(float(attrs["accurate_fraction"]))
-            if attrs.get("converged"):
-                stop_reason, converged = str(attrs["stop_reason"]), True
+            if attrs.get("converged") or str(attrs.get("stop_reason", "")).startswith("stuck"):
+                stop_reason, converged = str(attrs["stop_reason"]), bool(attrs["converged"])
                 break
             if iteration == spec.max_iterations - 1:
                 stop_reason = str(attrs["stop_reason"])
@@ -539,7 +554,13 @@ def run(spec: LearnSpec, inputs: StageInputs) -> LearnResult:
             if tables:
                 label_tables(label_spec, ctx, store, tables, inputs.shift, label_root,
                              labeller=labeller)
-            if iteration == spec.max_iterations - 1:
+            else:  # the next iteration would train on the same data and find the same
+                failed = sum(c["failed"] for c in counts.values())
+                stop_reason = (f"stuck: no explored frame below trust_hi = "
+                               f"{spec.trust_hi_ev_a:g} eV/A to label ({failed} of {explored} "
+                               f"failed); bootstrap more widely (learn.bootstrap), explore "
+                               f"more gently (learn.explore) or raise learn.trust_hi_ev_a")
+            if stop_reason is None and iteration == spec.max_iterations - 1:
                 stop_reason = (f"max_iterations = {spec.max_iterations} reached (accurate "
                                f"fraction {fraction:.3f} < {spec.accurate_fraction:g})")
         with store.transaction():

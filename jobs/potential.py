@@ -221,7 +221,8 @@ def holdout_errors(model_path: Path, frames) -> HoldoutErrors:
 # ---- training -----------------------------------------------------------------------------
 def train_dp(spec: DpTrainingSpec, train_sets: list[list], valid_sets: list[list], workdir: Path,
              seed: int, threads: int, log=print, *, train_names: list[str] | None = None,
-             valid_names: list[str] | None = None) -> tuple[Path, dict]:
+             valid_names: list[str] | None = None,
+             init_model: Path | None = None) -> tuple[Path, dict]:
     """Train, freeze and (maybe) compress a DP model on given frames in `workdir` (serial).
 
     Each set is written as one deepmd/npy system (``data/train-<name>``, ``data/test-<name>``),
@@ -249,6 +250,9 @@ def train_dp(spec: DpTrainingSpec, train_sets: list[list], valid_sets: list[list
         Progress messages go here.
     train_names, valid_names
         System names (default ``00``, ``01``, ... by position).
+    init_model
+        A frozen (uncompressed) model to start from (``dp train --init-frz-model``; DP-GEN's
+        ``training_init_model``), else the networks start from the seeds.
 
     Returns
     -------
@@ -287,8 +291,10 @@ def train_dp(spec: DpTrainingSpec, train_sets: list[list], valid_sets: list[list
         log("potential: resuming training from the checkpoint in " + str(workdir))
         run_dp(["train", "input.json", "--restart", "model.ckpt"], workdir, threads, "train.log")
     else:
-        log(f"potential: dp train, {spec.steps} steps, {threads} threads (log {workdir}/train.log)")
-        run_dp(["train", "input.json"], workdir, threads, "train.log")
+        init = ["--init-frz-model", str(Path(init_model).resolve())] if init_model else []
+        log(f"potential: dp train, {spec.steps} steps, {threads} threads"
+            f"{' from ' + Path(init_model).name if init else ''} (log {workdir}/train.log)")
+        run_dp(["train", "input.json", *init], workdir, threads, "train.log")
     train_s = time.monotonic() - start
     run_dp(["freeze", "-o", "frozen.pb"], workdir, threads, "freeze.log")
     chosen = workdir / "frozen.pb"

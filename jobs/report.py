@@ -127,6 +127,10 @@ class ReportData:
         for key in ("shift_dft_ppm", "shift_pred_ppm"):
             if store.exists(f"{CV_GROUP}/{key}"):
                 self._arrays[f"{CV_GROUP}/{key}"] = store.read(f"{CV_GROUP}/{key}")
+        from jobs.learn import GROUP as LEARN_GROUP, campaign_lines
+
+        self.campaign = campaign_lines(store) if store.exists(LEARN_GROUP) else []
+        """The learn campaign's history in words (jobs.learn.campaign_lines), if any."""
 
     def _remember_group(self, store: RunStore, group: str) -> None:
         if store.exists(group):
@@ -526,10 +530,14 @@ def _summary(store, systems, figures, parity) -> str:
             lines += ["", f"Note: no framework drift correction for {', '.join(drifting)} "
                       "(the infer stage wrote no framework_drift_a)."]
     lines += _spectrum_lines(store)
+    if getattr(store, "campaign", None):
+        lines += ["", "## Learn campaign (concurrent learning, docs/learn.md)", ""]
+        lines += [f"- {line}" for line in store.campaign]
     if parity is not None:
         _, rmse, r2, n = parity
-        lines += ["", "## NN-NMR cross-validation", "",
-                  f"Test RMSE {rmse:.1f} ppm, R2 {r2:.4f} over {n} Na (paper: 125 ppm, 0.96)."]
+        lines += ["", "## Shift-model cross-validation", "",
+                  f"Out-of-fold RMSE {rmse:.1f} ppm, R2 {r2:.4f} over {n} Na, split by frame "
+                  f"(paper's NN-NMR: 125 ppm, 0.96, split by atom)."]
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"- {title}: ![{title}]({path})" for title, path in figures]

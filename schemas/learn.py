@@ -1,6 +1,8 @@
 """The learn stage: concurrent learning of the DP potential and of the shift model (DP-GEN)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from schemas.base import Spec, SpecError
@@ -10,11 +12,13 @@ from schemas.potential import DpTrainingSpec
 class BootstrapSpec(Spec):
     """The first training set: perturbed copies of every system's structure, labelled."""
 
-    frames_per_system: int = Field(default=20, ge=1)
+    frames_per_system: int = Field(default=40, ge=1)
     """Perturbed copies of each system's (supercell) structure (dpdata's ``perturb``)."""
-    displacement_a: float = Field(default=0.1, gt=0, le=1.0)
-    """Largest random displacement of an atom (A; dpdata ``atom_pert_distance``, style
-    ``normal``: a Gaussian of this width per component, clipped by nothing)."""
+    displacement_a: float = Field(default=0.15, gt=0, le=1.0)
+    """RMS random displacement of an atom (A; dpdata ``atom_pert_distance``, style ``normal``:
+    a Gaussian of width displacement_a / sqrt(3) per component). It should cover the thermal
+    displacements of the exploration: with 0.05 A the first models of the P2-NMMO oracle
+    campaign disagreed by 0.4-1.5 eV/A over 300-900 K md, so nothing fell below trust_hi."""
     cell_strain: float = Field(default=0.02, ge=0, lt=0.2)
     """Largest random cell deformation (dpdata ``cell_pert_fraction``: each strain component
     drawn uniformly in +-this)."""
@@ -81,6 +85,9 @@ class LearnDpSpec(DpTrainingSpec):
     """Training steps (batches of one frame) of each model in each iteration."""
     decay_steps: int = Field(default=200, ge=1)
     """Steps between learning-rate decays (start_lr to stop_lr over `steps`)."""
+    compress: Literal["auto", "always", "never"] = "never"
+    """`dp compress` each model: never by default (a model is retrained the next iteration, and
+    a reused model must be the uncompressed frozen one)."""
 
 
 class LearnSpec(Spec):
@@ -89,6 +96,14 @@ class LearnSpec(Spec):
     deviation (and those whose shifts the shift model is least sure of) with the label
     section's labeller, and repeat until the exploration stays accurate (docs/learn.md)."""
 
+    reuse_models: bool = True
+    """From iteration 1 on, model k starts from the previous iteration's model k
+    (``dp train --init-frz-model``; DP-GEN's ``training_init_model``) and trains
+    `reuse_steps` steps from `reuse_start_lr`, instead of `dp.steps` from scratch."""
+    reuse_steps: int = Field(default=2000, ge=1)
+    """Training steps of a reused model (DP-GEN ``training_reuse_numb_steps``)."""
+    reuse_start_lr: float = Field(default=1e-4, gt=0)
+    """Starting learning rate of a reused model (DP-GEN ``training_reuse_start_lr``)."""
     models: int = Field(default=4, ge=2)
     """DP models of the ensemble (different seeds, same data); trained in parallel, one per
     rank where ranks allow."""

@@ -172,6 +172,14 @@ def test_a_longer_campaign_reuses_what_is_done(campaign):
         np.testing.assert_array_equal(f["/learn/iter_000/explore/p6322/max_devi_f_ev_a"][()],
                                       dev0)
     assert "learn" in done.stdout
+    # the history in words: dynshift show and the report
+    from engine.show import show_store
+    from jobs.report import report_from_store
+
+    summary = report_from_store(folder / "c.h5").read_text()
+    assert "## Learn campaign" in summary and "- iteration 2: accurate fraction" in summary
+    assert "not converged: max_iterations = 3 reached" in summary
+    assert show_store(folder / "c.h5", installed={}) == 0
 
 
 def _records(path, iterations=(0, 1)):

@@ -72,7 +72,7 @@ def test_report_from_store_writes_figures_and_table(tmp_path, shared_data):
                     assert f"| {system} | {cls} | 0 | no samples |" in text
             mean = store.attrs(f"/analyze/{system}")["mean_shift_ppm"]
             assert f"| {system} | file | 40 | 16 | {mean:.1f} |" in text
-    assert "Test RMSE 100.0 ppm" in text  # every prediction is off by exactly 100 ppm
+    assert "Out-of-fold RMSE 100.0 ppm" in text  # every prediction is off by exactly 100 ppm
     assert "nan" not in text.lower()
     # 40 frames allow blocks of 1 and 2 frames only (16 blocks or more): no plateau shown
     assert ("- **p6322**: not converged: the blocking error of the mean reaches no plateau "
