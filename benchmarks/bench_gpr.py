@@ -17,6 +17,10 @@ threads are OMP_NUM_THREADS):
     .venv/bin/python benchmarks/bench_gpr.py curve --r-cut 8.5 --n-max 10 --zeta 12 \\
         --regularisation 1e-5 --n-sparse 2000 --sizes 25 50 100 200 400
 
+``nnmr-curve``  the same split for NN-NMR (random selection, one network per size)::
+
+    .venv/bin/python benchmarks/bench_gpr.py nnmr-curve --r-cut 5.5 --sizes 25 50 100 200 400 600
+
 ``speed``   per frame (16 Na): SOAP (the compiled kernel when it checks) and predict of the
             shipped NN-NMR ensemble (jobs/data/nnmr-p2-nmmo.h5, its own 5.5 A SOAP) beside
             the GPR model's weight-space form (zeta 1, ``--sketch-rows``) and sparse forms
@@ -170,6 +174,39 @@ def run_curve(args) -> None:
         report("uncertainty", size, point, metrics, seconds)
 
 
+def run_nnmr_curve(args) -> None:
+    """The learning curve of NN-NMR on the same frame split (random selection): one network
+    per size (the train section's defaults: 3 x 512, 300 epochs, patience 50, 10 % of the
+    chosen frames for early stopping), scored on the 200 test frames; SOAP of ``--r-cut``."""
+    from engine.context import RankContext
+    from jobs.nnmr import regression_metrics, train_model
+    from mpi4py import MPI
+    from schemas.train import TrainSpec
+
+    frames, rows, _, features, _ = load_data(args)
+    spec = TrainSpec(soap_r_cut_a=args.r_cut, soap_n_max=args.n_max, soap_l_max=args.l_max)
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(frames))
+    test_rows = np.flatnonzero(np.isin(rows.frame, order[:args.test_frames]))
+    pool = order[args.test_frames:]
+    ctx = RankContext.from_comm(MPI.COMM_WORLD)
+    for size in args.sizes:
+        chosen = pool[:size]
+        n_val = max(1, int(round(spec.validation_fraction * size)))
+        val_rows = np.flatnonzero(np.isin(rows.frame, chosen[:n_val]))
+        train_rows = np.flatnonzero(np.isin(rows.frame, chosen[n_val:]))
+        started = time.perf_counter()
+        model = train_model(features[train_rows], rows.shift_ppm[train_rows],
+                            features[val_rows], rows.shift_ppm[val_rows], spec, ctx,
+                            args.seed + size, log_prefix=f"nnmr curve {size}")
+        seconds = time.perf_counter() - started
+        mean = model.predict_ppm(features[test_rows])
+        print(json.dumps({"curve": "nnmr random", "frames": size, "r_cut_a": args.r_cut,
+                          **regression_metrics(rows.shift_ppm[test_rows],
+                                               np.asarray(mean, np.float64).ravel()),
+                          "train_s": seconds}), flush=True)
+
+
 def _best_ms(call, repeats: int = 5) -> float:
     call()
     best = np.inf
@@ -236,7 +273,7 @@ def run_speed(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["cv", "curve", "speed"])
+    parser.add_argument("mode", choices=["cv", "curve", "nnmr-curve", "speed"])
     parser.add_argument("--r-cut", type=float, default=5.5)
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--n-max", type=int, default=9)
@@ -258,7 +295,8 @@ def main(argv=None) -> None:
     parser.add_argument("--select-by", choices=["nlpd", "rmse"], default="nlpd")
     parser.add_argument("--sketch-rows", type=int, default=256)
     args = parser.parse_args(argv)
-    {"cv": run_cv, "curve": run_curve, "speed": run_speed}[args.mode](args)
+    {"cv": run_cv, "curve": run_curve, "nnmr-curve": run_nnmr_curve,
+     "speed": run_speed}[args.mode](args)
 
 
 if __name__ == "__main__":
