@@ -17,7 +17,8 @@ threads are OMP_NUM_THREADS):
     .venv/bin/python benchmarks/bench_gpr.py curve --r-cut 8.5 --n-max 10 --zeta 12 \\
         --regularisation 1e-5 --n-sparse 2000 --sizes 25 50 100 200 400
 
-``nnmr-curve``  the same split for NN-NMR (random selection, one network per size)::
+``nnmr-curve``  the same split for NN-NMR: random selection, one network per size; or
+            (``--nnmr-uncertainty``) uncertainty-driven, by the spread of 2 networks::
 
     .venv/bin/python benchmarks/bench_gpr.py nnmr-curve --r-cut 5.5 --sizes 25 50 100 200 400 600
 
@@ -190,21 +191,50 @@ def run_nnmr_curve(args) -> None:
     test_rows = np.flatnonzero(np.isin(rows.frame, order[:args.test_frames]))
     pool = order[args.test_frames:]
     ctx = RankContext.from_comm(MPI.COMM_WORLD)
-    for size in args.sizes:
-        chosen = pool[:size]
-        n_val = max(1, int(round(spec.validation_fraction * size)))
+
+    def networks(chosen, members):
+        """`members` networks (seeds differ) on the chosen frames, 10 % for early stopping."""
+        n_val = max(1, int(round(spec.validation_fraction * len(chosen))))
         val_rows = np.flatnonzero(np.isin(rows.frame, chosen[:n_val]))
         train_rows = np.flatnonzero(np.isin(rows.frame, chosen[n_val:]))
-        started = time.perf_counter()
-        model = train_model(features[train_rows], rows.shift_ppm[train_rows],
+        return [train_model(features[train_rows], rows.shift_ppm[train_rows],
                             features[val_rows], rows.shift_ppm[val_rows], spec, ctx,
-                            args.seed + size, log_prefix=f"nnmr curve {size}")
-        seconds = time.perf_counter() - started
-        mean = model.predict_ppm(features[test_rows])
-        print(json.dumps({"curve": "nnmr random", "frames": size, "r_cut_a": args.r_cut,
-                          **regression_metrics(rows.shift_ppm[test_rows],
-                                               np.asarray(mean, np.float64).ravel()),
+                            args.seed + len(chosen) + 1000 * m,
+                            log_prefix=f"nnmr curve {len(chosen)}.{m}") for m in range(members)]
+
+    def report(curve, chosen, models, seconds):
+        mean = np.mean([np.asarray(m.predict_ppm(features[test_rows]), np.float64).ravel()
+                        for m in models], axis=0)
+        print(json.dumps({"curve": curve, "frames": len(chosen), "r_cut_a": args.r_cut,
+                          "networks": len(models),
+                          **regression_metrics(rows.shift_ppm[test_rows], mean),
                           "train_s": seconds}), flush=True)
+
+    if not args.nnmr_uncertainty:
+        for size in args.sizes:
+            started = time.perf_counter()
+            models = networks(pool[:size], 1)
+            report("nnmr random", pool[:size], models, time.perf_counter() - started)
+        return
+    # uncertainty-driven: 2 networks per step; the pool frames whose nuclei the two disagree
+    # on most (mean squared spread) join, doubling at most per step, up to each size
+    chosen = list(pool[:args.sizes[0]])
+    models, trained_on, started = None, -1, time.perf_counter()
+    for size in args.sizes:
+        while True:
+            if trained_on != len(chosen):
+                started = time.perf_counter()
+                models, trained_on = networks(np.asarray(chosen), 2), len(chosen)
+            if len(chosen) >= size:
+                break
+            rest = np.setdiff1d(pool, chosen)
+            rest_rows = np.isin(rows.frame, rest)
+            spread = np.var([m.predict_ppm(features[rest_rows]) for m in models], axis=0)
+            per_frame = np.bincount(rows.frame[rest_rows], weights=np.ravel(spread),
+                                    minlength=len(frames))[rest]
+            batch = min(size - len(chosen), len(chosen))
+            chosen.extend(rest[np.argsort(-per_frame, kind="stable")[:batch]].tolist())
+        report("nnmr uncertainty", chosen, models, time.perf_counter() - started)
 
 
 def _best_ms(call, repeats: int = 5) -> float:
@@ -294,6 +324,8 @@ def main(argv=None) -> None:
                              "each size (default); --no-tune: the first of each list")
     parser.add_argument("--select-by", choices=["nlpd", "rmse"], default="nlpd")
     parser.add_argument("--sketch-rows", type=int, default=256)
+    parser.add_argument("--nnmr-uncertainty", action="store_true",
+                        help="nnmr-curve: uncertainty-driven selection (2-network spread)")
     args = parser.parse_args(argv)
     {"cv": run_cv, "curve": run_curve, "nnmr-curve": run_nnmr_curve,
      "speed": run_speed}[args.mode](args)

@@ -7,10 +7,12 @@ Run at 1 and 2 ranks (OMPI_* variables as in the Makefile)::
 
 Frames: the shared P2-NMMO frames (both stackings), jittered (Gaussian, --jitter-a) and
 written as one md trajectory into a scratch store (`/md/bench/r000`, unwrapped by random
-whole cell vectors, as an md trajectory is). Model: the shipped NN-NMR ensemble when it exists,
+whole cell vectors, as an md trajectory is). Model: --model (a trained store, GPR or NN-NMR),
+else the shipped default shift model (the GPR model, jobs/data/gpr-p2-nmmo.h5) when it exists,
 else (or with --paper-size / --folds N) a random ensemble of N folds x 3 x 512 on 6660 SOAP
-features (the paper's size is 5 folds; the shipped model is 1 fold) - the cost of a prediction
-does not depend on the weights.
+features (the paper's size is 5 folds) - the cost of a prediction does not depend on the
+weights. Compare models as ratios in one session: `--model jobs/data/nnmr-p2-nmmo.h5` for the
+shipped NN-NMR ensemble.
 
 The machine's OpenBLAS kernel choice matters for predict: OPENBLAS_CORETYPE=Haswell (AVX2)
 reaches ~120 GFLOP/s single-core float32 here, the auto-detected SkylakeX (AVX-512) kernel ~235;
@@ -102,6 +104,9 @@ def main() -> None:
     parser.add_argument("--soap-kernel", default="auto", choices=["auto", "numba", "dscribe"],
                         help="infer.soap_kernel of the stage run (the paper-style loop always "
                              "uses dscribe)")
+    parser.add_argument("--model", default=None,
+                        help="a trained store (GPR or NN-NMR); default the shipped default "
+                             "shift model (jobs/data/gpr-p2-nmmo.h5)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="write the figures here (rank 0)")
     args = parser.parse_args()
@@ -140,7 +145,10 @@ def main() -> None:
         loop_cells = cells[:args.loop_frames].copy()
         del positions, cells
         n_folds = args.folds or 5
-        if SHIPPED_MODEL.exists() and not args.paper_size and args.folds is None:
+        if args.model is not None:
+            ensemble = ShiftEnsemble.from_store(Path(args.model))
+            model = str(args.model)
+        elif SHIPPED_MODEL.exists() and not args.paper_size and args.folds is None:
             ensemble = ShiftEnsemble.from_store(SHIPPED_MODEL)
             model = f"shipped {SHIPPED_MODEL.name}"
         else:
@@ -154,10 +162,14 @@ def main() -> None:
             model = f"random, {n_folds} fold(s) x 3 x 512"
         featurizer = featurizer_for(ensemble, args.soap_kernel)
         soap_kernel = featurizer.array_kernel()
-        widths = [k.shape[1] for k in ensemble._rest[0][0]] if ensemble._rest else []
+        network = isinstance(ensemble, ShiftEnsemble)
+        if network:
+            widths = [k.shape[1] for k in ensemble._rest[0][0]] if ensemble._rest else []
+            what = f"{ensemble.n_models} models, hidden {ensemble._widths[0]}+{widths}"
+        else:
+            what = f"GPR, {ensemble.form}, {ensemble.n_features} features"
         ctx.log(f"bench: {ctx.size} rank(s), {ctx.cores} core(s) each, model {model} "
-                f"({ensemble.n_models} models, hidden {ensemble._widths[0]}+{widths}), "
-                f"{args.frames} frames, SOAP by {soap_kernel}")
+                f"({what}), {args.frames} frames, SOAP by {soap_kernel}")
         store.flush()
         rss_start = _peak_rss_mib()
 
@@ -192,13 +204,17 @@ def main() -> None:
         folded = [((ensemble._first_kernel[:, a:b], *ensemble._rest[m][0]),
                    (ensemble._first_bias[a:b], *ensemble._rest[m][1]))
                   for m, (a, b) in enumerate(zip(np.cumsum([0] + ensemble._widths[:-1]),
-                                                 np.cumsum(ensemble._widths)))]
+                                                 np.cumsum(ensemble._widths)))] \
+            if network else []
         kernels0 = [np.ascontiguousarray(k[0]) for k, _ in folded]
         ctx.comm.Barrier()
         start, cpu_start = time.perf_counter(), time.process_time()
         for positions_a, cell_a in zip(loop_frames, loop_cells):
             frame = Atoms(numbers=numbers, positions=positions_a, cell=cell_a, pbc=True)
             features = featurizer.features([frame])
+            if not network:  # a GPR model: one call per frame
+                ensemble.predict(features)
+                continue
             predictions = []
             for (kernels, biases), first in zip(folded, kernels0):
                 hidden = features
