@@ -154,7 +154,6 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
         if store.exists(f"{group}/model_{k}"):
             blobs[k] = bytes(store.read(f"{group}/model_{k}"))
     todo = [k for k in range(spec.models) if blobs[k] is None]
-    reports = {}
     previous = f"{iteration_group(iteration - 1)}/models"
     reuse = spec.reuse_models and iteration > 0 and all(
         store.exists(f"{previous}/model_{k}") for k in range(spec.models))
@@ -201,7 +200,6 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
                            if isinstance(value, (int, float, bool, str))}
                 store.put_bytes(f"{group}/model_{k}", blob, **numbers)
                 blobs[k] = blob
-                reports[k] = numbers
     return blobs
 
 
@@ -435,6 +433,7 @@ def choose_and_prepare(spec: LearnSpec, ctx, store: RunStore, iteration: int, sy
     for s, (system, atoms) in enumerate(zip(systems, structures)):
         g = f"{it}/explore/{system.name}"
         deviation = store.read_shared(f"{g}/max_devi_f_ev_a")
+        positions_a, cells_a = store.read(f"{g}/positions_a"), store.read(f"{g}/cell_a")
         chosen, count = select_frames(deviation, spec)
         extra = np.zeros((0, 2), dtype=int)
         if model is not None:
@@ -442,9 +441,8 @@ def choose_and_prepare(spec: LearnSpec, ctx, store: RunStore, iteration: int, sy
             for t in range(deviation.shape[0]):
                 ok = np.flatnonzero(np.isfinite(deviation[t]) & (deviation[t] < spec.trust_hi_ev_a))
                 if len(ok):
-                    variance[t, ok] = _shift_variance(
-                        model, featurizer, atoms.numbers, store.read(f"{g}/positions_a")[t, ok],
-                        store.read(f"{g}/cell_a")[t, ok])
+                    variance[t, ok] = _shift_variance(model, featurizer, atoms.numbers,
+                                                      positions_a[t, ok], cells_a[t, ok])
             variance = ctx.comm.bcast(variance, root=0)  # every rank: rank 0's numbers
             extra = shift_picks(variance, deviation, chosen, spec)
         picks = np.concatenate([chosen, extra]) if len(extra) else chosen
@@ -454,8 +452,8 @@ def choose_and_prepare(spec: LearnSpec, ctx, store: RunStore, iteration: int, sy
         store.put(f"{it}/select/{system.name}/frame", picks[:, 1].astype(np.int64))
         store.set_attrs(f"{it}/select/{system.name}", **count)
         if len(picks):
-            positions = np.stack([store.read(f"{g}/positions_a")[t, f] for t, f in picks])
-            cells = np.stack([store.read(f"{g}/cell_a")[t, f] for t, f in picks])
+            positions = positions_a[picks[:, 0], picks[:, 1]]
+            cells = cells_a[picks[:, 0], picks[:, 1]]
             times = (picks[:, 1] + 1) * spec.explore.save_every_steps * spec.explore.timestep_fs
             prepare_table(ctx, store, f"{it}/label/{system.name}",
                           name=f"{system.name}.iter_{iteration:03d}",
