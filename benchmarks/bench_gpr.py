@@ -150,10 +150,36 @@ def run_curve(args) -> None:
                           "regularisation": point[1], "n_sparse": point[2], **metrics,
                           "fit_s": seconds}), flush=True)
 
-    for size in args.sizes:
-        point = tuned(pool[:size])
-        _, metrics, seconds = score(pool[:size], point)
-        report("random", size, point, metrics, seconds)
+    if "random" in args.curves:
+        for size in args.sizes:
+            point = tuned(pool[:size])
+            _, metrics, seconds = score(pool[:size], point)
+            report("random", size, point, metrics, seconds)
+    if "reduction" in args.curves:
+        # greedy V-optimal: one frame at a time, the one whose labels most reduce the summed
+        # posterior variance of the pool given the frames chosen so far (the linear-kernel
+        # GP at the lambda tuned at the previous size; jobs.gpr.variance_reduction_picks)
+        chosen = list(pool[:args.sizes[0]])
+        point = tuned(chosen)
+        pool_rows = np.flatnonzero(np.isin(rows.frame, pool))
+        for size in args.sizes:
+            if len(chosen) < size:
+                started = time.perf_counter()
+                chosen_rows = np.flatnonzero(np.isin(rows.frame, chosen))
+                gram, _, _ = gpr.linear_statistics(features, rows.shift_ppm, chosen_rows)
+                lam = args.selection_regularisation or point[1]
+                chol = gpr.solve_linear(gram, np.zeros(len(gram)), lam).chol
+                del gram
+                chosen.extend(gpr.variance_reduction_picks(
+                    features[pool_rows], rows.frame[pool_rows], chol, lam,
+                    size - len(chosen), exclude=chosen))
+                print(json.dumps({"picked": size, "select_s": time.perf_counter() - started}),
+                      flush=True)
+            point = tuned(chosen)
+            _, metrics, seconds = score(np.asarray(chosen), point)
+            report("reduction", size, point, metrics, seconds)
+    if "uncertainty" not in args.curves:
+        return
     # uncertainty-driven: start from the first sizes[0] random frames, then add the pool
     # frames of largest mean predicted variance, a batch at a time, up to each size (the
     # hyperparameters: those tuned at the previous size)
@@ -318,6 +344,11 @@ def main(argv=None) -> None:
     parser.add_argument("--test-frames", type=int, default=200)
     parser.add_argument("--batch-fraction", type=float, default=0.25,
                         help="uncertainty selection: frames added per step / frames chosen")
+    parser.add_argument("--curves", nargs="+", default=["random", "uncertainty"],
+                        choices=["random", "uncertainty", "reduction"],
+                        help="curve: selection rules to run (reduction: greedy V-optimal)")
+    parser.add_argument("--selection-regularisation", type=float, default=None,
+                        help="reduction: lambda of the selection's GP (default: the tuned one)")
     parser.add_argument("--cache", default="/tmp/dynshift-gpr-cache")
     parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
                         help="curve: choose (zeta, lambda, M) by CV over the chosen frames at "

@@ -11,7 +11,10 @@ ensemble mean) and final shift model are scored on those labels. Prints one JSON
 ``--random-baseline`` also trains one DP model with the campaign's settings on its bootstrap
 frames plus as many frames drawn at random from its explorations as the final models were
 trained on beyond the bootstrap, labelled by the oracle, and scores it the same way:
-deviation-selected against randomly selected frames at equal label counts.
+deviation-selected against randomly selected frames at equal label counts. It trains from
+scratch for as many steps as the campaign's model 0 received in all (``dp.steps``, plus
+``reuse_steps`` per later iteration when ``reuse_models``): equal labels, equal training;
+``--baseline-steps`` overrides that.
 """
 from __future__ import annotations
 
@@ -64,6 +67,9 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", default=str(DATA / "p6322-dev.extxyz"))
     parser.add_argument("--random-baseline", action="store_true")
     parser.add_argument("--seed", type=int, default=2022)
+    parser.add_argument("--baseline-steps", type=int, default=None,
+                        help="training steps of the random baseline (default: as many as "
+                             "the campaign's model 0 received in all)")
     args = parser.parse_args(argv)
 
     from jobs.frames import read_labelled_frames
@@ -147,13 +153,15 @@ def random_baseline(store, args, frames, ref_energy, ref_forces) -> dict:
             atoms = Atoms(numbers=numbers, positions=xyz, cell=cell, pbc=True)
             atoms.wrap()
             labelled.append(oracle.label(atoms, Path(tmp) / f"f{k}", "random"))
+        steps = args.baseline_steps or spec.dp.steps + (
+            final * spec.reuse_steps if spec.reuse_models else 0)
         started = time.monotonic()
-        path, _ = train_dp(spec.dp, [boot + labelled], [], Path(tmp) / "dp", args.seed, 2,
-                           log=lambda m: None)
+        path, _ = train_dp(spec.dp.model_copy(update={"steps": steps}), [boot + labelled], [],
+                           Path(tmp) / "dp", args.seed, 2, log=lambda m: None)
         train_s = time.monotonic() - started
         energy, forces = dp_labels(path, frames)
     return {"frames": len(boot) + len(labelled), "random_explored_frames": len(labelled),
-            "train_s": train_s, **scores(energy, forces, ref_energy, ref_forces,
+            "steps": steps, "train_s": train_s, **scores(energy, forces, ref_energy, ref_forces,
                                          len(frames[0]))}
 
 

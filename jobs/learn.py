@@ -17,7 +17,10 @@ shift model (docs/learn.md):
    - select: per system, candidates ``trust_lo <= deviation < trust_hi``, at most
      ``max_candidates_per_system`` spread evenly over temperature and time; frames at or above
      trust_hi are counted, not labelled; plus ``shift.budget_per_iteration`` frames (deviation
-     below trust_hi) whose nuclei the shift model is least sure of;
+     below trust_hi) for the shift model: greedy V-optimal picks (each the frame whose labels
+     most reduce the summed posterior variance of the explored pool given every label, the
+     deviation picks and the picks before it) for the linear kernel, else the frames of
+     largest predicted variance;
    - label: the selected frames (one single point gives energy, forces and A_iso at once);
    - stop when the accurate fraction (deviation < trust_lo) reaches ``accurate_fraction`` in
      two successive iterations (that iteration labels nothing), or after ``max_iterations``.
@@ -409,6 +412,48 @@ def shift_picks(std_per_frame: np.ndarray, deviation: np.ndarray, taken: np.ndar
     return np.stack(np.unravel_index(np.sort(order), score.shape), axis=1)
 
 
+def even_subset(pairs: np.ndarray, n: int) -> np.ndarray:
+    """At most `n` of the (temperature, frame) `pairs`, evenly spaced in their order."""
+    if len(pairs) <= n:
+        return pairs
+    return pairs[np.unique(np.linspace(0, len(pairs) - 1, n).round().astype(int))]
+
+
+def reduction_picks(model, featurizer, labelled_gram: np.ndarray, numbers, positions_a,
+                    cells_a, deviation: np.ndarray, taken: np.ndarray,
+                    spec: LearnSpec) -> np.ndarray:
+    """(temperature, frame) pairs for the shift budget by greedy V-optimal design.
+
+    The pool: up to ``shift.pool_frames`` explored frames below trust_hi, not `taken`, evenly
+    spread; the GP (linear kernel, the model's lambda) is conditioned on the labelled rows
+    (`labelled_gram` = X^T X) and on the rows of the `taken` frames (labelled this iteration
+    anyway), then :func:`jobs.gpr.variance_reduction_picks` picks one frame at a time.
+    """
+    from jobs import gpr
+
+    budget = spec.shift.budget_per_iteration
+    ok = np.isfinite(deviation) & (deviation < spec.trust_hi_ev_a)
+    for t, f in taken:
+        ok[t, f] = False
+    pool = even_subset(np.argwhere(ok), spec.shift.pool_frames)
+    if budget == 0 or not len(pool):
+        return np.zeros((0, 2), dtype=int)
+    gram = np.array(labelled_gram, dtype=np.float64, copy=True)
+    if len(taken):
+        rows = featurizer.features_arrays(numbers, positions_a[taken[:, 0], taken[:, 1]],
+                                          cells_a[taken[:, 0], taken[:, 1]])
+        rows = np.asarray(rows, dtype=np.float64)
+        gram += rows.T @ rows
+    chol = gpr.solve_linear(gram, np.zeros(len(gram)), model.regularisation).chol
+    del gram
+    rows = featurizer.features_arrays(numbers, positions_a[pool[:, 0], pool[:, 1]],
+                                      cells_a[pool[:, 0], pool[:, 1]])
+    frame_of_row = np.repeat(np.arange(len(pool)), len(rows) // len(pool))
+    picks = gpr.variance_reduction_picks(rows, frame_of_row, chol, model.regularisation, budget)
+    chosen = pool[np.sort(picks)]
+    return chosen[np.lexsort((chosen[:, 1], chosen[:, 0]))]
+
+
 def _shift_variance(model, featurizer, numbers, positions, cells) -> np.ndarray:
     """Mean predicted variance (ppm^2) of the target nuclei of each frame."""
     rows = featurizer.features_arrays(numbers, positions, cells)
@@ -418,8 +463,11 @@ def _shift_variance(model, featurizer, numbers, positions, cells) -> np.ndarray:
 
 
 def choose_and_prepare(spec: LearnSpec, ctx, store: RunStore, iteration: int, systems,
-                       structures, shift_group: str) -> dict:
-    """Select every system's frames and prepare its label table (collective, idempotent)."""
+                       structures, shift_group: str, labelled=()) -> dict:
+    """Select every system's frames and prepare its label table (collective, idempotent).
+
+    `labelled`: every frame the shift model was fitted on (the V-optimal shift picks are
+    conditioned on them)."""
     from jobs.gpr import GprShiftModel
     from jobs.label import prepare_table
     from jobs.soap import SoapFeaturizer
@@ -430,13 +478,23 @@ def choose_and_prepare(spec: LearnSpec, ctx, store: RunStore, iteration: int, sy
         if spec.shift.budget_per_iteration else None
     featurizer = SoapFeaturizer.from_settings(model.settings["soap"], "auto") \
         if model is not None else None
+    labelled_gram = None
+    if model is not None and model.form == "weight-space" and ctx.rank == 0:
+        rows = np.asarray(featurizer.features(list(labelled)), dtype=np.float64)
+        labelled_gram = rows.T @ rows
+        del rows
     for s, (system, atoms) in enumerate(zip(systems, structures)):
         g = f"{it}/explore/{system.name}"
         deviation = store.read_shared(f"{g}/max_devi_f_ev_a")
         positions_a, cells_a = store.read(f"{g}/positions_a"), store.read(f"{g}/cell_a")
         chosen, count = select_frames(deviation, spec)
         extra = np.zeros((0, 2), dtype=int)
-        if model is not None:
+        if model is not None and model.form == "weight-space":
+            extra = reduction_picks(model, featurizer, labelled_gram, atoms.numbers,
+                                    positions_a, cells_a, deviation, chosen, spec) \
+                if ctx.rank == 0 else None
+            extra = ctx.comm.bcast(extra, root=0)  # every rank: rank 0's picks
+        elif model is not None:
             variance = np.full(deviation.shape, np.nan)
             for t in range(deviation.shape[0]):
                 ok = np.flatnonzero(np.isfinite(deviation[t]) & (deviation[t] < spec.trust_hi_ev_a))
@@ -545,7 +603,7 @@ def run(spec: LearnSpec, inputs: StageInputs) -> LearnResult:
         else:
             with store.transaction():
                 counts = choose_and_prepare(spec, ctx, store, iteration, systems, structures,
-                                            f"{it}/shift")
+                                            f"{it}/shift", every)
             tables = [(f"{it}/label/{s.name}", f"{s.name}.iter_{iteration:03d}",
                        s.target_species) for s in systems
                       if store.exists(f"{it}/label/{s.name}/status")]

@@ -56,9 +56,16 @@ class ShiftLearnSpec(Spec):
     """The shift model of the campaign: GPR on SOAP, labels chosen by its own uncertainty."""
 
     budget_per_iteration: int = Field(default=10, ge=0)
-    """Explored frames per system and iteration labelled because the shift model is most
-    uncertain of their nuclei (largest mean predicted variance), besides the frames the DP
-    deviation selects (whose A_iso comes with their single point anyway)."""
+    """Explored frames per system and iteration labelled for the shift model, besides the
+    frames the DP deviation selects (whose A_iso comes with their single point anyway): with
+    the linear kernel (zeta 1) one at a time, each the frame whose labels most reduce the
+    summed posterior variance of the pool given every label and every pick before it (greedy
+    V-optimal, :func:`jobs.gpr.variance_reduction_picks`); with zeta >= 2 the frames of
+    largest mean predicted variance."""
+    pool_frames: int = Field(default=200, ge=1)
+    """Explored frames per system (below trust_hi, evenly spread over temperature and time)
+    that compete for that budget and over which the variance is summed; memory ~2 x 8 (16 x
+    pool_frames)^2 bytes for 16 target nuclei per frame (200: 164 MB)."""
     soap_r_cut_a: float = Field(default=8.5, gt=1)
     """SOAP cutoff of the campaign's GPR shift model (A; P2-NMMO CV: 8.5, docs/gpr.md)."""
     soap_sigma_a: float = Field(default=0.5, gt=0)

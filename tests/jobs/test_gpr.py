@@ -92,6 +92,42 @@ def test_weight_space_is_the_exact_linear_kernel_gp(n_train):
     assert 0.1 < np.std(ratio) < 0.8
 
 
+def test_variance_reduction_picks_are_the_greedy_v_optimal_design():
+    """Every pick is the frame whose labels most lower the pool's summed GP variance given the
+    labelled rows and the earlier picks, checked against the dual (kernel) posterior computed
+    from scratch for every candidate; a duplicate of a picked frame is not picked next."""
+    x = unit_rows(60, 10, seed=7)
+    frame = np.repeat(np.arange(15), 4)          # 15 frames of 4 rows
+    x[frame == 9] = x[frame == 3]                # frame 9 duplicates frame 3
+    lam = 1e-2
+    labelled = np.flatnonzero(frame < 2)         # frames 0, 1 labelled
+    gram, _, _ = gpr.linear_statistics(x, np.zeros(len(x)), labelled)
+    chol = gpr.solve_linear(gram, np.zeros(10), lam).chol
+
+    def summed_variance(given):
+        """Sum over every row of the latent posterior variance given the rows `given`."""
+        k = x[given] @ x[given].T + lam * np.eye(len(given))
+        cross = x @ x[given].T
+        return float(np.sum(np.einsum("ij,ij->i", x, x)
+                            - np.einsum("ij,ji->i", cross, np.linalg.solve(k, cross.T))))
+
+    picks = gpr.variance_reduction_picks(x, frame, chol, lam, 5, exclude=[0, 1])
+    given = list(labelled)
+    for pick in picks:
+        options = [f for f in range(15) if f > 1 and f not in picks[:picks.index(pick)]]
+        after = {f: summed_variance(given + list(np.flatnonzero(frame == f))) for f in options}
+        assert pick == min(after, key=after.get)
+        assert after[pick] < min(v for f, v in after.items() if f != pick)  # no near-tie
+        given += list(np.flatnonzero(frame == pick))
+    assert len(set(picks)) == 5 and not {0, 1} & set(picks)
+    if 3 in picks:                               # its duplicate is worth nothing right after
+        assert picks[picks.index(3) + 1:picks.index(3) + 2] != [9]
+    # no labels yet: the prior (L = sqrt(lambda) I) gives the same first pick as the dual
+    first = gpr.variance_reduction_picks(x, frame, None, lam, 1)[0]
+    prior = {f: summed_variance(list(np.flatnonzero(frame == f))) for f in range(15)}
+    assert first == min(prior, key=prior.get)
+
+
 def test_farthest_points_spread_out_and_are_seeded():
     x = unit_rows(300, 16, seed=2)
     first = gpr.farthest_points(x, 20, SeedStreams(5).rng("train.gpr_sparse", 0))

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from jobs.learn import perturbed_frames, select_frames, shift_picks
+from jobs.learn import even_subset, perturbed_frames, reduction_picks, select_frames, shift_picks
 from jobs.structures import build_structure
 from schemas.learn import BootstrapSpec, LearnSpec
 from schemas.system import SystemSpec
@@ -30,6 +30,57 @@ def test_selection_counts_and_spreads_candidates():
     picks = shift_picks(variance, deviation, chosen, LearnSpec(
         shift={"budget_per_iteration": 2}))
     assert picks.tolist() == [[0, 0], [1, 2]]  # 9.0 (0,1) is taken; 99 and 50 are >= trust_hi
+
+
+class _RowsOfPositions:
+    """A stand-in featurizer: two unit rows per frame, from its positions (6 features)."""
+
+    def features_arrays(self, numbers, positions_a, cells_a):
+        rows = np.asarray(positions_a, dtype=np.float64)[:, :4].reshape(-1, 6)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_shift_reduction_picks_condition_on_labels_and_deviation_picks():
+    """The shift budget's picks are jobs.gpr.variance_reduction_picks on the pool of frames
+    below trust_hi and not taken (evenly thinned to pool_frames), conditioned on the labelled
+    rows and on the taken frames' rows, mapped back to (temperature, frame)."""
+    from types import SimpleNamespace
+
+    from jobs import gpr
+
+    rng = np.random.default_rng(3)
+    positions = rng.normal(size=(2, 7, 4, 3))          # 2 temperatures x 7 frames x 4 atoms
+    cells = np.broadcast_to(np.eye(3) * 9.0, (2, 7, 3, 3))
+    deviation = rng.uniform(0.01, 0.1, size=(2, 7))
+    deviation[0, 2] = 0.3                               # >= trust_hi: never in the pool
+    deviation[1, 6] = np.nan                            # not explored
+    taken = np.array([[0, 4], [1, 1]])                  # the deviation picks
+    spec = LearnSpec(trust_hi_ev_a=0.2, shift={"budget_per_iteration": 3, "pool_frames": 8})
+    featurizer = _RowsOfPositions()
+    labelled = featurizer.features_arrays(None, rng.normal(size=(2, 4, 3)), None)
+    model = SimpleNamespace(regularisation=1e-2)
+    picks = reduction_picks(model, featurizer, labelled.T @ labelled, None, positions, cells,
+                            deviation, taken, spec)
+    # the pool: 14 - 1 (>= trust_hi) - 1 (NaN) - 2 (taken) = 10 frames, thinned evenly to 8
+    ok = np.isfinite(deviation) & (deviation < 0.2)
+    ok[0, 4] = ok[1, 1] = False
+    pool = np.argwhere(ok)
+    assert len(pool) == 10
+    pool = even_subset(pool, 8)   # positions 0 1 3 4 5 6 8 9 of the 10, first and last kept
+    assert pool.tolist() == [[0, 0], [0, 1], [0, 5], [0, 6], [1, 0], [1, 2], [1, 4], [1, 5]]
+    given = np.concatenate([labelled, featurizer.features_arrays(
+        None, positions[taken[:, 0], taken[:, 1]], None)])
+    chol = gpr.solve_linear(given.T @ given, np.zeros(6), 1e-2).chol
+    rows = featurizer.features_arrays(None, positions[pool[:, 0], pool[:, 1]], None)
+    expected = gpr.variance_reduction_picks(rows, np.repeat(np.arange(8), 2), chol, 1e-2, 3)
+    assert picks.tolist() == sorted(pool[expected].tolist())
+    assert len(picks) == 3 and not {tuple(p) for p in picks} & {(0, 2), (1, 6), (0, 4), (1, 1)}
+    # conditioning on the deviation picks matters: without them the picks may differ, and a
+    # frame identical to a taken one is never worth a label
+    positions[0, 5] = positions[0, 4]
+    again = reduction_picks(model, featurizer, labelled.T @ labelled, None, positions, cells,
+                            deviation, taken, spec)
+    assert [0, 5] not in again.tolist()
 
 
 def test_bootstrap_frames_are_seeded_perturbations():
