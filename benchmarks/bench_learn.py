@@ -6,7 +6,8 @@ test file is relabelled by it, and the campaign's final DP ensemble (each model 
 ensemble mean) and final shift model are scored on those labels. Prints one JSON line::
 
     .venv/bin/python benchmarks/bench_learn.py learn-oracle-p6322.h5 \\
-        [--frames ../shared/data/p2-nmmo/p6322-dev.extxyz] [--random-baseline]
+        [--frames ../shared/data/p2-nmmo/p6322-dev.extxyz] [--random-baseline] \\
+        [--oracle-dp jobs/data/dp-p2-nmmo-v1.pb]   # the oracle the campaign was labelled by
 
 ``--random-baseline`` also trains one DP model with the campaign's settings on its bootstrap
 frames plus as many frames drawn at random from its explorations as the final models were
@@ -67,25 +68,32 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", default=str(DATA / "p6322-dev.extxyz"))
     parser.add_argument("--random-baseline", action="store_true")
     parser.add_argument("--seed", type=int, default=2022)
+    parser.add_argument("--oracle-dp", default=None,
+                        help="the DP model the campaign's labeller used (default: shipped)")
+    parser.add_argument("--oracle-shift", default=None,
+                        help="the shift model the campaign's labeller used (default: shipped)")
     parser.add_argument("--baseline-steps", type=int, default=None,
                         help="training steps of the random baseline (default: as many as "
                              "the campaign's model 0 received in all)")
     args = parser.parse_args(argv)
 
     from jobs.frames import read_labelled_frames
-    from jobs.infer import SHIPPED_MODEL as ORACLE_SHIFT, featurizer_for
+    from jobs.infer import SHIPPED_MODEL, featurizer_for
     from jobs.learn import GROUP, campaign_history, learned_model_files, learned_shift_model
     from engine.store import RunStore
     from jobs.nnmr import ShiftEnsemble, regression_metrics
-    from schemas.potential import SHIPPED_MODEL as ORACLE_DP
+    from schemas.potential import SHIPPED_MODEL as SHIPPED_DP
 
+    args.oracle_dp = Path(args.oracle_dp or SHIPPED_DP)
+    args.oracle_shift = Path(args.oracle_shift or SHIPPED_MODEL)
     frames = read_labelled_frames(args.frames)
     n_atoms = len(frames[0])
-    ref_energy, ref_forces = dp_labels(ORACLE_DP, frames)
-    oracle_shift = ShiftEnsemble.from_store(ORACLE_SHIFT)
+    ref_energy, ref_forces = dp_labels(args.oracle_dp, frames)
+    oracle_shift = ShiftEnsemble.from_store(args.oracle_shift)
     ref_shift, _ = oracle_shift.predict(featurizer_for(oracle_shift).features(frames))
     store = RunStore(Path(args.store), None, mode="r")
-    out = {"store": args.store, "test_frames": len(frames), "test_file": args.frames}
+    out = {"store": args.store, "test_frames": len(frames), "test_file": args.frames,
+           "oracle": [str(args.oracle_dp), str(args.oracle_shift)]}
     attrs = store.attrs(GROUP)
     out.update(iterations=int(attrs["iterations"]), converged=bool(attrs["converged"]),
                stop_reason=str(attrs["stop_reason"]),
@@ -145,7 +153,9 @@ def random_baseline(store, args, frames, ref_energy, ref_forces) -> dict:
                              store.read(f"{g}/cell_a")[t, f]))
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(pool), size=min(chosen, len(pool)), replace=False)
-    oracle = ModelLabeller.from_spec(ModelLabellerSpec(), ShiftSpec())
+    oracle = ModelLabeller.from_spec(ModelLabellerSpec(dp_model=args.oracle_dp,
+                                                       shift_model=args.oracle_shift),
+                                     ShiftSpec())
     labelled = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, index in enumerate(picks):

@@ -419,15 +419,16 @@ def even_subset(pairs: np.ndarray, n: int) -> np.ndarray:
     return pairs[np.unique(np.linspace(0, len(pairs) - 1, n).round().astype(int))]
 
 
-def reduction_picks(model, featurizer, labelled_gram: np.ndarray, numbers, positions_a,
+def reduction_picks(featurizer, labelled_gram: np.ndarray, numbers, positions_a,
                     cells_a, deviation: np.ndarray, taken: np.ndarray,
                     spec: LearnSpec) -> np.ndarray:
     """(temperature, frame) pairs for the shift budget by greedy V-optimal design.
 
     The pool: up to ``shift.pool_frames`` explored frames below trust_hi, not `taken`, evenly
     spread; the GP (linear kernel, the model's lambda) is conditioned on the labelled rows
-    (`labelled_gram` = X^T X) and on the rows of the `taken` frames (labelled this iteration
-    anyway), then :func:`jobs.gpr.variance_reduction_picks` picks one frame at a time.
+    (`labelled_gram` = X^T X, in the shift model's SOAP) and on the rows of the `taken` frames
+    (labelled this iteration anyway), then :func:`jobs.gpr.variance_reduction_picks` picks one frame at a time. The
+    GP's lambda is ``shift.selection_regularisation`` (the labels' noise-to-signal ratio).
     """
     from jobs import gpr
 
@@ -444,12 +445,13 @@ def reduction_picks(model, featurizer, labelled_gram: np.ndarray, numbers, posit
                                           cells_a[taken[:, 0], taken[:, 1]])
         rows = np.asarray(rows, dtype=np.float64)
         gram += rows.T @ rows
-    chol = gpr.solve_linear(gram, np.zeros(len(gram)), model.regularisation).chol
+    lam = spec.shift.selection_regularisation
+    chol = gpr.solve_linear(gram, np.zeros(len(gram)), lam).chol
     del gram
     rows = featurizer.features_arrays(numbers, positions_a[pool[:, 0], pool[:, 1]],
                                       cells_a[pool[:, 0], pool[:, 1]])
     frame_of_row = np.repeat(np.arange(len(pool)), len(rows) // len(pool))
-    picks = gpr.variance_reduction_picks(rows, frame_of_row, chol, model.regularisation, budget)
+    picks = gpr.variance_reduction_picks(rows, frame_of_row, chol, lam, budget)
     chosen = pool[np.sort(picks)]
     return chosen[np.lexsort((chosen[:, 1], chosen[:, 0]))]
 
@@ -490,7 +492,7 @@ def choose_and_prepare(spec: LearnSpec, ctx, store: RunStore, iteration: int, sy
         chosen, count = select_frames(deviation, spec)
         extra = np.zeros((0, 2), dtype=int)
         if model is not None and model.form == "weight-space":
-            extra = reduction_picks(model, featurizer, labelled_gram, atoms.numbers,
+            extra = reduction_picks(featurizer, labelled_gram, atoms.numbers,
                                     positions_a, cells_a, deviation, chosen, spec) \
                 if ctx.rank == 0 else None
             extra = ctx.comm.bcast(extra, root=0)  # every rank: rank 0's picks

@@ -44,8 +44,6 @@ def test_shift_reduction_picks_condition_on_labels_and_deviation_picks():
     """The shift budget's picks are jobs.gpr.variance_reduction_picks on the pool of frames
     below trust_hi and not taken (evenly thinned to pool_frames), conditioned on the labelled
     rows and on the taken frames' rows, mapped back to (temperature, frame)."""
-    from types import SimpleNamespace
-
     from jobs import gpr
 
     rng = np.random.default_rng(3)
@@ -55,11 +53,11 @@ def test_shift_reduction_picks_condition_on_labels_and_deviation_picks():
     deviation[0, 2] = 0.3                               # >= trust_hi: never in the pool
     deviation[1, 6] = np.nan                            # not explored
     taken = np.array([[0, 4], [1, 1]])                  # the deviation picks
-    spec = LearnSpec(trust_hi_ev_a=0.2, shift={"budget_per_iteration": 3, "pool_frames": 8})
+    spec = LearnSpec(trust_hi_ev_a=0.2, shift={"budget_per_iteration": 3, "pool_frames": 8,
+                                                "selection_regularisation": 1e-2})
     featurizer = _RowsOfPositions()
     labelled = featurizer.features_arrays(None, rng.normal(size=(2, 4, 3)), None)
-    model = SimpleNamespace(regularisation=1e-2)
-    picks = reduction_picks(model, featurizer, labelled.T @ labelled, None, positions, cells,
+    picks = reduction_picks(featurizer, labelled.T @ labelled, None, positions, cells,
                             deviation, taken, spec)
     # the pool: 14 - 1 (>= trust_hi) - 1 (NaN) - 2 (taken) = 10 frames, thinned evenly to 8
     ok = np.isfinite(deviation) & (deviation < 0.2)
@@ -78,7 +76,7 @@ def test_shift_reduction_picks_condition_on_labels_and_deviation_picks():
     # conditioning on the deviation picks matters: without them the picks may differ, and a
     # frame identical to a taken one is never worth a label
     positions[0, 5] = positions[0, 4]
-    again = reduction_picks(model, featurizer, labelled.T @ labelled, None, positions, cells,
+    again = reduction_picks(featurizer, labelled.T @ labelled, None, positions, cells,
                             deviation, taken, spec)
     assert [0, 5] not in again.tolist()
 
