@@ -65,8 +65,8 @@ class ShiftLearnSpec(Spec):
     selection_regularisation: float = Field(default=1e-2, gt=0)
     """lambda (noise / prior variance) of the GP that scores the V-optimal picks: about the
     labels' noise-to-signal ratio (P2-NMMO: (49 ppm CV error / 626 ppm spread)^2 = 6e-3),
-    not the fit's CV-chosen lambda, which treats the labels as nearly exact; on P2-NMMO's
-    learning curve 1e-3 and 1e-2 picked equally well, the fit's 1e-6 worse (docs/gpr.md)."""
+    not the fit's CV-chosen lambda, which treats the labels as nearly exact (on one P2-NMMO
+    split 1e-3 and 1e-2 picked at least as well as the fit's 1e-6; docs/gpr.md)."""
     pool_frames: int = Field(default=200, ge=1)
     """Explored frames per system (below trust_hi, evenly spread over temperature and time)
     that compete for that budget and over which the variance is summed; memory ~2 x 8 (16 x
