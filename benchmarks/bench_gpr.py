@@ -17,6 +17,10 @@ threads are OMP_NUM_THREADS):
     .venv/bin/python benchmarks/bench_gpr.py curve --r-cut 8.5 --n-max 10 --zeta 12 \\
         --regularisation 1e-5 --n-sparse 2000 --sizes 25 50 100 200 400
 
+            ``--curves random reduction``: greedy V-optimal selection instead
+            (:func:`jobs.gpr.variance_reduction_picks`, one frame at a time, at
+            ``--selection-regularisation``); ``--no-tune --seed S`` for other splits.
+
 ``nnmr-curve``  the same split for NN-NMR: random selection, one network per size; or
             (``--nnmr-uncertainty``) uncertainty-driven, by the spread of 2 networks::
 
