@@ -16,7 +16,7 @@ def test_two_systems_two_replicas_over_the_ranks(shared_tmp):
     ctx = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)
     systems = [SystemSpec(name="mcm", structure="builtin:p2-nmmo-p63mcm"),
                SystemSpec(name="p6322", structure="builtin:p2-nmmo-p6322")]
-    spec = MdSpec(replicas=2, temperature_k=300.0, equilibration_steps=100, frames=12,
+    spec = MdSpec(replicas=2, temperature_k=300.0, equilibration_steps=300, frames=12,
                   save_every_steps=5, chunk_frames=5, friction_per_fs=0.05)
     with RunStore(f"{shared_tmp}/md.h5", ctx) as store:
         result = run_replicas(spec, systems, ctx, store, seed=3)
@@ -39,7 +39,8 @@ def test_two_systems_two_replicas_over_the_ranks(shared_tmp):
                 assert np.isfinite(store.read(f"{group}/potential_energy_ev")).all()
                 temperatures.append(store.read(f"{group}/temperature_k").mean())
                 first_positions.append(store.read(f"{group}/positions_a", 0))
-    # NVT near the target after a short, strongly damped equilibration
+    # NVT near the target after a short, strongly damped equilibration (300 steps: the ideal
+    # pattern relaxes by ~3.5 eV into the basin, heat the thermostat must remove first)
     assert 0.75 * 300 < np.mean(temperatures) < 1.25 * 300, temperatures
     # the replicas are independent trajectories
     assert not np.allclose(first_positions[0], first_positions[1])
