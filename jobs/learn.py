@@ -425,10 +425,10 @@ def reduction_picks(featurizer, labelled_gram: np.ndarray, numbers, positions_a,
     """(temperature, frame) pairs for the shift budget by greedy V-optimal design.
 
     The pool: up to ``shift.pool_frames`` explored frames below trust_hi, not `taken`, evenly
-    spread; the GP (linear kernel, the model's lambda) is conditioned on the labelled rows
-    (`labelled_gram` = X^T X, in the shift model's SOAP) and on the rows of the `taken` frames
-    (labelled this iteration anyway), then :func:`jobs.gpr.variance_reduction_picks` picks one frame at a time. The
-    GP's lambda is ``shift.selection_regularisation`` (the labels' noise-to-signal ratio).
+    spread. The GP (linear kernel; lambda ``shift.selection_regularisation``, about the labels'
+    noise-to-signal ratio) is conditioned on the labelled rows (`labelled_gram` = X^T X, in
+    the shift model's SOAP) and on the rows of the `taken` frames (labelled this iteration
+    anyway); then :func:`jobs.gpr.variance_reduction_picks` picks one frame at a time.
     """
     from jobs import gpr
 
