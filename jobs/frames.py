@@ -150,6 +150,10 @@ def _read_extxyz(path: Path, min_distance_a: float = MIN_DISTANCE_A) -> list[Ato
         if not np.all(np.isfinite(values)):
             raise InputError(f"{path}: frame {index}: '{FERMI_CONTACT_KEY}' is not finite")
         atoms.arrays[FERMI_CONTACT_KEY] = values.reshape(len(atoms))
+        results = atoms.calc.results if atoms.calc is not None else {}
+        for key in ("energy", "forces"):
+            if key in results and not np.all(np.isfinite(results[key])):
+                raise InputError(f"{path}: frame {index}: non-finite {key}")
         check_frames(atoms.positions, atoms.cell.array, atoms.numbers, str(path), index,
                      min_distance_a)
         atoms.info.setdefault("source", f"{path}@{index}")
@@ -181,7 +185,8 @@ def read_labelled_frames(path: str | Path, min_distance_a: float = MIN_DISTANCE_
     ------
     InputError
         For a missing path, an empty folder, a frame without couplings, or a frame with a
-        non-finite position or cell or two atoms too close (the file and frame named).
+        non-finite position, cell, energy, force or coupling, or two atoms too close (the file
+        and frame named).
     """
     path = Path(path)
     if path.is_dir():

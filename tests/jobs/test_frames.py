@@ -109,6 +109,26 @@ def test_labelled_frames_with_nan_or_close_atoms_are_refused(shared_data, tmp_pa
     assert len(read_labelled_frames(path, min_distance_a=0.05)) == 10  # the manifest's threshold
 
 
+@pytest.mark.parametrize("key", ["forces", "energy"])
+def test_labelled_frames_with_a_non_finite_label_are_refused(shared_data, tmp_path, key):
+    """A NaN force or energy is named before any training (deepmd-kit would stop mid-run)."""
+    import ase.io
+
+    frames = ase.io.read(shared_data / "p6322-dev.extxyz", ":4")
+    if key == "forces":
+        forces = frames[2].get_forces()
+        forces[5, 1] = np.nan
+        frames[2].calc.results["forces"] = forces
+    else:
+        frames[2].calc.results["energy"] = float("nan")
+    path = tmp_path / "bad.extxyz"
+    ase.io.write(path, frames)
+    with pytest.raises(InputError, match=rf"^{path}: frame 2: non-finite {key}$"):
+        read_labelled_frames(path)
+    ase.io.write(path, frames[:2])
+    assert len(read_labelled_frames(path)) == 2
+
+
 def test_outcar_structure_is_checked_when_asked(shared_data):
     outcar = shared_data / "OUTCAR.p63mcm-2"
     read_outcar(outcar)  # the labeller's read: no check
