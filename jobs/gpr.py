@@ -310,7 +310,7 @@ def solve_linear(gram: np.ndarray, rhs: np.ndarray, regularisation: float) -> Li
 
 def variance_reduction_picks(pool_rows: np.ndarray, frame_of_row: np.ndarray,
                              chol: np.ndarray | None, regularisation: float, n_picks: int,
-                             exclude=(), log=None) -> list[int]:
+                             exclude=()) -> list[int]:
     """Frames to label next, chosen one at a time by the reduction of the pool's summed
     posterior variance (greedy V-optimal design of the linear-kernel GP).
 
@@ -349,22 +349,21 @@ def variance_reduction_picks(pool_rows: np.ndarray, frame_of_row: np.ndarray,
     members = [np.flatnonzero(inverse == i) for i in range(len(frames))]
     excluded = set(int(f) for f in exclude)
     open_ = [i for i, f in enumerate(frames) if int(f) not in excluded]
+    def rows_and_inner(i):
+        """C_F: (the frame's rows of C) and C_FF + I (noise 1 in these units)."""
+        rows_f = cov[members[i]]
+        return rows_f, rows_f[:, members[i]] + np.eye(len(members[i]))
+
     picks = []
     for _ in range(min(n_picks, len(open_))):
         scores = np.empty(len(open_))
         for j, i in enumerate(open_):
-            block = cov[members[i]]
-            inner = cov[np.ix_(members[i], members[i])] + np.eye(len(members[i]))
-            scores[j] = np.trace(np.linalg.solve(inner, block @ block.T))
-        j = int(np.argmax(scores))
-        i = open_.pop(j)
+            rows_f, inner = rows_and_inner(i)
+            scores[j] = np.trace(np.linalg.solve(inner, rows_f @ rows_f.T))
+        i = open_.pop(int(np.argmax(scores)))
         picks.append(int(frames[i]))
-        block = cov[members[i]]
-        inner = cov[np.ix_(members[i], members[i])] + np.eye(len(members[i]))
-        cov -= block.T @ np.linalg.solve(inner, block)
-        if log is not None:
-            log(f"pick {len(picks)}: frame {picks[-1]}, variance reduction "
-                f"{regularisation * scores[j]:.4g} (units of sigma_f^2)")
+        rows_f, inner = rows_and_inner(i)
+        cov -= rows_f.T @ np.linalg.solve(inner, rows_f)
     return picks
 
 

@@ -372,6 +372,13 @@ def explore(spec: LearnSpec, ctx, store: RunStore, iteration: int, systems, stru
 
 
 # ---- selection -------------------------------------------------------------------------------
+def even_subset(pairs: np.ndarray, n: int) -> np.ndarray:
+    """At most `n` of the (temperature, frame) `pairs`, evenly spaced in their order."""
+    if len(pairs) <= n:
+        return pairs
+    return pairs[np.unique(np.linspace(0, len(pairs) - 1, n).round().astype(int))]
+
+
 def select_frames(deviation: np.ndarray, spec: LearnSpec) -> tuple[np.ndarray, dict]:
     """Candidates of one system's exploration: (temperature, frame) pairs and the counts.
 
@@ -385,11 +392,9 @@ def select_frames(deviation: np.ndarray, spec: LearnSpec) -> tuple[np.ndarray, d
     failed = explored & (deviation >= spec.trust_hi_ev_a)
     candidate = explored & ~accurate & ~failed
     pairs = np.argwhere(candidate)  # row-major: temperature, then frame
-    k = min(spec.max_candidates_per_system, len(pairs))
-    picks = np.unique(np.linspace(0, len(pairs) - 1, k).round().astype(int)) if k else []
     counts = {"explored": int(explored.sum()), "accurate": int(accurate.sum()),
               "candidate": int(candidate.sum()), "failed": int(failed.sum())}
-    return pairs[picks] if k else np.zeros((0, 2), dtype=int), counts
+    return even_subset(pairs, spec.max_candidates_per_system), counts
 
 
 def shift_picks(std_per_frame: np.ndarray, deviation: np.ndarray, taken: np.ndarray,
@@ -410,13 +415,6 @@ def shift_picks(std_per_frame: np.ndarray, deviation: np.ndarray, taken: np.ndar
         return np.zeros((0, 2), dtype=int)
     order = flat[np.argsort(-score.ravel()[flat], kind="stable")][:budget]
     return np.stack(np.unravel_index(np.sort(order), score.shape), axis=1)
-
-
-def even_subset(pairs: np.ndarray, n: int) -> np.ndarray:
-    """At most `n` of the (temperature, frame) `pairs`, evenly spaced in their order."""
-    if len(pairs) <= n:
-        return pairs
-    return pairs[np.unique(np.linspace(0, len(pairs) - 1, n).round().astype(int))]
 
 
 def reduction_picks(featurizer, labelled_gram: np.ndarray, numbers, positions_a,
