@@ -119,6 +119,7 @@ learn:
   trust_hi_ev_a: 50.0
   max_candidates_per_system: 2
   validation_fraction: 0.25
+  reuse_models: true       # the --init-frz-model path through kill -9 and resume
   dp:
     steps: 20
     decay_steps: 10

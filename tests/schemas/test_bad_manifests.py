@@ -328,6 +328,10 @@ DEVIATION_CORPUS = [  # md's model ensemble (jobs/deviation.py), in the pattern 
     ("trust-order", "stages: [probe]\nmd: {trust_lo_ev_a: 0.2, trust_hi_ev_a: 0.1}\n",
      "md.trust_lo_ev_a: must be smaller than trust_hi_ev_a"),
     ("trust-hi-zero", "stages: [probe]\nmd: {trust_hi_ev_a: 0}\n", "md.trust_hi_ev_a"),
+    ("learn-trust-order", "stages: [probe]\nlearn: {trust_lo_ev_a: 0.2, trust_hi_ev_a: 0.1}\n",
+     "learn.trust_hi_ev_a: must be > trust_lo_ev_a"),
+    ("learn-reuse-lr-below-stop", "stages: [probe]\nlearn: {reuse_models: true, "
+     "reuse_start_lr: 1.0e-5}\n", "learn.reuse_start_lr: must be >= dp.stop_lr"),
 ]
 
 
