@@ -58,14 +58,19 @@ def load_data(args):
     from jobs.train import centre_rows
     from schemas.shift import ShiftSpec
 
-    frames = read_labelled_frames(DATA / "p63mcm-dev.extxyz") + \
-        read_labelled_frames(DATA / "p6322-dev.extxyz")
+    paths = args.frames or [DATA / "p63mcm-dev.extxyz", DATA / "p6322-dev.extxyz"]
+    frames = [frame for path in paths for frame in read_labelled_frames(path)]
     rows = centre_rows(frames, "Na", ShiftSpec())
     featurizer = SoapFeaturizer(["Na", "Mg", "Mn", "O"], "Na", args.r_cut, args.sigma,
                                 args.n_max, args.l_max)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"soap_{args.r_cut:g}_{args.sigma:g}_{args.n_max}_{args.l_max}.npy"
+    key = f"soap_{args.r_cut:g}_{args.sigma:g}_{args.n_max}_{args.l_max}"
+    if args.frames:  # other frames than the shared ones: keyed by their files too
+        import hashlib
+        key += "_" + hashlib.sha1(repr([(str(Path(p).resolve()), Path(p).stat().st_mtime_ns)
+                                        for p in args.frames]).encode()).hexdigest()[:12]
+    path = cache / f"{key}.npy"
     soap_ms = None
     if path.exists():
         features = np.load(path)
@@ -98,8 +103,8 @@ def run_cv(args) -> None:
         row = {key: float(value[g]) for key, value in columns.items()}
         row.update(r_cut_a=args.r_cut, sigma_a=args.sigma, n_max=args.n_max, l_max=args.l_max,
                    folds=args.folds)
-        # out-of-fold mean shift per stacking vs DFT
-        for name, first in (("p63mcm", 0), ("p6322", 400)):
+        # out-of-fold mean shift per stacking vs DFT (the shared files: 400 frames each)
+        for name, first in () if args.frames else (("p63mcm", 0), ("p6322", 400)):
             mask = (rows.frame >= first) & (rows.frame < first + 400)
             row[f"mean_shift_error_{name}_ppm"] = float(
                 cv.predictions_ppm[g][mask].mean() - rows.shift_ppm[mask].mean())
@@ -335,6 +340,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mode", choices=["cv", "curve", "nnmr-curve", "speed"])
     parser.add_argument("--r-cut", type=float, default=5.5)
+    parser.add_argument("--frames", nargs="+", default=None,
+                        help="labelled frame files (extxyz / OUTCARs) instead of the 800 "
+                             "shared P2-NMMO frames (e.g. an oracle-labelled explored pool)")
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--n-max", type=int, default=9)
     parser.add_argument("--l-max", type=int, default=9)
