@@ -370,8 +370,14 @@ def main(argv=None) -> None:
     parser.add_argument("--nnmr-uncertainty", action="store_true",
                         help="nnmr-curve: uncertainty-driven selection (2-network spread)")
     args = parser.parse_args(argv)
-    {"cv": run_cv, "curve": run_curve, "nnmr-curve": run_nnmr_curve,
-     "speed": run_speed}[args.mode](args)
+    from engine.failure import InputError
+
+    try:
+        {"cv": run_cv, "curve": run_curve, "nnmr-curve": run_nnmr_curve,
+         "speed": run_speed}[args.mode](args)
+    except InputError as exc:  # a bad --frames file: one line, exit 2
+        print(f"bench_gpr: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ def main(argv=None) -> None:
     parser.add_argument("--shift-model", default=str(ROOT / "jobs" / "data" / "nnmr-p2-nmmo.h5"))
     args = parser.parse_args(argv)
 
+    if not Path(args.store).is_file():
+        print(f"explored_pool: no store {args.store}", file=sys.stderr)
+        sys.exit(2)
     explored = []
     with h5py.File(args.store, "r") as store:
         learn = store["learn"]
