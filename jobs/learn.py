@@ -160,11 +160,12 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
     previous = f"{iteration_group(iteration - 1)}/models"
     reuse = spec.reuse_models and iteration > 0 and all(
         store.exists(f"{previous}/model_{k}") for k in range(spec.models))
-    dp_spec = spec.dp
+    dp_spec = spec.dp.model_copy(update={"steps": spec.dp.steps_at(iteration)})
     if reuse:
         dp_spec = spec.dp.model_copy(update={
             "steps": spec.reuse_steps, "start_lr": spec.reuse_start_lr,
-            "decay_steps": max(1, round(spec.dp.decay_steps * spec.reuse_steps / spec.dp.steps))})
+            "decay_steps": max(1, round(spec.dp.decay_steps * spec.reuse_steps /
+                                        spec.dp.steps_at(iteration)))})
     for round_start in range(0, len(todo), ctx.size):
         batch = todo[round_start:round_start + ctx.size]
         mine = batch[ctx.rank] if ctx.rank < len(batch) else None
@@ -186,7 +187,7 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
                     dp_spec, train_sets, valid_sets, folder,
                     seeds.integer("learn.deepmd", iteration, mine), ctx.cores, ctx.log,
                     init_model=init)
-                report["reused"] = bool(reuse)
+                report.update(reused=bool(reuse), steps=dp_spec.steps)
                 outcome = (mine, chosen.read_bytes(), report, None)
             except Exception as exc:  # noqa: BLE001 - agreed below
                 outcome = (mine, None, None, f"{type(exc).__name__}: {exc}")

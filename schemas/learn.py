@@ -100,8 +100,27 @@ class LearnDpSpec(DpTrainingSpec):
     Measured on the P2-NMMO oracle campaign (docs/learn.md): at 16000 steps the accurate
     fraction stalled at 0.32-0.43 over 6 iterations; at 38000 it was 0.53, 0.91, 0.96, 0.94,
     0.92, 0.93 (~10 min per model at 1 thread; ensemble 0.012 eV/A against the oracle)."""
+    steps_per_iteration: list[int] | None = None
+    """Training steps of each model in iteration i (the last entry for later iterations), as
+    `explore.steps`; null: `steps` in every iteration. Iteration 0 trains on the bootstrap
+    frames alone, whose models only have to explore stably and pick frames: a shorter first
+    training there buys time without touching the models the stop rule reads later."""
     decay_steps: int = Field(default=400, ge=1)
-    """Steps between learning-rate decays (start_lr to stop_lr over `steps`)."""
+    """Steps between learning-rate decays (start_lr to stop_lr over the steps)."""
+
+    def steps_at(self, iteration: int) -> int:
+        """Training steps of each model in `iteration` (0-based)."""
+        if not self.steps_per_iteration:
+            return self.steps
+        return self.steps_per_iteration[min(iteration, len(self.steps_per_iteration) - 1)]
+
+    def _problems(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.steps_per_iteration is not None and (
+                not self.steps_per_iteration or min(self.steps_per_iteration) < 1):
+            problems.append(("steps_per_iteration", f"one or more entries, every entry >= 1 "
+                                                    f"(got {self.steps_per_iteration})"))
+        return problems + super()._problems()
     stop_lr: float = Field(default=1e-4, gt=0)
     """Learning rate at the last step. 1e-4, not the potential section's 1e-5: a campaign's
     short training is still far from converged, and its steps buy more at a higher rate than

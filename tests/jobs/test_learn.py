@@ -122,6 +122,7 @@ learn:
   reuse_models: true       # the --init-frz-model path through kill -9 and resume
   dp:
     steps: 20
+    steps_per_iteration: [16, 20]  # iteration 0 shorter; reuse_steps from iteration 1 on
     decay_steps: 10
     sel: [20, 10, 20, 48]
     embedding_neurons: [4, 8]
@@ -170,6 +171,9 @@ def test_campaign_records_every_phase(campaign):
         assert (boot["status"][()] == 1).all() and len(boot["status"]) == 4
         it0 = learn["iter_000"]
         assert set(it0["models"]) == {"model_0", "model_1"}
+        assert [it0[f"models/model_{k}"].attrs["steps"] for k in range(2)] == [16, 16]
+        assert not it0["models/model_0"].attrs["reused"]
+        assert learn["iter_001/models/model_0"].attrs["reused"]
         dev = it0["explore/p6322/max_devi_f_ev_a"][()]
         assert dev.shape == (2, 2)  # 2 temperatures x (20 // 10) frames
         assert np.all(np.isfinite(dev)) and np.all(dev > 0)

@@ -332,6 +332,10 @@ DEVIATION_CORPUS = [  # md's model ensemble (jobs/deviation.py), in the pattern 
      "learn.trust_hi_ev_a: must be > trust_lo_ev_a"),
     ("learn-reuse-lr-below-stop", "stages: [probe]\nlearn: {reuse_models: true, "
      "reuse_start_lr: 1.0e-5}\n", "learn.reuse_start_lr: must be >= dp.stop_lr"),
+    ("learn-steps-per-iteration-zero", "stages: [probe]\nlearn: {dp: {steps_per_iteration: "
+     "[16000, 0]}}\n", "learn.dp.steps_per_iteration: one or more entries, every entry >= 1"),
+    ("learn-steps-per-iteration-empty", "stages: [probe]\nlearn: {dp: {steps_per_iteration: "
+     "[]}}\n", "learn.dp.steps_per_iteration: one or more entries"),
 ]
 
 

@@ -85,3 +85,11 @@ def test_structure_files_resolve_against_the_manifest_folder(tmp_path: Path):
     manifest = parse_manifest(text, base_dir=tmp_path)
     assert manifest.system("a").structure == str(tmp_path / "cells" / "a.cif")
     assert manifest.system("b").structure == "builtin:p2-nmmo-p6322"
+
+
+def test_learn_training_steps_per_iteration_repeat_the_last_entry():
+    dp = parse_manifest("stages: [probe]\nlearn: {dp: {steps: 900, steps_per_iteration: "
+                        "[100, 200]}}").learn.dp
+    assert [dp.steps_at(i) for i in range(4)] == [100, 200, 200, 200]
+    dp = parse_manifest("stages: [probe]\nlearn: {dp: {steps: 900}}").learn.dp
+    assert [dp.steps_at(i) for i in range(3)] == [900, 900, 900]
