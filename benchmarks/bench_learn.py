@@ -13,9 +13,9 @@ ensemble mean) and final shift model are scored on those labels. Prints one JSON
 frames plus as many frames drawn at random from its explorations as the final models were
 trained on beyond the bootstrap, labelled by the oracle, and scores it the same way:
 deviation-selected against randomly selected frames at equal label counts. It trains from
-scratch for as many steps as the campaign's model 0 received in all (``dp.steps``, plus
-``reuse_steps`` per later iteration when ``reuse_models``): equal labels, equal training;
-``--baseline-steps`` overrides that.
+scratch for as many steps as the campaign's final model 0 received in all (its iteration's
+``dp.steps``; iteration 0's plus ``reuse_steps`` per later iteration when ``reuse_models``):
+equal labels, equal training; ``--baseline-steps`` overrides that.
 """
 from __future__ import annotations
 
@@ -163,8 +163,9 @@ def random_baseline(store, args, frames, ref_energy, ref_forces) -> dict:
             atoms = Atoms(numbers=numbers, positions=xyz, cell=cell, pbc=True)
             atoms.wrap()
             labelled.append(oracle.label(atoms, Path(tmp) / f"f{k}", "random"))
-        steps = args.baseline_steps or spec.dp.steps + (
-            final * spec.reuse_steps if spec.reuse_models else 0)
+        steps = args.baseline_steps or (
+            spec.dp.steps_at(0) + final * spec.reuse_steps if spec.reuse_models
+            else spec.dp.steps_at(final))
         started = time.monotonic()
         path, _ = train_dp(spec.dp.model_copy(update={"steps": steps}), [boot + labelled], [],
                            Path(tmp) / "dp", args.seed, 2, log=lambda m: None)
