@@ -59,8 +59,9 @@ def test_without_frames_the_shipped_model_goes_into_the_store(tmp_path):
 
 
 def test_shipped_model_meets_its_targets_on_held_out_frames():
-    """The frames the regenerating manifest held out: force RMSE <= 0.054 eV/A (v2: 0.0526;
-    v1, 0.062, would fail), energy <= 1 meV/atom (v2: 0.46; v1: 1.23)."""
+    """The frames the regenerating manifest held out: force RMSE <= 0.052 eV/A, issue 11's
+    target (v3: 0.0480; v2, 0.0526, and v1, 0.062, would fail), energy <= 1 meV/atom (v3:
+    0.50; v1: 1.23)."""
     manifest, _ = load_manifest(ROOT / "run" / "potential-p2-nmmo.yaml")
     spec = manifest.potential
     rng = np.random.default_rng([manifest.seed, 4, 1])  # as jobs.potential.train_model
@@ -70,7 +71,7 @@ def test_shipped_model_meets_its_targets_on_held_out_frames():
         held_out += [frames[i] for i in split_holdout(len(frames), spec.holdout_fraction, rng)[1]]
     assert len(held_out) == 80
     errors = holdout_errors(SHIPPED_MODEL, held_out)
-    assert errors.force_rmse_ev_per_a <= 0.054
+    assert errors.force_rmse_ev_per_a <= 0.052
     assert errors.energy_rmse_mev_per_atom <= 1.0
     assert SHIPPED_MODEL.stat().st_size < 20 * 2**20
 
