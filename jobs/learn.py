@@ -160,12 +160,12 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
     previous = f"{iteration_group(iteration - 1)}/models"
     reuse = spec.reuse_models and iteration > 0 and all(
         store.exists(f"{previous}/model_{k}") for k in range(spec.models))
-    dp_spec = spec.dp.model_copy(update={"steps": spec.dp.steps_at(iteration)})
+    steps = spec.dp.steps_at(iteration)
+    dp_spec = spec.dp.model_copy(update={"steps": steps})
     if reuse:
         dp_spec = spec.dp.model_copy(update={
             "steps": spec.reuse_steps, "start_lr": spec.reuse_start_lr,
-            "decay_steps": max(1, round(spec.dp.decay_steps * spec.reuse_steps /
-                                        spec.dp.steps_at(iteration)))})
+            "decay_steps": max(1, round(spec.dp.decay_steps * spec.reuse_steps / steps))})
     for round_start in range(0, len(todo), ctx.size):
         batch = todo[round_start:round_start + ctx.size]
         mine = batch[ctx.rank] if ctx.rank < len(batch) else None

@@ -107,6 +107,15 @@ class LearnDpSpec(DpTrainingSpec):
     training there buys time without touching the models the stop rule reads later."""
     decay_steps: int = Field(default=400, ge=1)
     """Steps between learning-rate decays (start_lr to stop_lr over the steps)."""
+    stop_lr: float = Field(default=1e-4, gt=0)
+    """Learning rate at the last step. 1e-4, not the potential section's 1e-5: a campaign's
+    short training is still far from converged, and its steps buy more at a higher rate than
+    in a fine final descent. Measured on 240 frames of the oracle campaign, 16000 steps from
+    1e-3 (docs/learn.md): force RMSE against the oracle 0.0068 eV/A down to 1e-4, 0.0102 to
+    3e-5, 0.0175 to 1e-5, 0.036 to 1e-6 (energy 0.07-0.31 meV/atom, best at 1e-4)."""
+    compress: Literal["auto", "always", "never"] = "never"
+    """`dp compress` each model: never by default (a model is retrained the next iteration, and
+    a reused model must be the uncompressed frozen one)."""
 
     def steps_at(self, iteration: int) -> int:
         """Training steps of each model in `iteration` (0-based)."""
@@ -121,15 +130,6 @@ class LearnDpSpec(DpTrainingSpec):
             problems.append(("steps_per_iteration", f"one or more entries, every entry >= 1 "
                                                     f"(got {self.steps_per_iteration})"))
         return problems + super()._problems()
-    stop_lr: float = Field(default=1e-4, gt=0)
-    """Learning rate at the last step. 1e-4, not the potential section's 1e-5: a campaign's
-    short training is still far from converged, and its steps buy more at a higher rate than
-    in a fine final descent. Measured on 240 frames of the oracle campaign, 16000 steps from
-    1e-3 (docs/learn.md): force RMSE against the oracle 0.0068 eV/A down to 1e-4, 0.0102 to
-    3e-5, 0.0175 to 1e-5, 0.036 to 1e-6 (energy 0.07-0.31 meV/atom, best at 1e-4)."""
-    compress: Literal["auto", "always", "never"] = "never"
-    """`dp compress` each model: never by default (a model is retrained the next iteration, and
-    a reused model must be the uncompressed frozen one)."""
 
 
 class LearnSpec(Spec):
