@@ -19,7 +19,9 @@ threads are OMP_NUM_THREADS):
 
             ``--curves random reduction``: greedy V-optimal selection instead
             (:func:`jobs.gpr.variance_reduction_picks`, one frame at a time, at
-            ``--selection-regularisation``); ``--no-tune --seed S`` for other splits.
+            ``--selection-regularisation``; ``--selection-zeta Z``: under the exact GP of the
+            kernel ``(x . y)^Z``, :func:`jobs.gpr.kernel_reduction_picks`); ``--no-tune --seed
+            S`` for other splits.
 
 ``nnmr-curve``  the same split for NN-NMR: random selection, one network per size; or
             (``--nnmr-uncertainty``) uncertainty-driven, by the spread of 2 networks::
@@ -175,13 +177,18 @@ def run_curve(args) -> None:
             if len(chosen) < size:
                 started = time.perf_counter()
                 chosen_rows = np.flatnonzero(np.isin(rows.frame, chosen))
-                gram, _, _ = gpr.linear_statistics(features, rows.shift_ppm, chosen_rows)
                 lam = args.selection_regularisation or point[1]
-                chol = gpr.solve_linear(gram, np.zeros(len(gram)), lam).chol
-                del gram
-                chosen.extend(gpr.variance_reduction_picks(
-                    features[pool_rows], rows.frame[pool_rows], chol, lam,
-                    size - len(chosen), exclude=chosen))
+                if args.selection_zeta > 1:  # the exact GP of that polynomial kernel
+                    chosen.extend(gpr.kernel_reduction_picks(
+                        features[pool_rows], rows.frame[pool_rows], features[chosen_rows],
+                        args.selection_zeta, lam, size - len(chosen), exclude=chosen))
+                else:
+                    gram, _, _ = gpr.linear_statistics(features, rows.shift_ppm, chosen_rows)
+                    chol = gpr.solve_linear(gram, np.zeros(len(gram)), lam).chol
+                    del gram
+                    chosen.extend(gpr.variance_reduction_picks(
+                        features[pool_rows], rows.frame[pool_rows], chol, lam,
+                        size - len(chosen), exclude=chosen))
                 print(json.dumps({"picked": size, "select_s": time.perf_counter() - started}),
                       flush=True)
             point = tuned(chosen)
@@ -361,6 +368,9 @@ def main(argv=None) -> None:
                         help="curve: selection rules to run (reduction: greedy V-optimal)")
     parser.add_argument("--selection-regularisation", type=float, default=None,
                         help="reduction: lambda of the selection's GP (default: the tuned one)")
+    parser.add_argument("--selection-zeta", type=int, default=1,
+                        help="kernel exponent of the reduction curve's GP (1: the linear "
+                             "weight-space design; >= 2: jobs.gpr.kernel_reduction_picks)")
     parser.add_argument("--cache", default="/tmp/dynshift-gpr-cache")
     parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
                         help="curve: choose (zeta, lambda, M) by CV over the chosen frames at "

@@ -338,13 +338,50 @@ def variance_reduction_picks(pool_rows: np.ndarray, frame_of_row: np.ndarray,
     from scipy.linalg import solve_triangular
 
     rows = np.asarray(pool_rows, dtype=np.float64)
-    frame_of_row = np.asarray(frame_of_row)
     if chol is None:
         z = rows.T / np.sqrt(regularisation)
     else:
         z = solve_triangular(chol, rows.T, lower=True)
     cov = z.T @ z            # C / lambda: the noise variance is 1 in these units
     del z
+    return greedy_reduction(cov, frame_of_row, n_picks, exclude)
+
+
+def kernel_reduction_picks(pool_rows: np.ndarray, frame_of_row: np.ndarray,
+                           labelled_rows: np.ndarray | None, zeta: int, noise: float,
+                           n_picks: int, exclude=()) -> list[int]:
+    """Greedy V-optimal picks as :func:`variance_reduction_picks`, under the polynomial kernel
+    ``(x . y)^zeta`` of the (L2-normalised) rows: the exact GP over the pool, not the linear
+    kernel's weight space. It is the design matched to a sparse model of that zeta.
+
+    The pool's latent covariance given the `labelled_rows` (noise variance `noise`, in units
+    of the kernel's prior variance 1) is ``K_pp - K_pl (K_ll + noise I)^-1 K_lp``; labelled
+    rows that are also pool rows count once in each role, as in the linear form.
+
+    Memory: two P x P float64 matrices and one P x L; time O(P^2 (n_features + L)) once, then
+    O(P^2 m) per pick.
+    """
+    from scipy.linalg import cho_factor, cho_solve
+
+    rows = np.asarray(pool_rows, dtype=np.float64)
+    cov = polynomial_kernel(rows @ rows.T, zeta)
+    if labelled_rows is not None and len(labelled_rows):
+        labelled = np.asarray(labelled_rows, dtype=np.float64)
+        cross = polynomial_kernel(rows @ labelled.T, zeta)
+        inner = polynomial_kernel(labelled @ labelled.T, zeta)
+        inner[np.diag_indices_from(inner)] += noise
+        cov -= cross @ cho_solve(cho_factor(inner, lower=True), cross.T)
+        del cross, inner
+    cov /= noise             # noise variance 1 in these units
+    return greedy_reduction(cov, frame_of_row, n_picks, exclude)
+
+
+def greedy_reduction(cov: np.ndarray, frame_of_row: np.ndarray, n_picks: int,
+                     exclude=()) -> list[int]:
+    """The greedy V-optimal loop over `cov`, the pool rows' latent posterior covariance in
+    units of the label noise (overwritten): pick the frame whose rows' labels lower
+    ``trace(cov)`` most, ``trace((C_FF + I)^-1 C_F: C_:F)``, condition on them, repeat."""
+    frame_of_row = np.asarray(frame_of_row)
     frames, inverse = np.unique(frame_of_row, return_inverse=True)
     members = [np.flatnonzero(inverse == i) for i in range(len(frames))]
     excluded = set(int(f) for f in exclude)

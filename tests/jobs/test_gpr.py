@@ -128,6 +128,38 @@ def test_variance_reduction_picks_are_the_greedy_v_optimal_design():
     assert first == min(prior, key=prior.get)
 
 
+def test_kernel_reduction_picks_match_the_linear_design_and_the_dual_posterior():
+    """At zeta 1 the kernel form is the linear design (the same picks from the same labels);
+    at zeta 3 every pick is the frame that most lowers the summed posterior variance of the
+    exact polynomial-kernel GP, recomputed from scratch for every candidate."""
+    x = unit_rows(48, 6, seed=3)
+    frame = np.repeat(np.arange(12), 4)
+    lam = 1e-2
+    labelled = np.flatnonzero(frame < 2)
+    gram, _, _ = gpr.linear_statistics(x, np.zeros(len(x)), labelled)
+    chol = gpr.solve_linear(gram, np.zeros(6), lam).chol
+    linear = gpr.variance_reduction_picks(x, frame, chol, lam, 4, exclude=[0, 1])
+    assert gpr.kernel_reduction_picks(x, frame, x[labelled], 1, lam, 4, exclude=[0, 1]) == linear
+
+    zeta = 3
+    kernel = lambda a, b: (a @ b.T) ** zeta
+
+    def summed_variance(given):
+        k = kernel(x[given], x[given]) + lam * np.eye(len(given))
+        cross = kernel(x, x[given])
+        return float(np.trace(kernel(x, x)) - np.sum(cross * np.linalg.solve(k, cross.T).T))
+
+    picks = gpr.kernel_reduction_picks(x, frame, x[labelled], zeta, lam, 4, exclude=[0, 1])
+    given = list(labelled)
+    for n, pick in enumerate(picks):
+        options = [f for f in range(2, 12) if f not in picks[:n]]
+        after = {f: summed_variance(given + list(np.flatnonzero(frame == f))) for f in options}
+        assert pick == min(after, key=after.get)
+        assert after[pick] < min(v for f, v in after.items() if f != pick)
+        given += list(np.flatnonzero(frame == pick))
+    assert picks != linear  # the kernel, not the linear weight space, chose them
+
+
 def test_farthest_points_spread_out_and_are_seeded():
     x = unit_rows(300, 16, seed=2)
     first = gpr.farthest_points(x, 20, SeedStreams(5).rng("train.gpr_sparse", 0))
