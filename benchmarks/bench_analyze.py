@@ -27,7 +27,7 @@ from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from jobs.analyze import analyze_system
+from jobs.stages.analyze import analyze_system
 from jobs.sites import _assign_sites_brute, assign_sites, find_sites
 from schemas.analyze import AnalyzeSpec
 from schemas.system import SystemSpec
@@ -152,9 +152,9 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("/tmp/bench_analyze.h5"))
     args = parser.parse_args()
     if args.reference:
-        import jobs.analyze
+        import jobs.stages.analyze
 
-        jobs.analyze.assign_sites = _assign_sites_brute
+        jobs.stages.analyze.assign_sites = _assign_sites_brute
     ctx = RankContext.from_comm(MPI.COMM_WORLD)
     spec = AnalyzeSpec()
     big = "x".join(map(str, args.supercell))

@@ -1,4 +1,4 @@
-"""Benchmarks of the GPR shift model (jobs/gpr.py) on the shared P2-NMMO frames (docs/gpr.md).
+"""Benchmarks of the GPR shift model (jobs/shiftmodels/gpr.py) on the shared P2-NMMO frames (docs/gpr.md).
 
 Three measurements, each printed as one JSON line per result (serial: one process; the
 threads are OMP_NUM_THREADS):
@@ -18,9 +18,9 @@ threads are OMP_NUM_THREADS):
         --regularisation 1e-5 --n-sparse 2000 --sizes 25 50 100 200 400
 
             ``--curves random reduction``: greedy V-optimal selection instead
-            (:func:`jobs.gpr.variance_reduction_picks`, one frame at a time, at
+            (:func:`jobs.shiftmodels.gpr.variance_reduction_picks`, one frame at a time, at
             ``--selection-regularisation``; ``--selection-zeta Z``: under the exact GP of the
-            kernel ``(x . y)^Z``, :func:`jobs.gpr.kernel_reduction_picks`); ``--no-tune --seed
+            kernel ``(x . y)^Z``, :func:`jobs.shiftmodels.gpr.kernel_reduction_picks`); ``--no-tune --seed
             S`` for other splits.
 
 ``nnmr-curve``  the same split for NN-NMR: random selection, one network per size; or
@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.shiftmodels.registry import load_shift_model
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "p2-nmmo"
@@ -56,8 +58,8 @@ DATA = ROOT.parent / "shared" / "data" / "p2-nmmo"
 def load_data(args):
     """Frames, rows (shift, frame, atom) and SOAP rows of the 800 shared frames (cached)."""
     from jobs.frames import read_labelled_frames
-    from jobs.soap import SoapFeaturizer
-    from jobs.train import centre_rows
+    from jobs.shiftmodels.rows import centre_rows
+    from jobs.shiftmodels.soap import SoapFeaturizer
     from schemas.shift import ShiftSpec
 
     paths = args.frames or [DATA / "p63mcm-dev.extxyz", DATA / "p6322-dev.extxyz"]
@@ -93,8 +95,8 @@ def spec_of(args):
 
 def run_cv(args) -> None:
     from engine.seeds import SeedStreams
-    from jobs import gpr
-    from jobs.train import frame_folds
+    from jobs.shiftmodels import gpr
+    from jobs.shiftmodels.rows import frame_folds
 
     frames, rows, _, features, _ = load_data(args)
     fold_of_row = frame_folds(len(frames), args.folds, args.seed)[rows.frame]
@@ -118,9 +120,9 @@ def run_cv(args) -> None:
 
 def run_curve(args) -> None:
     from engine.seeds import SeedStreams
-    from jobs import gpr
-    from jobs.nnmr import regression_metrics
-    from jobs.train import frame_folds
+    from jobs.shiftmodels import gpr
+    from jobs.shiftmodels.metrics import regression_metrics
+    from jobs.shiftmodels.rows import frame_folds
 
     frames, rows, _, features, _ = load_data(args)
     spec = spec_of(args)
@@ -169,7 +171,7 @@ def run_curve(args) -> None:
     if "reduction" in args.curves:
         # greedy V-optimal: one frame at a time, the one whose labels most reduce the summed
         # posterior variance of the pool given the frames chosen so far (the linear-kernel
-        # GP at the lambda tuned at the previous size; jobs.gpr.variance_reduction_picks)
+        # GP at the lambda tuned at the previous size; jobs.shiftmodels.gpr.variance_reduction_picks)
         chosen = list(pool[:args.sizes[0]])
         point = tuned(chosen)
         pool_rows = np.flatnonzero(np.isin(rows.frame, pool))
@@ -221,9 +223,11 @@ def run_nnmr_curve(args) -> None:
     """The learning curve of NN-NMR on the same frame split (random selection): one network
     per size (the train section's defaults: 3 x 512, 300 epochs, patience 50, 10 % of the
     chosen frames for early stopping), scored on the 200 test frames; SOAP of ``--r-cut``."""
-    from engine.context import RankContext
-    from jobs.nnmr import regression_metrics, train_model
     from mpi4py import MPI
+
+    from engine.context import RankContext
+    from jobs.shiftmodels.metrics import regression_metrics
+    from jobs.shiftmodels.nnmr import train_model
     from schemas.train import TrainSpec
 
     frames, rows, _, features, _ = load_data(args)
@@ -290,12 +294,12 @@ def _best_ms(call, repeats: int = 5) -> float:
 
 
 def run_speed(args) -> None:
-    from jobs.gpr import GprShiftModel
-    from jobs.infer import featurizer_for
-    from jobs.nnmr import ShiftEnsemble, fast_predictor
-    from jobs.soap import SoapFeaturizer
+    from jobs.shiftmodels.gpr import GprShiftModel
+    from jobs.shiftmodels.nnmr import fast_predictor
+    from jobs.shiftmodels.soap import SoapFeaturizer
+    from jobs.shiftmodels.registry import featurizer_for
 
-    shipped = ShiftEnsemble.from_store(ROOT / "jobs" / "data" / "nnmr-p2-nmmo.h5")
+    shipped = load_shift_model(ROOT / "jobs" / "data" / "nnmr-p2-nmmo.h5")
     frames = __import__("ase.io", fromlist=["read"]).read(DATA / "p63mcm-dev.extxyz", ":32")
     numbers = frames[0].numbers
     positions = np.stack([a.positions for a in frames])
@@ -370,7 +374,7 @@ def main(argv=None) -> None:
                         help="reduction: lambda of the selection's GP (default: the tuned one)")
     parser.add_argument("--selection-zeta", type=int, default=1,
                         help="kernel exponent of the reduction curve's GP (1: the linear "
-                             "weight-space design; >= 2: jobs.gpr.kernel_reduction_picks)")
+                             "weight-space design; >= 2: jobs.shiftmodels.gpr.kernel_reduction_picks)")
     parser.add_argument("--cache", default="/tmp/dynshift-gpr-cache")
     parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
                         help="curve: choose (zeta, lambda, M) by CV over the chosen frames at "

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.shiftmodels.registry import load_shift_model
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
@@ -77,7 +79,7 @@ def make_frames(n_frames: int, jitter_a: float, seed: int):
 def paper_size_folds(n_features: int, seed: int, n_folds: int = 5, width: int = 512,
                      depth: int = 3):
     """Random fold models of the paper's size (weights do not change the cost)."""
-    from jobs.nnmr import FoldModel
+    from jobs.shiftmodels.nnmr import FoldModel
 
     rng = np.random.default_rng(seed)
     widths = [n_features] + [width] * depth + [1]
@@ -115,11 +117,12 @@ def main() -> None:
 
     mpi_environment_defaults()  # as `dynshift run` does, before MPI_Init
     from mpi4py import MPI
+
     from engine.store import RunStore
-    from jobs.infer import SHIPPED_MODEL, featurizer_for, infer_shifts
-    from jobs.nnmr import fast_predictor
-    from jobs.nnmr import ShiftEnsemble, write_fold_model
-    from jobs.soap import SoapFeaturizer
+    from jobs.shiftmodels.nnmr import ShiftEnsemble, fast_predictor, write_fold_model
+    from jobs.shiftmodels.soap import SoapFeaturizer
+    from jobs.shiftmodels.registry import featurizer_for
+    from jobs.stages.infer import SHIPPED_MODEL, infer_shifts
     from schemas.infer import InferSpec
     from schemas.system import SystemSpec
 
@@ -146,10 +149,10 @@ def main() -> None:
         del positions, cells
         n_folds = args.folds or 5
         if args.model is not None:
-            ensemble = ShiftEnsemble.from_store(Path(args.model))
+            ensemble = load_shift_model(Path(args.model))
             model = str(args.model)
         elif SHIPPED_MODEL.exists() and not args.paper_size and args.folds is None:
-            ensemble = ShiftEnsemble.from_store(SHIPPED_MODEL)
+            ensemble = load_shift_model(SHIPPED_MODEL)
             model = f"shipped {SHIPPED_MODEL.name}"
         else:
             featurizer = SoapFeaturizer(["Na", "Mg", "Mn", "O"])
@@ -158,7 +161,7 @@ def main() -> None:
                 write_fold_model(store, f"/train/folds/{k}", fold)
             store.set_attrs("/train", soap=featurizer.settings())
             store.flush()
-            ensemble = ShiftEnsemble.from_store(store)
+            ensemble = load_shift_model(store)
             model = f"random, {n_folds} fold(s) x 3 x 512"
         featurizer = featurizer_for(ensemble, args.soap_kernel)
         soap_kernel = featurizer.array_kernel()

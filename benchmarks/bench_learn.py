@@ -1,4 +1,4 @@
-"""Score a learn campaign (jobs/learn.py) against its oracle on frames it never saw.
+"""Score a learn campaign (jobs/stages/learn.py) against its oracle on frames it never saw.
 
 For a campaign run with the `model` labeller (run/learn-oracle-p6322.yaml), the oracle is the
 pair of shipped models (jobs/data/dp-p2-nmmo.pb, jobs/data/gpr-p2-nmmo.h5): every frame of a
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.shiftmodels.registry import load_shift_model
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "p2-nmmo"
@@ -37,8 +39,7 @@ def dp_labels(model_path: Path, frames) -> tuple[np.ndarray, np.ndarray]:
     """Energies (eV) and forces (eV/A) of `frames` by one frozen DP model."""
     from deepmd.infer import DeepPot
 
-    from jobs.md import deepmd_positions
-    from jobs.potential import import_deepmd_tf
+    from jobs.deepmd import deepmd_positions, import_deepmd_tf
 
     import_deepmd_tf()
     model = DeepPot(str(model_path))
@@ -77,11 +78,17 @@ def main(argv=None) -> None:
                              "the campaign's model 0 received in all)")
     args = parser.parse_args(argv)
 
-    from jobs.frames import read_labelled_frames
-    from jobs.infer import SHIPPED_MODEL, featurizer_for
-    from jobs.learn import GROUP, campaign_history, learned_model_files, learned_shift_model
     from engine.store import RunStore
-    from jobs.nnmr import ShiftEnsemble, regression_metrics
+    from jobs.frames import read_labelled_frames
+    from jobs.layouts.learn import (
+        GROUP,
+        campaign_history,
+        learned_model_files,
+        learned_shift_model,
+    )
+    from jobs.shiftmodels.metrics import regression_metrics
+    from jobs.shiftmodels.registry import featurizer_for
+    from jobs.stages.infer import SHIPPED_MODEL
     from schemas.potential import SHIPPED_MODEL as SHIPPED_DP
 
     args.oracle_dp = Path(args.oracle_dp or SHIPPED_DP)
@@ -89,7 +96,7 @@ def main(argv=None) -> None:
     frames = read_labelled_frames(args.frames)
     n_atoms = len(frames[0])
     ref_energy, ref_forces = dp_labels(args.oracle_dp, frames)
-    oracle_shift = ShiftEnsemble.from_store(args.oracle_shift)
+    oracle_shift = load_shift_model(args.oracle_shift)
     ref_shift, _ = oracle_shift.predict(featurizer_for(oracle_shift).features(frames))
     store = RunStore(Path(args.store), None, mode="r")
     out = {"store": args.store, "test_frames": len(frames), "test_file": args.frames,
@@ -120,17 +127,16 @@ def main(argv=None) -> None:
 
 def random_baseline(store, args, frames, ref_energy, ref_forces) -> dict:
     """One DP model on the bootstrap + as many random explored frames as the loop chose."""
+    import yaml
     from ase import Atoms
 
-    from engine.seeds import SeedStreams
-    from jobs.label import labelled_frames_in
+    from jobs.dptrain import train_dp
     from jobs.labellers.model import ModelLabeller
-    from jobs.learn import BOOTSTRAP, iteration_group
-    from jobs.potential import train_dp
+    from jobs.layouts.label import labelled_frames_in
+    from jobs.layouts.learn import BOOTSTRAP, iteration_group
     from schemas.label import ModelLabellerSpec
     from schemas.learn import LearnSpec
     from schemas.shift import ShiftSpec
-    import yaml
 
     manifest = yaml.safe_load(store.attrs("/")["manifest_yaml"])
     spec = LearnSpec(**manifest.get("learn", {}))

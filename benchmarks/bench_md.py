@@ -91,7 +91,7 @@ def bare_loop(model: Path, steps: int, seed: int) -> float:
 def engine_run(ctx, model: Path, steps: int, save_every: int) -> float:
     """Seconds for the md stage verb: one replica per rank of the same cell, frames stored."""
     from engine.store import RunStore
-    from jobs.md import run_replicas
+    from jobs.stages.md import run_replicas
     from schemas.md import MdSpec
     from schemas.system import SystemSpec
 

@@ -38,9 +38,9 @@ def worker(n_frames: int, epochs: int, batch_size: int, result: str) -> None:
     import numpy as np
 
     from jobs.frames import read_labelled_frames
-    from jobs.nnmr import train_model
-    from jobs.soap import SoapFeaturizer
-    from jobs.train import centre_rows, gather_features
+    from jobs.shiftmodels.nnmr import train_model
+    from jobs.shiftmodels.rows import centre_rows, gather_features
+    from jobs.shiftmodels.soap import SoapFeaturizer
     from schemas.shift import ShiftSpec
     from schemas.train import TrainSpec
 

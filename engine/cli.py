@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import metadata
 from pathlib import Path
 
 from engine.failure import EXIT_INPUT
+from engine.versions import dynshift_version, package_versions
 
 EXAMPLES = """\
 examples:
@@ -20,34 +20,10 @@ examples:
   dynshift doc label.vasp                      every knob of a section: type, default, meaning
 """
 
-PACKAGES = ("dynshift", "numpy", "h5py", "mpi4py", "pydantic", "ase", "dscribe", "deepmd-kit",
-            "tensorflow-cpu", "tensorflow", "keras", "horovod")
 
 
-def package_versions() -> dict:
-    """Versions of the packages a run's numbers depend on (recorded in the store)."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
-def dynshift_version() -> str:
-    """dynshift's version: the installed distribution's, else the one in setup.py."""
-    try:
-        return metadata.version("dynshift")
-    except metadata.PackageNotFoundError:
-        import re
-
-        setup = Path(__file__).resolve().parents[1] / "setup.py"
-        try:
-            match = re.search(r"version\s*=\s*[\"']([^\"']+)", setup.read_text())
-        except OSError:
-            match = None
-        return match.group(1) if match else "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.store.is_file():
             print(f"dynshift: no store at {args.store}", file=sys.stderr)
             return EXIT_INPUT
+        from engine.stages import stage_module
         from engine.store import StoreDamaged
-        from jobs.report import report_from_store
-        try:
-            print(report_from_store(args.store, args.out))
+        try:  # the report stage's own entry, through the stage registry
+            print(stage_module("report").report_from_store(args.store, args.out))
         except StoreDamaged as exc:
             print(f"dynshift: {exc}", file=sys.stderr)
             return EXIT_INPUT
@@ -124,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(path: Path, store_path: Path | None = None) -> int:
-    from schemas import ManifestError, load_manifest
+    from engine.inputs import load_checked_manifest
+    from schemas import ManifestError
 
     try:
-        manifest, _ = load_manifest(path, store_path)
+        manifest, _ = load_checked_manifest(path, store_path)
     except ManifestError as exc:
         print(exc.report(), file=sys.stderr)
         return EXIT_INPUT
@@ -184,9 +161,10 @@ def _load_for_run(path: Path, store_path: Path | None, redo: tuple[str, ...]):
     ManifestError
         For a bad manifest or an unknown `--redo` stage.
     """
-    from schemas import ManifestError, load_manifest
+    from engine.inputs import load_checked_manifest
+    from schemas import ManifestError
 
-    manifest, text = load_manifest(path, store_path)
+    manifest, text = load_checked_manifest(path, store_path)
     unknown = [s for s in redo if s not in manifest.stages]
     if unknown:
         raise ManifestError(str(path), [f"--redo: {s} is not a stage of this manifest"

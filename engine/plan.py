@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.inputs import SystemFacts, system_facts
+from engine.inputs import SystemFacts, system_facts
 
 STATUS_COMPLETE = "complete"
 """The stage status engine.store records for a finished stage."""
@@ -51,6 +51,56 @@ def read_store_state(path: Path) -> StoreState:
             return StoreState(path, True, status)
     except Exception as exc:  # noqa: BLE001 - a store that cannot be read is reported
         return StoreState(path, True, {}, " ".join(str(exc).split()) or type(exc).__name__)
+
+
+class _ReadOnlyStore:
+    """The reading interface the layouts' ``has_*`` use, over an h5py file opened read-only."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def exists(self, name: str) -> bool:
+        return name in self.handle
+
+    def attrs(self, name: str = "/") -> dict:
+        from engine.store import _decode
+
+        if name not in self.handle:
+            return {}
+        return {k: _decode(v) for k, v in self.handle[name].attrs.items()}
+
+
+def published_artefacts(state: StoreState) -> set[str]:
+    """The stages whose artefacts (DP model, shift model, campaign) the store holds."""
+    if not state.exists or state.problem is not None:
+        return set()
+    import h5py
+
+    from jobs.artefacts import published_in
+
+    with h5py.File(state.path, "r", locking=False) as handle:
+        return published_in(_ReadOnlyStore(handle))
+
+
+def _model_lines(manifest, state: StoreState) -> list[str]:
+    """Which DP model md and which shift model infer will use, and why (jobs.artefacts)."""
+    from jobs.artefacts import PUBLISHERS, dp_choice, shift_choice
+
+    held = published_artefacts(state)
+    will = held | {s for s in manifest.stages if s in {*PUBLISHERS["dp"], *PUBLISHERS["shift"]}}
+    lines = []
+    choices = []
+    if "md" in manifest.stages:
+        choices.append(("md", "DP model", dp_choice(will, manifest.potential.model)))
+    if "infer" in manifest.stages and manifest.infer.shifts_from == "model":
+        choices.append(("infer", "shift model", shift_choice(will, manifest.infer.model)))
+    if choices:
+        lines.append("models:")
+    for stage, what, choice in choices:
+        when = (" [published by this run's stage]" if choice.source in manifest.stages
+                and choice.source not in held else "")
+        lines.append(f"  {stage:<10} {what}: {choice.describe()}{when}")
+    return lines
 
 
 def _block_sizes(n_items: int, ranks: int) -> list[int]:
@@ -148,6 +198,7 @@ def plan_text(manifest, store_path: Path, ranks: int, redo: tuple[str, ...] = ()
             verdict = "run"
         lines.append(f"  {stage:<10} {verdict}")
 
+    lines.extend(_model_lines(manifest, state))
     lines.append("systems:" if manifest.systems else "systems: -")
     for system, fact in zip(manifest.systems, facts):
         if fact is None:
@@ -172,7 +223,7 @@ def plan_text(manifest, store_path: Path, ranks: int, redo: tuple[str, ...] = ()
 
 
 def _md_bytes(atoms: int, frames: int) -> int:
-    """One replica of jobs/md.py create_datasets (f8 positions, cell, 3 per-frame series)."""
+    """One replica of jobs/stages/md.py create_datasets (f8 positions, cell, 3 per-frame series)."""
     return frames * (atoms * 3 + 9 + 3) * 8 + atoms * 3 * 8 + 512 + 8
 
 
@@ -310,7 +361,7 @@ def _infer_plan(manifest, facts, ranks: int) -> tuple[str, float]:
                      f"(chunks per rank: {_spread(_block_sizes(chunks, ranks))})")
         if fact:
             centres = fact.target_count
-            # jobs/infer.py _prepare_group: f4 shift_ppm + shift_std_ppm, f8 centre positions,
+            # jobs/stages/infer.py _prepare_group: f4 shift_ppm + shift_std_ppm, f8 centre positions,
             # cell, time, drift; i4 replica; u1 chunk_done
             n_bytes += n * (centres * (4 + 4 + 3 * 8) + 9 * 8 + 8 + 4 + 3 * 8) + chunks
     how = "the DFT labels of the files" if infer.shifts_from == "labels" else "the NN-NMR model"

@@ -53,7 +53,7 @@ def show_store(path: Path, installed: dict | None = None) -> int:
     path
         The store; it is checked first (exit 2 with one line when it is damaged).
     installed
-        Package versions installed here (default: :func:`engine.cli.package_versions`).
+        Package versions installed here (default: :func:`engine.versions.package_versions`).
 
     Returns
     -------
@@ -75,7 +75,7 @@ def show_store(path: Path, installed: dict | None = None) -> int:
                   file=sys.stderr)
         return EXIT_INPUT
     if installed is None:
-        from engine.cli import package_versions
+        from engine.versions import package_versions
         installed = package_versions()
     with h5py.File(path, "r", locking=False) as f:
         root = {k: _decode(v) for k, v in f.attrs.items()}
@@ -113,7 +113,7 @@ def show_store(path: Path, installed: dict | None = None) -> int:
             f.visititems(visit)
     if has_campaign:
         from engine.store import RunStore
-        from jobs.learn import campaign_lines
+        from jobs.layouts.learn import campaign_lines
 
         reader = RunStore(path, None, mode="r")
         try:

@@ -24,16 +24,16 @@ from engine.seeds import SeedStreams
 from engine.store import RunStore
 
 STAGES: dict[str, str] = {
-    "probe": "jobs.probe",
-    "potential": "jobs.potential",
-    "learn": "jobs.learn",
-    "md": "jobs.md",
-    "label": "jobs.label",
-    "train": "jobs.train",
-    "infer": "jobs.infer",
-    "analyze": "jobs.analyze",
-    "spectrum": "jobs.spectrum",
-    "report": "jobs.report",
+    "probe": "jobs.stages.probe",
+    "potential": "jobs.stages.potential",
+    "learn": "jobs.stages.learn",
+    "md": "jobs.stages.md",
+    "label": "jobs.stages.label",
+    "train": "jobs.stages.train",
+    "infer": "jobs.stages.infer",
+    "analyze": "jobs.stages.analyze",
+    "spectrum": "jobs.stages.spectrum",
+    "report": "jobs.stages.report",
 }
 """Stage name -> module of jobs/ (the manifest's stage order is schemas.STAGE_ORDER)."""
 

@@ -391,6 +391,13 @@ class RunStore:
         """'running', 'complete' or None for a stage never started."""
         return self.attrs(f"/stages/{stage}").get("status")
 
+    def stage_statuses(self) -> dict:
+        """Stage name -> its recorded status, for every stage the store records."""
+        if not self.exists("/stages"):
+            return {}
+        return {name: self.attrs(f"/stages/{name}").get("status")
+                for name in self.keys("/stages")}
+
     def mark_stage(self, stage: str, status: str, **attrs) -> None:
         """Record a stage's status and results (collective, a transaction)."""
         with self.transaction():

@@ -7,7 +7,7 @@ maximum over its atoms (``max_devi_f``, compared with DP-GEN's ``model_devi_f_tr
 ``_hi``) and, as a companion, the mean over its atoms (``avg_devi_f``). The numbers come from
 deepmd-kit's own :func:`deepmd.infer.model_devi.calc_model_devi_f`; the models are evaluated by
 ``deepmd.infer.DeepPot`` on positions wrapped as the md stage feeds deepmd-kit
-(:func:`jobs.md.deepmd_positions`). Store layout and cost: docs/md.md, "Model deviation".
+(:func:`jobs.deepmd.deepmd_positions`). Store layout and cost: docs/md.md, "Model deviation".
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.failure import InputError
-from jobs.md import deepmd_positions
-from jobs.potential import import_deepmd_tf
+from jobs.deepmd import deepmd_positions, import_deepmd_tf
 
 BATCH_ATOMS = 16384
 """Atoms per deepmd-kit evaluation (frames per batch = BATCH_ATOMS // atoms, at least 1):

@@ -39,7 +39,7 @@ class InferSpec(Spec):
     stride: int = Field(default=1, ge=1)
     """Take every `stride`-th frame of each trajectory (replica)."""
     soap_kernel: Literal["auto", "numba", "dscribe"] = "auto"
-    """Who computes the SOAP rows: `dscribe` (the reference), `numba` (jobs/soap_numba.py: the
+    """Who computes the SOAP rows: `dscribe` (the reference), `numba` (jobs/shiftmodels/soap_numba.py: the
     same features from a compiled kernel, checked against dscribe when it is built, ~3x faster),
     or `auto` (numba when that check passes, else dscribe with a warning)."""
     skip_frames: int = Field(default=0, ge=0)

@@ -60,7 +60,7 @@ class ShiftLearnSpec(Spec):
     frames the DP deviation selects (whose A_iso comes with their single point anyway): with
     the linear kernel (zeta 1) one at a time, each the frame whose labels most reduce the
     summed posterior variance of the pool given every label and every pick before it (greedy
-    V-optimal, :func:`jobs.gpr.variance_reduction_picks`); with zeta >= 2 the frames of
+    V-optimal, :func:`jobs.shiftmodels.gpr.variance_reduction_picks`); with zeta >= 2 the frames of
     largest mean predicted variance."""
     selection_regularisation: float = Field(default=1e-2, gt=0)
     """lambda (noise / prior variance) of the GP that scores the V-optimal picks: about the

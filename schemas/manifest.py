@@ -369,8 +369,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def parse_manifest(text: str, source: str = "<manifest>", base_dir: Path | None = None,
-                   check_files: bool = False, store: Path | None = None) -> Manifest:
+def parse_manifest(text: str, source: str = "<manifest>", base_dir: Path | None = None) -> Manifest:
     """Validate manifest YAML text; relative input paths resolve against `base_dir`.
 
     Parameters
@@ -379,11 +378,6 @@ def parse_manifest(text: str, source: str = "<manifest>", base_dir: Path | None 
         The YAML text and where it came from (for messages).
     base_dir
         Folder that relative input paths are taken from (the manifest's folder).
-    check_files
-        Also check the file system (schemas.inputs.input_problems): every input file and
-        folder exists and holds what the stages need.
-    store
-        The store the run will use (`dynshift run --store`); default the manifest's.
 
     Raises
     ------
@@ -408,24 +402,14 @@ def parse_manifest(text: str, source: str = "<manifest>", base_dir: Path | None 
     except Exception as exc:  # noqa: BLE001 - a validator that failed in an unforeseen way
         raise ManifestError(source, [f"(manifest): cannot be validated "
                                      f"({type(exc).__name__}: {exc})"]) from None
-    if check_files:
-        from schemas.inputs import input_problems
-
-        try:
-            problems = input_problems(manifest, store)
-        except Exception as exc:  # noqa: BLE001 - never a traceback for an input
-            problems = [f"(manifest): the input files cannot be checked "
-                        f"({type(exc).__name__}: {exc})"]
-        if problems:
-            raise ManifestError(source, problems)
     return manifest
 
 
-def load_manifest(path: str | Path, store: Path | None = None) -> tuple[Manifest, str]:
-    """Read and validate a manifest file, and check its input files and folders.
+def load_manifest(path: str | Path) -> tuple[Manifest, str]:
+    """Read and validate a manifest file; returns the model and the text it came from.
 
-    Returns the model and the text it came from; `store` is the store the run will use when it
-    is not the manifest's own (``dynshift run --store``).
+    The input files and folders it names are checked against the file system by
+    :func:`engine.inputs.load_checked_manifest` (what `dynshift validate` and `run` call).
     """
     path = Path(path)
     try:
@@ -434,5 +418,4 @@ def load_manifest(path: str | Path, store: Path | None = None) -> tuple[Manifest
         raise ManifestError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from None
     except UnicodeDecodeError:
         raise ManifestError(str(path), [f"{path}: not a text file (not UTF-8)"]) from None
-    return parse_manifest(text, str(path), path.resolve().parent, check_files=True,
-                          store=store), text
+    return parse_manifest(text, str(path), path.resolve().parent), text

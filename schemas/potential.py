@@ -17,7 +17,7 @@ class DpTrainingSpec(Spec):
     optimiser, the steps, compression and threads (no data: see :class:`PotentialSpec`).
 
     The fields are the potential section's; a stage that trains DP models on frames of its own
-    (:func:`jobs.potential.train_dp`) takes this part alone.
+    (:func:`jobs.dptrain.train_dp`) takes this part alone.
     """
 
     type_map: list[Element] = Field(default=["Na", "Mg", "Mn", "O"], min_length=1)

@@ -35,7 +35,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from engine.failure import InputError
-from jobs.labellers import LabelError, LaunchProfile, TemplateLabeller
+from jobs.labellers.base import LabelError, LaunchProfile, TemplateLabeller
 from jobs.labellers.vasp import POSITION_TOLERANCE_A
 
 OUTPUT_LOG = "gpaw.out"

@@ -1,6 +1,6 @@
 """The `model` labeller: labels from models, NOT from DFT.
 
-Energies and forces come from a frozen deepmd-kit model (:func:`jobs.md.dp_calculator`), the
+Energies and forces come from a frozen deepmd-kit model (:func:`jobs.stages.md.dp_calculator`), the
 Fermi-contact coupling of the target nuclei from a shift model (NN-NMR ensemble or GPR, through
 the same featurizer and ``predict`` as the infer stage), its shift turned back into A_iso by
 eq. 1 (:func:`jobs.shift.ppm_per_mhz`); the other atoms get NaN (not computed). Every labelled
@@ -21,7 +21,8 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from engine.failure import InputError
-from jobs.labellers import LabelError
+from jobs.labellers.base import LabelError
+from jobs.shiftmodels.registry import load_shift_model
 
 RESULT_FILE = "labelled.npz"
 ORACLE = "model (not DFT)"
@@ -44,8 +45,8 @@ class ModelLabeller:
     @classmethod
     def from_spec(cls, spec, shift_spec) -> "ModelLabeller":
         """The labeller of a manifest's `label.model` section (shipped models by default)."""
-        from jobs.infer import SHIPPED_MODEL as SHIPPED_SHIFT_MODEL
         from jobs.shift import ppm_per_mhz
+        from schemas.infer import SHIPPED_SHIFT_MODEL
         from schemas.potential import SHIPPED_MODEL as SHIPPED_DP_MODEL
 
         return cls(spec.dp_model or SHIPPED_DP_MODEL, spec.shift_model or SHIPPED_SHIFT_MODEL,
@@ -53,12 +54,11 @@ class ModelLabeller:
 
     def _models(self):
         if self._calculator is None:
-            from jobs.infer import featurizer_for
-            from jobs.md import dp_calculator
-            from jobs.nnmr import ShiftEnsemble
+            from jobs.deepmd import dp_calculator
+            from jobs.shiftmodels.registry import featurizer_for
 
             self._calculator = dp_calculator(self.dp_model)
-            ensemble = ShiftEnsemble.from_store(self.shift_model)
+            ensemble = load_shift_model(self.shift_model)
             self._shift = (ensemble, featurizer_for(ensemble, "dscribe"))
         return self._calculator, self._shift
 

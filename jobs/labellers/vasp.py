@@ -25,7 +25,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from engine.failure import InputError
-from jobs.labellers import LabelError, LaunchProfile, TemplateLabeller
+from jobs.labellers.base import LabelError, LaunchProfile, TemplateLabeller
 
 OUTPUT_LOG = "vasp.out"
 """The launch command's stdout and stderr, in the work directory."""

@@ -1,7 +1,8 @@
 """`dynshift doc [SECTION]` and `dynshift --version`."""
 from __future__ import annotations
 
-from engine.cli import dynshift_version, main
+from engine.cli import main
+from engine.versions import dynshift_version
 from engine.doc import doc_text, entries, type_text
 from schemas.manifest import Manifest
 

@@ -162,7 +162,7 @@ def test_show_marks_every_version_that_differs_from_the_installed_one(tmp_path, 
 def test_dynshift_show_compares_with_what_is_installed(tmp_path, dynshift_bin):
     from launch import run_command
 
-    from engine.cli import package_versions
+    from engine.versions import package_versions
 
     numpy_here = package_versions()["numpy"]
     path = _metadata_heavy_store(tmp_path / "s.h5")

@@ -9,8 +9,8 @@ from mpi4py import MPI
 from engine.context import RankContext
 from engine.failure import InputError
 from engine.store import RunStore
-from jobs.analyze import analyze_system, frame_timeline
-from jobs.infer import put_labelled_frames
+from jobs.stages.analyze import analyze_system, frame_timeline
+from jobs.stages.infer import put_labelled_frames
 from jobs.shift import shift_ppm
 from schemas.analyze import AnalyzeSpec
 from schemas.shift import ShiftSpec

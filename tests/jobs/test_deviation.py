@@ -9,8 +9,10 @@ from mpi4py import MPI
 from engine.context import RankContext
 from engine.failure import InputError
 from engine.store import RunStore
+from jobs.deepmd import deepmd_positions
 from jobs.deviation import DeviationEnsemble
-from jobs.md import StoppedOnPurpose, deepmd_positions, md_trajectories, run_replicas
+from jobs.layouts.md import md_trajectories
+from jobs.stages.md import StoppedOnPurpose, run_replicas
 from schemas.md import MdSpec
 from schemas.potential import SHIPPED_MODEL, PotentialSpec
 from schemas.system import SystemSpec
@@ -23,7 +25,7 @@ SHORT = dict(replicas=1, equilibration_steps=5, frames=6, save_every_steps=2, ch
 def second_model(tmp_path_factory, shared_data):
     """A second real DP model of the same elements: a tiny network, 50 steps of `dp train` on 5
     DFT frames (its forces differ from the shipped model's by ~1 eV/A)."""
-    from jobs.potential import train_model
+    from jobs.dptrain import train_model
 
     folder = tmp_path_factory.mktemp("second-dp")
     frames = ase.io.read(shared_data / "p63mcm-dev.extxyz", ":5")
@@ -127,9 +129,9 @@ def _stored(path) -> dict:
 
 def test_md_records_the_deviation_of_every_saved_frame_and_analyze_reports_it(
         tmp_path, ctx, shared_data, second_model):
-    from jobs.analyze import analyze_systems
-    from jobs.infer import put_labelled_frames
-    from jobs.report import write_report
+    from jobs.stages.analyze import analyze_systems
+    from jobs.stages.infer import put_labelled_frames
+    from jobs.stages.report import write_report
     from schemas.analyze import AnalyzeSpec
     from schemas.report import ReportSpec
     from schemas.shift import ShiftSpec
@@ -174,7 +176,7 @@ def test_md_records_the_deviation_of_every_saved_frame_and_analyze_reports_it(
 
 
 def test_without_an_ensemble_nothing_is_recorded_and_analyze_says_nan(tmp_path, ctx):
-    from jobs.analyze import model_deviation_summary
+    from jobs.stages.analyze import model_deviation_summary
 
     path = tmp_path / "plain.h5"
     _md(path, ctx, MdSpec(**SHORT))

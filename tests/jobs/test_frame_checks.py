@@ -157,7 +157,7 @@ def test_train_refuses_a_species_outside_train_species(shared_data, tmp_path):
 
     from engine.context import RankContext
     from engine.store import RunStore
-    from jobs.train import train_ensemble
+    from jobs.stages.train import train_ensemble
     from schemas.shift import ShiftSpec
     from schemas.train import TrainSpec
 

@@ -12,11 +12,12 @@ import pytest
 
 from engine.seeds import SeedStreams
 from engine.store import RunStore
-from jobs import gpr
 from jobs.frames import read_labelled_frames
-from jobs.nnmr import ShiftEnsemble, regression_metrics
-from jobs.soap import SoapFeaturizer
-from jobs.train import centre_rows, frame_folds
+from jobs.shiftmodels import gpr
+from jobs.shiftmodels.metrics import regression_metrics
+from jobs.shiftmodels.registry import load_shift_model
+from jobs.shiftmodels.rows import centre_rows, frame_folds
+from jobs.shiftmodels.soap import SoapFeaturizer
 from schemas.shift import ShiftSpec
 from schemas.train import GprSpec
 
@@ -277,7 +278,7 @@ def test_weight_space_store_round_trip_in_float16(tmp_path):
         assert f["/train/gpr/variance_factor"].dtype == np.float16
         assert f["/train/gpr/weights_ppm"].dtype == np.float64
         assert f["/train/gpr"].attrs["form"] == "weight-space"
-    loaded = ShiftEnsemble.from_store(tmp_path / "m.h5")
+    loaded = load_shift_model(tmp_path / "m.h5")
     assert isinstance(loaded, gpr.GprShiftModel) and loaded.form == "weight-space"
     mean, std = loaded.predict(x)
     np.testing.assert_array_equal(mean, model.predict(x)[0])  # the weights are float64
@@ -294,7 +295,7 @@ def test_store_round_trip_through_shift_ensemble_reader(tmp_path):
     with RunStore(tmp_path / "m.h5") as store:
         store.set_attrs("/train", model="gpr", centre="Na", soap={"n_features": 10})
         model.write(store, "/train/gpr")
-    loaded = ShiftEnsemble.from_store(tmp_path / "m.h5")
+    loaded = load_shift_model(tmp_path / "m.h5")
     assert isinstance(loaded, gpr.GprShiftModel) and loaded.n_features == 10
     assert loaded.settings["centre"] == "Na"
     for a, b in zip(loaded.predict(x), model.predict(x)):
@@ -387,7 +388,7 @@ def test_gpr_store_predicts_new_frames_through_infer(gpr_store, shared_data, dyn
     run = subprocess.run(["mpirun", "-n", "2", *dynshift_bin, "run", "p.yaml"], cwd=folder,
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    model = ShiftEnsemble.from_store(folder / "t.h5")
+    model = load_shift_model(folder / "t.h5")
     assert isinstance(model, gpr.GprShiftModel)
     featurizer = SoapFeaturizer.from_settings(model.settings["soap"])
     mean, std = model.predict(featurizer.features(new))

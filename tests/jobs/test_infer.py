@@ -13,10 +13,10 @@ from mpi4py import MPI
 from engine.context import RankContext
 from engine.failure import InputError
 from engine.store import RunStore
-from jobs.infer import infer_shifts
-from jobs.nnmr import FoldModel, ShiftEnsemble, write_fold_model
+from jobs.stages.infer import infer_shifts
+from jobs.shiftmodels.nnmr import FoldModel, ShiftEnsemble, write_fold_model
 from jobs.shift import shift_ppm
-from jobs.soap import SoapFeaturizer
+from jobs.shiftmodels.soap import SoapFeaturizer
 from schemas.infer import InferSpec
 from schemas.shift import ShiftSpec
 from schemas.system import SystemSpec
@@ -183,7 +183,7 @@ def test_dynshift_run_at_1_and_2_ranks(ranks, frames_file, featurizer, dynshift_
 
 def test_tf_gemm_predictor_equals_the_numpy_ensemble(featurizer, frames):
     # the infer stage's fast path (TensorFlow's AVX-512 GEMMs) must give the ensemble's numbers
-    from jobs.nnmr import TfGemmEnsemble, fast_predictor
+    from jobs.shiftmodels.nnmr import TfGemmEnsemble, fast_predictor
 
     rng = np.random.default_rng(3)
     folds = []

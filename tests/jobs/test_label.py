@@ -11,15 +11,23 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from fake_vasp.labelling import (
+    completed_runs,
+    expected_labels,
+    read_log,
+    shared_frames,
+    vasp_section,
+    write_md,
+)
+from launch import launch_env, session_pids
 from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from fake_vasp.labelling import (completed_runs, expected_labels, read_log, shared_frames,
-                                 vasp_section, write_md)
-from jobs.label import label_frames, labelled_frames, select_frames
+from jobs.labelling import select_frames
+from jobs.layouts.label import labelled_frames
 from jobs.shift import ppm_per_mhz
-from launch import launch_env, session_pids
+from jobs.stages.label import label_frames
 from schemas import parse_manifest
 from schemas.label import LabelSpec
 
@@ -220,7 +228,7 @@ def test_two_ranks_20_frames_20_percent_failures_kill_9_and_rerun(tmp_path, shar
 
 
 def test_a_frame_is_claimed_once_per_run_and_stale_claims_go(tmp_path):
-    from jobs.label import claim_frame
+    from jobs.labelling import claim_frame
 
     work = tmp_path / "w" / "r000-f000001"
     assert claim_frame(work, "run1") and not claim_frame(work, "run1")
@@ -266,8 +274,9 @@ def test_a_table_outside_label_is_labelled_once_and_kept_on_a_rerun(tmp_path, ct
     import ase.io
     from deepmd.infer import DeepPot
 
-    from jobs.label import label_tables, labelled_frames_in, prepare_table
-    from jobs.potential import import_deepmd_tf
+    from jobs.deepmd import import_deepmd_tf
+    from jobs.labelling import label_tables
+    from jobs.layouts.label import labelled_frames_in, prepare_table
     from schemas.potential import SHIPPED_MODEL
     from schemas.shift import ShiftSpec
 
@@ -333,7 +342,8 @@ def test_a_table_outside_label_is_labelled_once_and_kept_on_a_rerun(tmp_path, ct
 
 
 def test_prepare_table_and_label_tables_refuse_inconsistent_input(tmp_path, ctx):
-    from jobs.label import label_tables, prepare_table
+    from jobs.labelling import label_tables
+    from jobs.layouts.label import prepare_table
     from schemas.shift import ShiftSpec
 
     table = dict(name="x", target_species="Na", numbers=[11, 8], time_fs=None,

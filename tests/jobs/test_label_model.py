@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
+from fake_vasp.labelling import shared_frames, write_md
 from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.failure import InputError
 from engine.store import RunStore
-from fake_vasp.labelling import shared_frames, write_md
-from jobs.label import label_frames
 from jobs.labellers.model import ORACLE, ModelLabeller
 from jobs.shift import ppm_per_mhz
+from jobs.shiftmodels.registry import load_shift_model
+from jobs.stages.label import label_frames
 from schemas import parse_manifest
 from schemas.label import ModelLabellerSpec
 from schemas.shift import ShiftSpec
@@ -25,13 +26,12 @@ def oracle():
 
 
 def test_labels_are_the_models_and_close_to_dft(oracle, shared_data, tmp_path):
-    from jobs.infer import featurizer_for
-    from jobs.md import dp_calculator
-    from jobs.nnmr import ShiftEnsemble
+    from jobs.deepmd import dp_calculator
+    from jobs.shiftmodels.registry import featurizer_for
 
     frames = shared_frames(shared_data, 4)
     calculator = dp_calculator(oracle.dp_model)
-    ensemble = ShiftEnsemble.from_store(oracle.shift_model)
+    ensemble = load_shift_model(oracle.shift_model)
     featurizer = featurizer_for(ensemble)
     force_err, shift_err = [], []
     for k, frame in enumerate(frames):

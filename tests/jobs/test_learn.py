@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from jobs.learn import even_subset, perturbed_frames, reduction_picks, select_frames, shift_picks
+from jobs.stages.learn import even_subset, perturbed_frames, reduction_picks, select_frames, shift_picks
 from jobs.structures import build_structure
 from schemas.learn import BootstrapSpec, LearnSpec
 from schemas.system import SystemSpec
@@ -41,10 +41,10 @@ class _RowsOfPositions:
 
 
 def test_shift_reduction_picks_condition_on_labels_and_deviation_picks():
-    """The shift budget's picks are jobs.gpr.variance_reduction_picks on the pool of frames
+    """The shift budget's picks are jobs.shiftmodels.gpr.variance_reduction_picks on the pool of frames
     below trust_hi and not taken (evenly thinned to pool_frames), conditioned on the labelled
     rows and on the taken frames' rows, mapped back to (temperature, frame)."""
-    from jobs import gpr
+    from jobs.shiftmodels import gpr
 
     rng = np.random.default_rng(3)
     positions = rng.normal(size=(2, 7, 4, 3))          # 2 temperatures x 7 frames x 4 atoms
@@ -228,7 +228,7 @@ def test_a_longer_campaign_reuses_what_is_done(campaign):
     assert "learn" in done.stdout
     # the history in words: dynshift show and the report
     from engine.show import show_store
-    from jobs.report import report_from_store
+    from jobs.stages.report import report_from_store
 
     summary = report_from_store(folder / "c.h5").read_text()
     assert "## Learn campaign" in summary and "- iteration 2: accurate fraction" in summary

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from jobs.md import StoppedOnPurpose, run_replicas
+from jobs.stages.md import StoppedOnPurpose, run_replicas
 from schemas.md import MdSpec
 from schemas.system import SystemSpec
 
@@ -32,7 +32,7 @@ def _run(path: Path, spec: MdSpec):
 
 def _read(path: Path, group: str = "/md/mcm/r000") -> dict:
     """The replica's datasets and its saved-frame count as later stages read it."""
-    from jobs.md import md_trajectories
+    from jobs.layouts.md import md_trajectories
 
     with h5py.File(path, "r") as f:
         out = {k: f[f"{group}/{k}"][()] for k in KEYS}
@@ -118,7 +118,7 @@ def test_kill_9_mid_md_then_resume(tmp_path, dynshift_bin):
 def test_wrapping_calculator_equals_deepmd_on_unwrapped_positions():
     from deepmd.calculator import DP
 
-    from jobs.md import dp_calculator
+    from jobs.deepmd import dp_calculator
     from jobs.structures import p2_cell
     from schemas.potential import SHIPPED_MODEL
 
@@ -137,7 +137,7 @@ def test_deepmd_leaves_tensorflow_eager_for_later_stages():
     """md then train/infer in one process: deepmd's import must not switch off TF2 behaviour."""
     import tensorflow as tf
 
-    from jobs.md import dp_calculator
+    from jobs.deepmd import dp_calculator
     from jobs.structures import p2_cell
     from schemas.potential import SHIPPED_MODEL
 
@@ -154,7 +154,7 @@ CHUNKED = dict(replicas=1, equilibration_steps=0, frames=6, save_every_steps=2, 
 
 def _spoil_at(monkeypatch, frame: int, spoil) -> None:
     """Make `spoil(atoms)` happen to every replica right after the steps of saved `frame`."""
-    from jobs.md import Trajectory
+    from jobs.dynamics import Trajectory
 
     original = Trajectory.run
 

@@ -1,6 +1,6 @@
 """md's resume reaches into ASE's integrators: these tests fail when ASE changes what it uses.
 
-jobs/md.py saves and restores a Nose-Hoover chain through private attributes of ASE's
+jobs/stages/md.py saves and restores a Nose-Hoover chain through private attributes of ASE's
 NoseHooverChainNVT (`_thermostat._eta`, `_thermostat._p_eta`, `_q`, `_p`) and the Langevin
 integrator through the Generator it was given. A stop-and-restore must continue the
 trajectory bit for bit, with the ASE that is installed.
@@ -14,7 +14,7 @@ from ase.build import bulk
 from ase.calculators.calculator import Calculator, all_changes
 
 from engine.seeds import SeedStreams
-from jobs.md import Trajectory
+from jobs.dynamics import Trajectory
 from schemas.md import MdSpec
 
 

@@ -7,8 +7,17 @@ from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from jobs.nnmr import (FoldModel, ShiftEnsemble, build_model, export_ensemble, read_fold_model,
-                       regression_metrics, train_model, write_fold_model)
+from jobs.layouts.train import export_ensemble
+from jobs.shiftmodels.metrics import regression_metrics
+from jobs.shiftmodels.nnmr import (
+    FoldModel,
+    ShiftEnsemble,
+    build_model,
+    read_fold_model,
+    train_model,
+    write_fold_model,
+)
+from jobs.shiftmodels.registry import load_shift_model
 from schemas.train import TrainSpec
 
 TINY = dict(hidden_units=[32, 16], epochs=60, batch_size=64, patience_epochs=60,
@@ -119,7 +128,7 @@ def test_store_round_trip_and_float16(ctx, tmp_path):
         assert store.read("/train/folds/1/kernel_0").dtype == np.float16
     x = rng.random((30, 20)).astype(np.float32)
     np.testing.assert_allclose(again.predict_ppm(x), fold.predict_ppm(x), rtol=1e-6)
-    ens = ShiftEnsemble.from_store(path)
+    ens = load_shift_model(path)
     assert ens.n_models == 2 and ens.settings["centre"] == "Na"
     every = ens.predict_all(x)
     np.testing.assert_allclose(every[0], fold.predict_ppm(x), rtol=1e-5)
@@ -152,7 +161,7 @@ def test_export_keeps_selected_folds(ctx, tmp_path):
         assert attrs["folds_trained"] == 2 and attrs["spec"]["weights_dtype"] == "float16"
         assert attrs["cv_rmse_ppm"] == pytest.approx(metrics["rmse_ppm"])
         assert small.attrs("/train/folds/2")["rmse_ppm"] == 2.0
-    assert ShiftEnsemble.from_store(tmp_path / "small.h5").n_models == 2
+    assert load_shift_model(tmp_path / "small.h5").n_models == 2
 
 
 # ---- infer's predictor: TensorFlow or numpy, chosen by timing --------------------------------
@@ -170,7 +179,7 @@ def _wide_ensemble(n_features: int = 40, n_models: int = 3, seed: int = 3) -> Sh
 
 
 def test_tf_predictor_is_traced_once_whatever_the_chunk_sizes():
-    from jobs.nnmr import TfGemmEnsemble
+    from jobs.shiftmodels.nnmr import TfGemmEnsemble
 
     ensemble = _wide_ensemble()
     fast = TfGemmEnsemble(ensemble, threads=1, chunk_rows=1024)
@@ -183,7 +192,7 @@ def test_tf_predictor_is_traced_once_whatever_the_chunk_sizes():
 
 
 def test_choose_predictor_times_both_and_takes_the_faster(ctx):
-    from jobs.nnmr import PREDICTORS, TfGemmEnsemble, choose_predictor
+    from jobs.shiftmodels.nnmr import PREDICTORS, TfGemmEnsemble, choose_predictor
 
     ensemble = _wide_ensemble()
     predictor, choice = choose_predictor(ensemble, ctx, rows_per_frame=16, frames=8, repeats=2)
@@ -204,9 +213,10 @@ def test_choose_predictor_times_both_and_takes_the_faster(ctx):
 
 
 def test_a_resumed_infer_reuses_the_recorded_predictor(ctx, tmp_path, monkeypatch):
-    import jobs.nnmr
-    from jobs.infer import GROUP, predictor_for
-    from jobs.nnmr import TfGemmEnsemble
+    import jobs.shiftmodels.nnmr
+    from jobs.layouts.infer import GROUP
+    from jobs.shiftmodels.nnmr import TfGemmEnsemble
+    from jobs.stages.infer import predictor_for
     from schemas.infer import InferSpec
 
     ensemble, spec = _wide_ensemble(), InferSpec()
@@ -219,7 +229,7 @@ def test_a_resumed_infer_reuses_the_recorded_predictor(ctx, tmp_path, monkeypatc
         def no_timing(*args, **kwargs):
             raise AssertionError("a resumed run must not time again")
 
-        monkeypatch.setattr(jobs.nnmr, "predictor_ms_per_call", no_timing)
+        monkeypatch.setattr(jobs.shiftmodels.nnmr, "predictor_ms_per_call", no_timing)
         again, reused = predictor_for(ensemble, spec, ctx, store, "model-a", 16)
         assert reused.source == "recorded" and reused.name == choice.name
         assert type(again) is type(first)

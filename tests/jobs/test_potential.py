@@ -11,8 +11,9 @@ from mpi4py import MPI
 from engine.context import RankContext
 from engine.failure import InputError
 from engine.store import RunStore
-from jobs.potential import (MODEL_PATH, fit_potential, holdout_errors, stored_model_file,
-                            split_holdout, write_deepmd_system)
+from jobs.dptrain import holdout_errors, split_holdout, write_deepmd_system
+from jobs.layouts.potential import MODEL_PATH, stored_model_file
+from jobs.stages.potential import fit_potential
 from schemas import load_manifest
 from schemas.potential import SHIPPED_MODEL, PotentialSpec
 
@@ -64,7 +65,7 @@ def test_shipped_model_meets_its_targets_on_held_out_frames():
     0.50; v1: 1.23)."""
     manifest, _ = load_manifest(ROOT / "run" / "potential-p2-nmmo.yaml")
     spec = manifest.potential
-    rng = np.random.default_rng([manifest.seed, 4, 1])  # as jobs.potential.train_model
+    rng = np.random.default_rng([manifest.seed, 4, 1])  # as jobs.stages.potential.train_model
     held_out = []
     for path in spec.frames:
         frames = ase.io.read(path, ":")
@@ -105,7 +106,8 @@ def test_train_dp_on_given_frames(tmp_path, shared_data):
 
     from deepmd.infer import DeepPot
 
-    from jobs.potential import deepmd_input, import_deepmd_tf, train_dp
+    from jobs.deepmd import import_deepmd_tf
+    from jobs.dptrain import deepmd_input, train_dp
     from schemas.potential import DpTrainingSpec
 
     frames = ase.io.read(shared_data / "p6322-dev.extxyz", ":8")
@@ -131,7 +133,7 @@ def test_train_dp_on_given_frames(tmp_path, shared_data):
 
 
 def test_train_dp_refuses_an_empty_training_set(tmp_path):
-    from jobs.potential import train_dp
+    from jobs.dptrain import train_dp
     from schemas.potential import DpTrainingSpec
 
     with pytest.raises(InputError, match="training set 00 holds no frames"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.md import DEEPMD_FACE_MARGIN, deepmd_cell_fraction, deepmd_positions
+from jobs.deepmd import DEEPMD_FACE_MARGIN, deepmd_cell_fraction, deepmd_positions
 from jobs.structures import build_structure
 from schemas.system import SystemSpec
 
@@ -79,7 +79,7 @@ CHILD = textwrap.dedent('''
     import numpy as np
     from engine.context import limit_threads
     limit_threads(1)  # as every rank does
-    from jobs.md import dp_calculator
+    from jobs.stages.md import dp_calculator
     from jobs.structures import build_structure
     from schemas.system import SystemSpec
     atoms = build_structure(SystemSpec(name="x", structure="builtin:p2-nmmo-p63mcm"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.failure import InputError
-from jobs.soap import SoapFeaturizer
+from jobs.shiftmodels.soap import SoapFeaturizer
 
 SPECIES = ["Na", "Mg", "Mn", "O"]
 

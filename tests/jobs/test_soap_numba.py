@@ -7,8 +7,8 @@ from ase import Atoms
 from dscribe.descriptors import SOAP
 
 from jobs.frames import read_labelled_frames
-from jobs.soap import SoapFeaturizer, normalise_rows, wrapped_positions
-from jobs.soap_numba import CHECK_ATOL, NumbaGtoSoap
+from jobs.shiftmodels.soap import SoapFeaturizer, normalise_rows, wrapped_positions
+from jobs.shiftmodels.soap_numba import CHECK_ATOL, NumbaGtoSoap
 
 SPECIES = ["Na", "Mg", "Mn", "O"]
 

@@ -10,9 +10,11 @@ from mpi4py import MPI
 from engine.context import RankContext
 from engine.failure import InputError
 from engine.store import RunStore
-from jobs.analyze import analyze_system, site_exchange
-from jobs.infer import put_labelled_frames
-from jobs.spectrum import FIT_GROUP, SPECTRUM_GROUP, larmor_mhz, run_spectra
+from jobs.layouts.analyze import site_exchange
+from jobs.layouts.spectrum import FIT_GROUP, GROUP as SPECTRUM_GROUP
+from jobs.stages.analyze import analyze_system
+from jobs.stages.infer import put_labelled_frames
+from jobs.stages.spectrum import larmor_mhz, run_spectra
 from schemas.analyze import AnalyzeSpec
 from schemas.shift import ShiftSpec
 from schemas.spectrum import ExperimentSpec, SpectrumSpec
@@ -133,7 +135,7 @@ def test_the_fit_recovers_known_fractions_and_offset(dft_store, ctx, tmp_path, f
     assert fit["systems"] == ["p6322", "p63mcm"] and len(model) == len(ppm)
     assert fit["residual_rms_rel"] < 0.03 and fit["peaks"]
     # the report shows the fitted fractions, the overlay and the peak assignments
-    from jobs.report import ReportData, render_report
+    from jobs.stages.report import ReportData, render_report
     from schemas.report import ReportSpec
 
     with RunStore(dft_store, ctx, mode="r") as store:
@@ -154,7 +156,7 @@ def test_an_unanalysed_system_and_an_unknown_isotope_are_refused(dft_store, ctx)
 
 
 def _site(shifts, rates):
-    from jobs.analyze import SiteExchange
+    from jobs.layouts.analyze import SiteExchange
 
     n = len(shifts)
     return SiteExchange("s", tuple(f"c{k}" for k in range(n)), np.asarray(shifts, float),
@@ -162,7 +164,7 @@ def _site(shifts, rates):
 
 
 def test_the_regime_looks_at_classes_that_exchange_directly():
-    from jobs.spectrum import exchange_regime
+    from jobs.stages.spectrum import exchange_regime
 
     # 1000 ppm at 100 MHz: 6.3e5 rad/s; c0 <-> c1 and c0 <-> c2 fast, c1 and c2 only via c0
     fast = [[0, 1e9, 1e9], [1e9, 0, 0], [1e9, 0, 0]]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from jobs.frames import read_labelled_frames
-from jobs.nnmr import ShiftEnsemble
-from jobs.soap import SoapFeaturizer
-from jobs.train import frame_folds, validation_frames
+from jobs.shiftmodels.registry import load_shift_model
+from jobs.shiftmodels.rows import frame_folds, validation_frames
+from jobs.shiftmodels.soap import SoapFeaturizer
 
 MANIFEST = """\
 stages: [train]
@@ -89,7 +89,7 @@ def test_store_layout_and_cv(trained_store):
 
 def test_fresh_process_ensemble_reproduces_out_of_fold(trained_store):
     path, frames = trained_store
-    ensemble = ShiftEnsemble.from_store(path)
+    ensemble = load_shift_model(path)
     assert ensemble.n_models == 4 and ensemble.settings["centre"] == "Na"
     featurizer = SoapFeaturizer.from_settings(ensemble.settings["soap"])
     with h5py.File(path, "r") as f:

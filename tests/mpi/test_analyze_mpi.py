@@ -10,8 +10,8 @@ from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from jobs.analyze import analyze_system
-from jobs.infer import put_labelled_frames
+from jobs.stages.analyze import analyze_system
+from jobs.stages.infer import put_labelled_frames
 from schemas.analyze import AnalyzeSpec
 from schemas.shift import ShiftSpec
 from schemas.system import SystemSpec

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from mpi4py import MPI
 
 from engine.context import RankContext
@@ -28,7 +27,7 @@ def test_every_rank_writes_its_block_of_one_dataset(shared_tmp):
 
 def test_a_stage_runs_on_a_split_communicator(shared_tmp):
     """The communicator is passed in: a sub-communicator runs the probe stage on its own."""
-    from jobs.probe import probe_ranks
+    from jobs.stages.probe import probe_ranks
     from schemas.probe import ProbeSpec
 
     world = MPI.COMM_WORLD

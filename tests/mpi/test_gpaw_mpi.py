@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from fake_vasp.labelling import write_md
 from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from fake_vasp.labelling import write_md
-from jobs.label import label_frames, labelled_frames
+from jobs.layouts.label import labelled_frames
+from jobs.stages.label import label_frames
 from schemas import parse_manifest
 
 pytestmark = pytest.mark.skipif(

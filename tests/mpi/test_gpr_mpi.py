@@ -5,7 +5,7 @@ import numpy as np
 from mpi4py import MPI
 
 from engine.seeds import SeedStreams
-from jobs import gpr
+from jobs.shiftmodels import gpr
 from schemas.train import GprSpec
 
 

@@ -9,9 +9,9 @@ from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from jobs.infer import infer_shifts
-from jobs.nnmr import FoldModel, ShiftEnsemble
-from jobs.soap import SoapFeaturizer
+from jobs.stages.infer import infer_shifts
+from jobs.shiftmodels.nnmr import FoldModel, ShiftEnsemble
+from jobs.shiftmodels.soap import SoapFeaturizer
 from schemas.infer import InferSpec
 from schemas.system import SystemSpec
 

@@ -1,17 +1,21 @@
 """The label stage on every rank of the world (mpirun -n 2; passes at -n 1 too)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 import yaml
+from fake_vasp.labelling import (
+    completed_runs,
+    read_log,
+    shared_frames,
+    vasp_section,
+    write_md,
+)
 from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from fake_vasp.labelling import completed_runs, read_log, shared_frames, vasp_section, write_md
-from jobs.label import label_frames, labelled_frames
+from jobs.layouts.label import labelled_frames
+from jobs.stages.label import label_frames
 from schemas import parse_manifest
 
 

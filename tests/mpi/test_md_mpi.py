@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from mpi4py import MPI
 
 from engine.context import RankContext
 from engine.store import RunStore
-from jobs.md import md_tasks, run_replicas
+from jobs.layouts.md import md_tasks
+from jobs.stages.md import run_replicas
 from schemas.md import MdSpec
 from schemas.system import SystemSpec
 
@@ -49,7 +49,7 @@ def test_two_systems_two_replicas_over_the_ranks(shared_tmp):
 def _perturbed_model(source, target, scale: float, seed: int) -> None:
     """A copy of a frozen DP model whose first fitting layers are scaled by 1 + scale * N(0, 1)
     per weight (a second model of the same cost; forces differ by ~0.003 eV/A at 0.02)."""
-    from jobs.potential import import_deepmd_tf
+    from jobs.deepmd import import_deepmd_tf
 
     import_deepmd_tf()
     import tensorflow as tf
@@ -69,8 +69,8 @@ def _perturbed_model(source, target, scale: float, seed: int) -> None:
 def test_deviations_are_the_same_at_any_rank_count(shared_tmp):
     """md's force deviations at n ranks equal those of one rank; analyze's reduction over
     the ranks equals the fraction of the stored array."""
-    from jobs.analyze import model_deviation_summary
-    from jobs.md import md_trajectories
+    from jobs.layouts.md import md_trajectories
+    from jobs.stages.analyze import model_deviation_summary
     from schemas.potential import SHIPPED_MODEL
 
     world = RankContext.from_comm(MPI.COMM_WORLD, set_threads=False)

@@ -5,7 +5,8 @@ import numpy as np
 from mpi4py import MPI
 
 from engine.context import RankContext
-from jobs.nnmr import build_model, regression_metrics, train_model
+from jobs.shiftmodels.metrics import regression_metrics
+from jobs.shiftmodels.nnmr import build_model, train_model
 from schemas.train import TrainSpec
 
 

@@ -8,7 +8,7 @@ atom order.
 One featurizer is built per rank (``n_jobs=1``: a rank owns its cores, no nested pools).
 
 Kernels: ``features`` (training frames) always calls dscribe; ``features_arrays`` (the infer
-stage's dense frames) uses the compiled kernel of :mod:`jobs.soap_numba` when ``kernel`` is
+stage's dense frames) uses the compiled kernel of :mod:`jobs.shiftmodels.soap_numba` when ``kernel`` is
 ``auto`` or ``numba`` and that kernel reproduced dscribe's rows at construction (~3x faster per
 frame; ``auto`` falls back to dscribe with a warning, ``numba`` raises).
 
@@ -90,7 +90,7 @@ class SoapFeaturizer:
         if self.kernel == "dscribe":
             return "dscribe"
         if self._fast is None:
-            from jobs.soap_numba import NumbaGtoSoap
+            from jobs.shiftmodels.soap_numba import NumbaGtoSoap
 
             self._fast = NumbaGtoSoap(self._soap)
             if not self._fast.ok:

@@ -10,17 +10,16 @@ Reads ``/analyze/<system>`` (docs/analyze.md) and, when present, the training cr
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dataclasses import dataclass
-
 from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
-from jobs.analyze import ANALYZE_GROUP
-from jobs.spectrum import FIT_GROUP, SPECTRUM_GROUP
-from jobs.train import CV_GROUP
+from jobs.layouts.analyze import path as analyze_path
+from jobs.layouts.spectrum import fit_path, path as spectrum_path
+from jobs.layouts.train import cv_path
 from schemas.report import ReportSpec
 
 CLASS_COLOURS = {"Na_edge": "tab:red", "unassigned": "0.6"}
@@ -106,31 +105,30 @@ class ReportData:
         self._arrays: dict[str, np.ndarray] = {}
         self._attrs: dict[str, dict] = {}
         self._keys: dict[str, list[str]] = {}
-        self._remember_group(store, "/stages")
-        for name in store.keys("/stages"):
-            self._attrs[f"/stages/{name}"] = store.attrs(f"/stages/{name}")
-        self._remember_group(store, ANALYZE_GROUP)
-        for name in store.keys(ANALYZE_GROUP):
-            self._remember_group(store, f"{ANALYZE_GROUP}/{name}")
+        self.stage_status = store.stage_statuses()
+        """Stage name -> its recorded status (engine.store)."""
+        self._remember_group(store, analyze_path())
+        for name in store.keys(analyze_path()):
+            self._remember_group(store, analyze_path(name))
             for sub in ANALYZE_SUBGROUPS:
-                group = f"{ANALYZE_GROUP}/{name}/{sub}"
+                group = analyze_path(name, sub)
                 self._remember_group(store, group)
                 for key in store.keys(group):
                     if key not in UNREAD:
                         self._arrays[f"{group}/{key}"] = store.read(f"{group}/{key}")
-        self._remember_group(store, SPECTRUM_GROUP)
-        for name in store.keys(SPECTRUM_GROUP):
-            group = f"{SPECTRUM_GROUP}/{name}"
+        self._remember_group(store, spectrum_path())
+        for name in store.keys(spectrum_path()):
+            group = spectrum_path(name)
             self._remember_group(store, group)
             for key in store.keys(group):
                 self._arrays[f"{group}/{key}"] = store.read(f"{group}/{key}")
         for key in ("shift_dft_ppm", "shift_pred_ppm"):
-            if store.exists(f"{CV_GROUP}/{key}"):
-                self._arrays[f"{CV_GROUP}/{key}"] = store.read(f"{CV_GROUP}/{key}")
-        from jobs.learn import GROUP as LEARN_GROUP, campaign_lines
+            if store.exists(cv_path(key)):
+                self._arrays[cv_path(key)] = store.read(cv_path(key))
+        from jobs.layouts.learn import campaign_lines, has_history
 
-        self.campaign = campaign_lines(store) if store.exists(LEARN_GROUP) else []
-        """The learn campaign's history in words (jobs.learn.campaign_lines), if any."""
+        self.campaign = campaign_lines(store) if has_history(store) else []
+        """The learn campaign's history in words (jobs.layouts.learn.campaign_lines), if any."""
 
     def _remember_group(self, store: RunStore, group: str) -> None:
         if store.exists(group):
@@ -166,8 +164,8 @@ def write_report(store: RunStore, out_dir: Path, spec: ReportSpec) -> Path:
 
 
 def _systems(store) -> list[str]:
-    return [name for name in store.keys(ANALYZE_GROUP)
-            if store.exists(f"{ANALYZE_GROUP}/{name}/sites/occupation")]
+    return [name for name in store.keys(analyze_path())
+            if store.exists(analyze_path(name, "sites/occupation"))]
 
 
 def render_report(store: ReportData, out_dir: Path, spec: ReportSpec) -> Path:
@@ -186,19 +184,19 @@ def render_report(store: ReportData, out_dir: Path, spec: ReportSpec) -> Path:
                             _maps(store, name, out_dir, spec)))
         figures.append(("Running averages vs simulated time (cf. Fig. S11)",
                         _running(store, systems, out_dir, spec)))
-        md = [n for n in systems if store.exists(f"{ANALYZE_GROUP}/{n}/msd/msd_a2")]
+        md = [n for n in systems if store.exists(analyze_path(n, "msd/msd_a2"))]
         if md:
             figures.append(("Na in-plane mean squared displacement", _msd(store, md, out_dir,
                                                                           spec)))
-    spectra = [n for n in store.keys(SPECTRUM_GROUP) if n != "fit"
-               and store.exists(f"{SPECTRUM_GROUP}/{n}/intensity")]
+    spectra = [n for n in store.keys(spectrum_path()) if n != "fit"
+               and store.exists(spectrum_path(n, "intensity"))]
     if spectra:
         figures.append(("Predicted isotropic spectra (exchange line shapes)",
                         _spectra(store, spectra, out_dir, spec)))
-    if store.exists(f"{FIT_GROUP}/model"):
+    if store.exists(fit_path("model")):
         figures.append(("Measured spectrum and the fitted mixture", _fit(store, out_dir, spec)))
     parity = None
-    if store.exists(f"{CV_GROUP}/shift_dft_ppm") and store.exists(f"{CV_GROUP}/shift_pred_ppm"):
+    if store.exists(cv_path("shift_dft_ppm")) and store.exists(cv_path("shift_pred_ppm")):
         parity = _parity(store, out_dir, spec)
         figures.append(("NN-NMR cross-validation parity (cf. Fig. 2)", parity[0]))
     summary = out_dir / "summary.md"
@@ -213,12 +211,12 @@ def _histograms(store, systems, out_dir, spec) -> str:
     fig, axes = plt.subplots(len(systems), 1, figsize=(6.4, 2.6 * len(systems) + 0.6),
                              squeeze=False, sharex=True)
     for ax, name in zip(axes[:, 0], systems):
-        group = f"{ANALYZE_GROUP}/{name}/histogram"
+        group = analyze_path(name, "histogram")
         edges = store.read(f"{group}/edges_ppm")
         counts = store.read(f"{group}/counts").astype(float)
         total = store.read(f"{group}/total_counts").astype(float)
-        classes = store.attrs(f"{ANALYZE_GROUP}/{name}/sites")["class_names"]
-        occupation = store.read(f"{ANALYZE_GROUP}/{name}/sites/occupation")
+        classes = store.attrs(analyze_path(name, "sites"))["class_names"]
+        occupation = store.read(analyze_path(name, "sites/occupation"))
         colours = _colours(classes)
         norm = max(total.sum(), 1.0) * np.diff(edges)  # probability density per ppm
         centres = 0.5 * (edges[1:] + edges[:-1])
@@ -228,7 +226,7 @@ def _histograms(store, systems, out_dir, spec) -> str:
                 continue
             ax.fill_between(centres, counts[k] / norm, step="mid", alpha=0.45,
                             color=colours[cls], label=f"{cls} ({occupation[k]:.3f})")
-        mean = store.attrs(f"{ANALYZE_GROUP}/{name}")["mean_shift_ppm"]
+        mean = store.attrs(analyze_path(name))["mean_shift_ppm"]
         ax.axvline(mean, color="k", ls="--", lw=0.8)
         ax.set_ylabel("density (1/ppm)")
         ax.set_title(f"{name}: mean {mean:.0f} ppm", fontsize=10)
@@ -247,7 +245,7 @@ def _maps(store, name, out_dir, spec) -> str:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
 
-    group = f"{ANALYZE_GROUP}/{name}"
+    group = analyze_path(name)
     mean = store.read(f"{group}/maps/mean_shift_ppm")
     std = store.read(f"{group}/maps/std_shift_ppm")
     density = store.read(f"{group}/maps/density_per_a2")
@@ -311,7 +309,7 @@ def _running(store, systems, out_dir, spec) -> str:
 
     fig, axes = plt.subplots(1, len(systems), figsize=(5.2 * len(systems), 3.8), squeeze=False)
     for ax, name in zip(axes[0], systems):
-        group = f"{ANALYZE_GROUP}/{name}"
+        group = analyze_path(name)
         t, label = _time_axis(store, group)
         classes = store.attrs(f"{group}/sites")["class_names"]
         colours = _colours(classes)
@@ -334,10 +332,10 @@ def _msd(store, systems, out_dir, spec) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    longest = max(float(np.max(store.read(f"{ANALYZE_GROUP}/{n}/msd/lag_fs"))) for n in systems)
+    longest = max(float(np.max(store.read(analyze_path(n, "msd/lag_fs")))) for n in systems)
     factor, unit = _time_unit(longest)
     for name in systems:
-        group = f"{ANALYZE_GROUP}/{name}/msd"
+        group = analyze_path(name, "msd")
         lag = store.read(f"{group}/lag_fs") * factor
         attrs = store.attrs(group)
         diffusive = attrs.get("diffusive", True)
@@ -366,7 +364,7 @@ def _spectra(store, systems, out_dir, spec) -> str:
     fig, axes = plt.subplots(len(systems), 1, figsize=(6.4, 2.4 * len(systems) + 0.6),
                              squeeze=False, sharex=True)
     for ax, name in zip(axes[:, 0], systems):
-        group = f"{SPECTRUM_GROUP}/{name}"
+        group = spectrum_path(name)
         ppm, lines = store.read(f"{group}/ppm"), store.read(f"{group}/intensity")
         temperatures = store.read(f"{group}/temperatures_k")
         for k, (t, line) in enumerate(zip(temperatures, lines)):
@@ -383,13 +381,13 @@ def _spectra(store, systems, out_dir, spec) -> str:
 def _fit(store, out_dir, spec) -> str:
     import matplotlib.pyplot as plt
 
-    attrs = store.attrs(FIT_GROUP)
-    ppm = store.read(f"{FIT_GROUP}/ppm")
+    attrs = store.attrs(fit_path())
+    ppm = store.read(fit_path("ppm"))
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.plot(ppm, store.read(f"{FIT_GROUP}/measured"), color="k", lw=1.0, label="measured")
-    ax.plot(ppm, store.read(f"{FIT_GROUP}/model"), color="C3", lw=1.2, label="fitted mixture")
+    ax.plot(ppm, store.read(fit_path("measured")), color="k", lw=1.0, label="measured")
+    ax.plot(ppm, store.read(fit_path("model")), color="C3", lw=1.2, label="fitted mixture")
     for name, fraction, component in zip(attrs["systems"], attrs["fractions"],
-                                         store.read(f"{FIT_GROUP}/components")):
+                                         store.read(fit_path("components"))):
         ax.plot(ppm, component + attrs.get("baseline", 0.0), "--", lw=0.9,
                 label=f"{name} ({fraction:.2f})")
     ax.set_xlabel(f"shift (ppm); predicted lines moved by {attrs['offset_ppm']:.0f} ppm")
@@ -401,8 +399,8 @@ def _fit(store, out_dir, spec) -> str:
 
 def _spectrum_lines(store) -> list[str]:
     """The spectra's regimes, and the fit's fractions and peak assignments."""
-    names = [n for n in store.keys(SPECTRUM_GROUP) if n != "fit"
-             and store.exists(f"{SPECTRUM_GROUP}/{n}/intensity")]
+    names = [n for n in store.keys(spectrum_path()) if n != "fit"
+             and store.exists(spectrum_path(n, "intensity"))]
     if not names:
         return []
     lines = ["", "## Spectra", "",
@@ -411,7 +409,7 @@ def _spectrum_lines(store) -> list[str]:
              "the manifest's field and intrinsic line width; rates are held at the md "
              "temperature (one md temperature per manifest: no Arrhenius extrapolation).", ""]
     for name in names:
-        attrs = store.attrs(f"{SPECTRUM_GROUP}/{name}")
+        attrs = store.attrs(spectrum_path(name))
         shifts = ", ".join(f"{c} {p:.3f} at {_fmt(x)} ppm" for c, p, x in zip(
             attrs.get("class_names", []), attrs.get("populations", []),
             attrs.get("shift_ppm", [])))
@@ -419,8 +417,8 @@ def _spectrum_lines(store) -> list[str]:
                      f"{attrs.get('regime')}; populations {shifts}"
                      + ("" if attrs.get("converged") else
                         " (from averages that are not converged: see Convergence)") + ".")
-    if store.exists(f"{FIT_GROUP}/model"):
-        fit = store.attrs(FIT_GROUP)
+    if store.exists(fit_path("model")):
+        fit = store.attrs(fit_path())
         failed = "" if fit.get("success") else f" (the fit did not converge: {fit.get('message')})"
         lines += ["", f"### Fit of {fit['source']}", "",
                   f"Measured = sum of the predicted lines (at {fit['temperature_k']:g} K) moved "
@@ -443,8 +441,8 @@ def _spectrum_lines(store) -> list[str]:
 def _parity(store, out_dir, spec) -> tuple[str, float, float, int]:
     import matplotlib.pyplot as plt
 
-    dft = np.asarray(store.read(f"{CV_GROUP}/shift_dft_ppm"), dtype=float).ravel()
-    pred = np.asarray(store.read(f"{CV_GROUP}/shift_pred_ppm"), dtype=float).ravel()
+    dft = np.asarray(store.read(cv_path("shift_dft_ppm")), dtype=float).ravel()
+    pred = np.asarray(store.read(cv_path("shift_pred_ppm")), dtype=float).ravel()
     keep = np.isfinite(dft) & np.isfinite(pred)
     dft, pred = dft[keep], pred[keep]
     rmse = float(np.sqrt(np.mean((pred - dft) ** 2))) if len(dft) else float("nan")
@@ -474,9 +472,9 @@ def _summary(store, systems, figures, parity) -> str:
     lines = ["# dynshift report", ""]
     from schemas.manifest import STAGE_ORDER
 
-    recorded = store.keys("/stages")
-    stages = {name: store.attrs(f"/stages/{name}").get("status")
-              for name in STAGE_ORDER if name in recorded and name != "report"}
+    recorded = store.stage_status
+    stages = {name: recorded[name] for name in STAGE_ORDER
+              if name in recorded and name != "report"}
     if stages:
         lines += ["Stages: " + ", ".join(f"{k} ({v})" for k, v in stages.items()), ""]
     if not systems:
@@ -494,7 +492,7 @@ def _summary(store, systems, figures, parity) -> str:
                   "(ppm) | samples |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for name in systems:
-            group = f"{ANALYZE_GROUP}/{name}/sites"
+            group = analyze_path(name, "sites")
             classes = store.attrs(group)["class_names"]
             sigma = (store.read(f"{group}/ensemble_std_ppm")
                      if store.exists(f"{group}/ensemble_std_ppm") else [np.nan] * len(classes))
@@ -512,11 +510,11 @@ def _summary(store, systems, figures, parity) -> str:
                   "(ppm) | D (cm2/s) |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name in systems:
-            attrs = store.attrs(f"{ANALYZE_GROUP}/{name}")
+            attrs = store.attrs(analyze_path(name))
             d = attrs.get("d_cm2_s", float("nan"))
             err = attrs["mean_shift_stderr_ppm"]
             d_text = (f"{d:.3g}" if np.isfinite(d) else "not diffusive"
-                      if store.exists(f"{ANALYZE_GROUP}/{name}/msd/msd_a2") else "-")
+                      if store.exists(analyze_path(name, "msd/msd_a2")) else "-")
             lines.append(f"| {name} | {attrs.get('kind')} | {attrs.get('n_frames')} | "
                          f"{attrs.get('n_centres')} | {_fmt(attrs['mean_shift_ppm'], 1)} | "
                          f"{_fmt(err, 1) if np.isfinite(err) else 'not converged'} | "
@@ -525,7 +523,7 @@ def _summary(store, systems, figures, parity) -> str:
         lines += _convergence(store, systems)
         lines += _deviation_lines(store, systems)
         drifting = [n for n in systems
-                    if not store.attrs(f"{ANALYZE_GROUP}/{n}").get("framework_drift_corrected")]
+                    if not store.attrs(analyze_path(n)).get("framework_drift_corrected")]
         if drifting:
             lines += ["", f"Note: no framework drift correction for {', '.join(drifting)} "
                       "(the infer stage wrote no framework_drift_a)."]
@@ -548,7 +546,7 @@ def _convergence(store, systems) -> list[str]:
     """The verdict of every system and its site dynamics, in words and tables."""
     lines = ["", "## Convergence", ""]
     for name in systems:
-        attrs = store.attrs(f"{ANALYZE_GROUP}/{name}")
+        attrs = store.attrs(analyze_path(name))
         verdict = attrs.get("verdict") or "no verdict (analysed by an older dynshift)"
         line = f"- **{name}**: {verdict}."
         if not attrs.get("converged") and np.isfinite(attrs.get(
@@ -557,14 +555,14 @@ def _convergence(store, systems) -> list[str]:
             line += (f" The mean {_fmt(attrs['mean_shift_ppm'], 1)} ppm is "
                      + ("not yet a dynamic average; " if attrs.get("kind") == "md" else "")
                      + f"its blocking error ({bound} ppm) is only a lower bound.")
-        msd = store.attrs(f"{ANALYZE_GROUP}/{name}/msd")
+        msd = store.attrs(analyze_path(name, "msd"))
         if msd and not msd.get("diffusive", True):
             line += f" No D: not diffusive over this run ({msd.get('not_diffusive_reason')})."
         if attrs.get("thermostat"):
             line += f" Dynamics from md with {attrs['thermostat']}."
         lines.append(line)
     for name in systems:
-        group = f"{ANALYZE_GROUP}/{name}/dynamics"
+        group = analyze_path(name, "dynamics")
         if not store.exists(f"{group}/rate_per_ps"):
             continue
         dyn = store.attrs(group)
@@ -604,7 +602,7 @@ def _deviation_lines(store, systems) -> list[str]:
     and a warning for a system with more than 1 % of its frames above trust_hi."""
     rows, warnings = [], []
     for name in systems:
-        attrs = store.attrs(f"{ANALYZE_GROUP}/{name}")
+        attrs = store.attrs(analyze_path(name))
         n = int(attrs.get("deviation_frames", 0) or 0)
         if n <= 0:
             continue

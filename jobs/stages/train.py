@@ -1,7 +1,7 @@
 """The train stage: labelled frames -> SOAP of the target nuclei -> k-fold NN-NMR ensemble.
 
 Frames come from ``train.frames`` (extended XYZ / OUTCARs) and, when the label stage ran, from
-the store (``jobs.label.labelled_frames``). SOAP is computed for a contiguous block of frames
+the store (``jobs.layouts.label.labelled_frames``). SOAP is computed for a contiguous block of frames
 per rank and gathered on every rank; the frames are split into k folds (seeded, BY FRAME: no
 frame has atoms on both sides); each fold model is trained data-parallel over all ranks with
 Horovod and written as plain arrays, so a killed run resumes at the first unfinished fold.
@@ -15,27 +15,31 @@ from pathlib import Path
 import numpy as np
 
 from engine.context import RankContext
+from engine.failure import InputError
 from engine.seeds import SeedStreams
 from engine.stages import StageInputs, StageResult
-from engine.failure import InputError
-from engine.progress import Progress
 from engine.store import RunStore
 from jobs.frame_checks import MIN_DISTANCE_A
-from jobs.frames import FERMI_CONTACT_KEY, read_labelled_frames
-from jobs.nnmr import (FoldModel, ShiftEnsemble, model_name, read_fold_model,
-                       regression_metrics, train_model, write_fold_model)
-from jobs.shift import ppm_per_mhz, shift_ppm
-
-GROUP = "/train"
-"""The store group this stage owns (layout: docs/nnmr.md); read it with
-jobs.nnmr.ShiftEnsemble.from_store."""
-CV_GROUP = f"{GROUP}/cv"
-"""Out-of-fold predictions: ``shift_dft_ppm``, ``shift_pred_ppm`` ... (what the report plots)."""
-
-
-def has_ensemble(store: RunStore, group: str = GROUP) -> bool:
-    """True when the store holds a trained shift model of this stage (NN-NMR or GPR)."""
-    return store.exists(f"{group}/folds") or store.exists(f"{group}/gpr/weights_ppm")
+from jobs.frames import read_labelled_frames
+from jobs.layouts.train import CV_GROUP, GROUP
+from jobs.shift import ppm_per_mhz
+from jobs.shiftmodels.metrics import regression_metrics
+from jobs.shiftmodels.nnmr import (
+    FoldModel,
+    ShiftEnsemble,
+    model_name,
+    read_fold_model,
+    train_model,
+    write_fold_model,
+)
+from jobs.shiftmodels.rows import (
+    LabelledRows,
+    centre_rows,
+    frame_folds,
+    gather_features,
+    model_seed,
+    validation_frames,
+)
 
 
 @dataclass(frozen=True)
@@ -56,71 +60,14 @@ class TrainResult(StageResult):
                 "cv_r2": self.cv_r2}
 
 
-@dataclass
-class LabelledRows:
-    """Target rows of a set of frames: shift (ppm), frame and atom index of every centre."""
-
-    shift_ppm: np.ndarray
-    frame: np.ndarray
-    atom: np.ndarray
 
 
-def centre_rows(frames, centre: str, shift_spec) -> LabelledRows:
-    """Shifts (ppm, eq. 1) of every `centre` atom of `frames`, frame-major, in atom order."""
-    from ase.data import atomic_numbers
-
-    z = atomic_numbers[centre]
-    shifts, frame_ids, atom_ids = [], [], []
-    for index, atoms in enumerate(frames):
-        if FERMI_CONTACT_KEY not in atoms.arrays:
-            raise InputError(f"frame {index} ({atoms.info.get('source', '?')}) has no "
-                             f"'{FERMI_CONTACT_KEY}'")
-        atoms_of_centre = np.flatnonzero(atoms.numbers == z)
-        shifts.append(shift_ppm(atoms.arrays[FERMI_CONTACT_KEY][atoms_of_centre], shift_spec))
-        frame_ids.append(np.full(len(atoms_of_centre), index, dtype=np.int64))
-        atom_ids.append(atoms_of_centre.astype(np.int64))
-    return LabelledRows(np.concatenate(shifts), np.concatenate(frame_ids),
-                        np.concatenate(atom_ids))
 
 
-def gather_features(featurizer, frames, ctx: RankContext) -> np.ndarray:
-    """SOAP rows of all frames on every rank; each rank computes a contiguous block of frames."""
-    from mpi4py import MPI
-
-    mine = ctx.block(len(frames))
-    progress = Progress(ctx, "train SOAP", len(mine), "frames")
-    blocks = []
-    for start in range(mine.start, mine.stop, 32):
-        stop = min(start + 32, mine.stop)
-        blocks.append(featurizer.features(frames[start:stop]))
-        progress.update(stop - start)
-    progress.finish()
-    n_features = featurizer.n_features
-    local = np.concatenate(blocks) if blocks else np.zeros((0, n_features), np.float32)
-    local = np.ascontiguousarray(local, dtype=np.float32)
-    counts = np.array(ctx.comm.allgather(local.size), dtype=np.int64)
-    out = np.empty(int(counts.sum()), dtype=np.float32)
-    displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    ctx.comm.Allgatherv(local.reshape(-1), [out, counts, displs, MPI.FLOAT])
-    return out.reshape(-1, n_features)
 
 
-def frame_folds(n_frames: int, folds: int, seed: int) -> np.ndarray:
-    """Fold (0..folds-1) of every frame: a seeded permutation dealt round-robin."""
-    if n_frames < folds:
-        raise InputError(f"train: {n_frames} frames cannot make {folds} folds")
-    rng = SeedStreams(seed).rng("train.folds")
-    fold_of_frame = np.empty(n_frames, dtype=np.int64)
-    fold_of_frame[rng.permutation(n_frames)] = np.arange(n_frames) % folds
-    return fold_of_frame
 
 
-def validation_frames(train_frames: np.ndarray, fraction: float, seed: int,
-                      fold: int) -> np.ndarray:
-    """Frames of a fold's training set held out for early stopping (at least one)."""
-    rng = SeedStreams(seed).rng("train.validation", fold)
-    n_val = max(1, int(round(fraction * len(train_frames))))
-    return np.sort(rng.choice(train_frames, n_val, replace=False))
 
 
 def load_frames(spec, store: RunStore, min_distance_a: float = MIN_DISTANCE_A) -> list:
@@ -129,7 +76,7 @@ def load_frames(spec, store: RunStore, min_distance_a: float = MIN_DISTANCE_A) -
     frames = []
     for path in spec.frames:
         frames.extend(read_labelled_frames(path, min_distance_a))
-    from jobs.label import has_labels, labelled_frames
+    from jobs.layouts.label import has_labels, labelled_frames
 
     if has_labels(store):
         frames.extend(labelled_frames(store))
@@ -161,7 +108,7 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
     TrainResult
         The out-of-fold cross-validation metrics.
     """
-    from jobs.soap import SoapFeaturizer
+    from jobs.shiftmodels.soap import SoapFeaturizer
 
     frames = load_frames(spec, store) if frames is None else frames
     if getattr(spec, "model", "nnmr") == "gpr":
@@ -249,7 +196,7 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
 
 def train_gpr(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
               frames) -> TrainResult:
-    """The sparse GPR shift model (``train.model: gpr``, jobs.gpr): CV grid, fit, ``/train``.
+    """The sparse GPR shift model (``train.model: gpr``, jobs.shiftmodels.gpr): CV grid, fit, ``/train``.
 
     For every SOAP setting of the grid (``train.gpr.soap_r_cut_a`` x ``soap_sigma_a``, the
     train section's own values when empty), the features are computed (a block of frames per
@@ -262,8 +209,8 @@ def train_gpr(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
     """
     import time
 
-    from jobs import gpr
-    from jobs.soap import SoapFeaturizer
+    from jobs.shiftmodels import gpr
+    from jobs.shiftmodels.soap import SoapFeaturizer
 
     gspec = spec.gpr
     done = store.attrs(f"{GROUP}/gpr")
@@ -376,9 +323,6 @@ def train_gpr(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
                        cv_metrics["mae_ppm"], cv_metrics["r2"])
 
 
-def model_seed(seed: int, fold: int, member: int = 0) -> int:
-    """Seed of the weights, dropout and batch order of one network of a fold."""
-    return SeedStreams(seed).integer("train.network", fold, member)
 
 
 def _train_fold(spec, seed: int, fold: int, member: int, fold_of_frame: np.ndarray,

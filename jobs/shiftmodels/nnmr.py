@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -293,14 +292,6 @@ def model_key(name: str) -> tuple[int, int]:
 
 
 # ---- metrics --------------------------------------------------------------------------------
-def regression_metrics(y_true_ppm: np.ndarray, y_pred_ppm: np.ndarray) -> dict[str, float]:
-    """RMSE (ppm), MAE (ppm) and coefficient of determination R2 of predictions."""
-    y_true = np.asarray(y_true_ppm, dtype=np.float64)
-    error = np.asarray(y_pred_ppm, dtype=np.float64) - y_true
-    ss_tot = float(np.sum((y_true - y_true.mean()) ** 2))
-    return {"rmse_ppm": float(np.sqrt(np.mean(error ** 2))),
-            "mae_ppm": float(np.mean(np.abs(error))),
-            "r2": float(1.0 - np.sum(error ** 2) / ss_tot) if ss_tot > 0 else float("nan")}
 
 
 # ---- store I/O ------------------------------------------------------------------------------
@@ -329,13 +320,6 @@ def read_fold_model(store, group: str) -> FoldModel:
         target_mean_ppm=float(attrs["target_mean_ppm"]),
         target_std_ppm=float(attrs["target_std_ppm"]),
         best_epoch=int(attrs.get("best_epoch", 0)), epochs_run=int(attrs.get("epochs_run", 0)))
-
-
-def _read_only_store(path):
-    """A store file opened read-only on this process alone (no MPI), e.g. the shipped model."""
-    from engine.store import RunStore
-
-    return RunStore(Path(path), None, mode="r")
 
 
 class ShiftEnsemble:
@@ -369,30 +353,18 @@ class ShiftEnsemble:
         return self._first_kernel.shape[0]
 
     @classmethod
-    def from_store(cls, store_or_path, group: str = "/train") -> "ShiftEnsemble":
-        """Load every fold model under ``<group>/folds`` of a RunStore or a store file path;
-        a store whose ``<group>`` holds a GPR model gives its :class:`jobs.gpr.GprShiftModel`
-        (the same ``predict`` / ``settings`` / ``n_features`` contract)."""
-        reader = _read_only_store(store_or_path) if isinstance(store_or_path, (str, Path)) \
-            else store_or_path
-        try:
-            from jobs.gpr import GprShiftModel, is_gpr_store
+    def from_store(cls, reader, group: str) -> "ShiftEnsemble":
+        """Load every fold model under ``<group>/folds`` of an open store (use
+        :func:`jobs.shiftmodels.registry.load_shift_model` to load a model of any kind)."""
+        if not reader.exists(f"{group}/folds"):
+            from engine.failure import InputError
 
-            if is_gpr_store(reader, group):
-                return GprShiftModel.from_store(reader, group)
-            if not reader.exists(f"{group}/folds"):
-                from engine.failure import InputError
-
-                raise InputError(f"{getattr(reader, 'file', reader)}: no trained model "
-                                 f"(no {group}/folds); run the train stage first")
-            folds = sorted(reader.keys(f"{group}/folds"), key=model_key)
-            models = [read_fold_model(reader, f"{group}/folds/{k}").folded() for k in folds
-                      if reader.attrs(f"{group}/folds/{k}").get("complete", True)]
-            settings = reader.attrs(group)
-        finally:
-            if isinstance(store_or_path, (str, Path)):
-                reader.close()
-        return cls(models, settings)
+            raise InputError(f"{getattr(reader, 'path', reader)}: no trained model "
+                             f"(no {group}/folds); run the train stage first")
+        folds = sorted(reader.keys(f"{group}/folds"), key=model_key)
+        models = [read_fold_model(reader, f"{group}/folds/{k}").folded() for k in folds
+                  if reader.attrs(f"{group}/folds/{k}").get("complete", True)]
+        return cls(models, reader.attrs(group))
 
     def predict_all(self, features: np.ndarray) -> np.ndarray:
         """Every model's shifts (ppm), shape (n_models, n_rows), float32."""
@@ -443,7 +415,7 @@ class TfGemmEnsemble(ShiftEnsemble):
     Parameters
     ----------
     ensemble
-        A :class:`jobs.nnmr.ShiftEnsemble` (its folded weights are read, not copied twice).
+        A :class:`jobs.shiftmodels.nnmr.ShiftEnsemble` (its folded weights are read, not copied twice).
     threads
         TensorFlow intra-op threads (the rank's cores); ignored when TF already started.
     chunk_rows
@@ -621,56 +593,3 @@ def choose_predictor(ensemble, ctx: RankContext, rows_per_frame: int, frames: in
                                                            rows, "timed")
 
 
-def export_ensemble(source, target, folds: list[int] | None = None,
-                    weights_dtype: str = "float16") -> dict:
-    """Copy a trained store's ``/train`` (selected folds, recast weights) into a small store.
-
-    The shipped model is made this way from a 5-fold run: the first folds' models (identical to
-    those a run with ``ensemble_folds`` set would train: same split and seeds), their
-    out-of-fold rows, and the ``/train`` attributes with the CV metrics of those rows (as
-    predicted by the source's weights: the features are not stored, so the effect of recasting
-    to float16 is measured separately, docs/nnmr.md). Serial (no MPI).
-
-    Parameters
-    ----------
-    source, target
-        Paths of the trained store and of the new store (overwritten).
-    folds
-        Fold numbers to keep (default: all).
-    weights_dtype
-        ``float16`` or ``float32`` for the kernels.
-
-    Returns
-    -------
-    dict
-        The metrics (rmse_ppm, mae_ppm, r2) of the kept folds' out-of-fold rows.
-    """
-    from engine.store import RunStore
-
-    with RunStore(source, None, mode="r") as src, RunStore(target, None, mode="w") as dst:
-        names = sorted(src.keys("/train/folds"), key=model_key)
-        kept = folds if folds is not None else sorted({model_key(k)[0] for k in names})
-        cv_fold = src.read("/train/cv/fold")
-        rows = np.isin(cv_fold, kept)
-        for k in (name for name in names if model_key(name)[0] in kept):
-            model = read_fold_model(src, f"/train/folds/{k}")
-            extra = {key: value for key, value in src.attrs(f"/train/folds/{k}").items()
-                     if key in ("rmse_ppm", "mae_ppm", "r2", "n_test_rows", "complete",
-                                "fold", "member")}
-            write_fold_model(dst, f"/train/folds/{k}", model, dtype=weights_dtype, **extra)
-            for name in src.keys(f"/train/curves/{k}"):
-                dst.put(f"/train/curves/{k}/{name}", src.read(f"/train/curves/{k}/{name}"))
-        for name in src.keys("/train/split"):
-            dst.put(f"/train/split/{name}", src.read(f"/train/split/{name}"))
-        for name in src.keys("/train/cv"):
-            dst.put(f"/train/cv/{name}", src.read(f"/train/cv/{name}")[rows])
-        attrs = src.attrs("/train")
-        metrics = regression_metrics(src.read("/train/cv/shift_dft_ppm")[rows],
-                                     src.read("/train/cv/shift_pred_ppm")[rows])
-        spec = dict(attrs.get("spec", {}), ensemble_folds=len(kept), weights_dtype=weights_dtype)
-        attrs.update(folds_trained=len(kept), spec=spec, cv_rmse_ppm=metrics["rmse_ppm"],
-                     cv_mae_ppm=metrics["mae_ppm"], cv_r2=metrics["r2"], cv_rows=int(rows.sum()),
-                     exported_from=str(source))
-        dst.set_attrs("/train", **attrs)
-        dst.set_attrs("/stages/train", status="complete")
-    return metrics

@@ -13,6 +13,9 @@ a resumed run recomputes only the chunks not marked. Layout: docs/infer.md.
 """
 from __future__ import annotations
 
+from jobs.artefacts import load_chosen_shift_model, published_in, shift_choice
+from jobs.shiftmodels.registry import featurizer_for
+
 import io
 import time
 from dataclasses import dataclass
@@ -22,15 +25,16 @@ import numpy as np
 from ase import Atoms
 
 from engine.context import RankContext
-from engine.stages import StageInputs, StageResult
 from engine.failure import InputError
 from engine.progress import Progress
+from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
 from jobs.frame_checks import MIN_DISTANCE_A, check_frames
-from jobs.md import md_trajectories
-from jobs.nnmr import choose_predictor
+from jobs.layouts.infer import GROUP, system_group
+from jobs.layouts.md import md_trajectories
+from jobs.shiftmodels.nnmr import choose_predictor
+from jobs.shiftmodels.soap import SoapFeaturizer
 from jobs.sites import framework_drift_a, framework_mask
-from jobs.soap import SoapFeaturizer
 from schemas.infer import SHIPPED_SHIFT_MODEL, InferSpec
 from schemas.shift import ShiftSpec
 from schemas.system import SystemSpec
@@ -40,13 +44,8 @@ SHIPPED_MODEL = SHIPPED_SHIFT_MODEL
 GPR model of P2-NMMO (schemas.infer.SHIPPED_SHIFT_MODEL)."""
 
 
-GROUP = "/infer"
-"""The store group this stage owns: ``/infer/<system>`` (layout: docs/infer.md)."""
 
 
-def system_group(system: str, root: str = GROUP) -> str:
-    """Store group of one system's shifts: what analyze reads."""
-    return f"{root}/{system}"
 
 
 # ---- frame sources -----------------------------------------------------------------------------
@@ -262,32 +261,18 @@ def frame_source(spec: InferSpec, system: SystemSpec, ctx: RankContext, store: R
 
 # ---- the model -----------------------------------------------------------------------------------
 def load_ensemble(spec: InferSpec, store: RunStore):
-    """The shift model: ``spec.model``, else this store's /train, else this store's learn
-    campaign's final shift model, else the shipped one.
+    """The shift model :func:`jobs.artefacts.shift_choice` picks: ``spec.model``, else this
+    store's /train, else this store's learn campaign's final shift model, else the shipped one.
 
     Returns
     -------
-    (ShiftEnsemble or GprShiftModel, str)
-        The model and where it came from.
+    (ShiftEnsemble or GprShiftModel, str, str)
+        The model, where it came from (recorded as ``predictor_model``), and which model it is
+        and why, in words.
     """
-    from jobs.nnmr import ShiftEnsemble
-
-    if spec.model is not None:
-        if not Path(spec.model).exists():
-            raise InputError(f"infer.model: {spec.model}: no such store file")
-        return ShiftEnsemble.from_store(Path(spec.model)), str(spec.model)
-    from jobs.train import has_ensemble
-
-    if has_ensemble(store):
-        return ShiftEnsemble.from_store(store), f"{store.path}:/train"
-    from jobs.learn import has_campaign, learned_shift_model
-
-    if has_campaign(store):
-        return learned_shift_model(store), f"{store.path}: the learn campaign's shift model"
-    if not SHIPPED_MODEL.exists():
-        raise InputError(f"infer: no model: this store has no /train, infer.model is not set, "
-                         f"and the shipped model {SHIPPED_MODEL} is missing")
-    return ShiftEnsemble.from_store(SHIPPED_MODEL), str(SHIPPED_MODEL)
+    choice = shift_choice(published_in(store), spec.model)
+    model, name = load_chosen_shift_model(choice, store)
+    return model, name, choice.describe()
 
 
 PREDICTOR_TIMED_FRAMES = 32
@@ -297,7 +282,7 @@ PREDICTOR_TIMED_FRAMES = 32
 def predictor_for(ensemble, spec: InferSpec, ctx: RankContext, store: RunStore,
                   model_name: str, centres_per_frame: int):
     """The predictor infer uses: the faster on this machine of numpy and TensorFlow
-    (:func:`jobs.nnmr.choose_predictor`, timed on every rank, collective), or the one an earlier
+    (:func:`jobs.shiftmodels.nnmr.choose_predictor`, timed on every rank, collective), or the one an earlier
     start of this run recorded for the same model (a resumed run gives the same digits).
 
     Logs the choice and both timings in one line and records them as attributes of ``/infer``:
@@ -318,16 +303,6 @@ def predictor_for(ensemble, spec: InferSpec, ctx: RankContext, store: RunStore,
     return predictor, choice
 
 
-def featurizer_for(ensemble, kernel: str = "dscribe") -> SoapFeaturizer:
-    """The SOAP featurizer the ensemble was trained with (from its settings)."""
-    settings = dict(getattr(ensemble, "settings", {}) or {})
-    soap = settings.get("soap", settings)
-    featurizer = SoapFeaturizer.from_settings(soap, kernel)
-    n_model = getattr(ensemble, "n_features", featurizer.n_features)
-    if n_model != featurizer.n_features:
-        raise InputError(f"infer: the model takes {n_model} features, its SOAP settings give "
-                         f"{featurizer.n_features}")
-    return featurizer
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -338,12 +313,15 @@ class InferResult(StageResult):
     frames: dict
     frames_computed: int
     elapsed_s: float
+    shift_model: str = ""
+    """Which shift model predicted, and why (jobs.artefacts)."""
 
     def summary(self) -> dict:
         """Headline numbers for /stages/infer."""
         rate = self.frames_computed / self.elapsed_s if self.elapsed_s > 0 else 0.0
         return {"frames": int(sum(self.frames.values())), "frames_computed": self.frames_computed,
-                "frames_per_s": round(rate, 2), **{f"frames_{k}": v for k, v in self.frames.items()}}
+                "frames_per_s": round(rate, 2), **{f"frames_{k}": v for k, v in self.frames.items()},
+                "shift_model": self.shift_model}
 
 
 def _chunk_bounds(n_frames: int, chunk_frames: int) -> np.ndarray:
@@ -420,12 +398,14 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
 
     labels = spec.shifts_from == "labels"
     model_name = "labels:fermi_contact_mhz"
+    model_choice = "the DFT labels (infer.shifts_from: labels)"
     featurizer, soap_kernel = None, "none"
     if not labels:
         if ensemble is None:
-            ensemble, model_name = load_ensemble(spec, store)
+            ensemble, model_name, model_choice = load_ensemble(spec, store)
         else:
             model_name = getattr(ensemble, "name", type(ensemble).__name__)
+            model_choice = f"{model_name} (given by the caller)"
         featurizer = featurizer_for(ensemble, spec.soap_kernel)
         soap_kernel = featurizer.array_kernel()
     predictor_choice = None  # timed at the first system: a chunk of its nuclei's rows
@@ -513,7 +493,7 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
                                "written")
         frames[system.name] = source.n_frames
         computed_total += computed
-    return InferResult(frames, computed_total, time.monotonic() - started)
+    return InferResult(frames, computed_total, time.monotonic() - started, model_choice)
 
 
 def run(spec: InferSpec, inputs: StageInputs) -> InferResult:

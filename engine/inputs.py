@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.layouts.train import shift_model_facts
 from schemas.infer import SHIPPED_SHIFT_MODEL
 from schemas.system import BUILTIN_ATOMS, BUILTIN_NAMES, BUILTIN_PREFIX, builtin_species
 
@@ -91,22 +92,6 @@ def _labelled_path(path: Path, where: str) -> str | None:
     return problem
 
 
-def shift_model_facts(path: Path) -> tuple[str | None, list[str] | None, str | None]:
-    """(centre, species, problem) of a store file holding a trained /train ensemble (read
-    through engine.store's reader, serial and read-only)."""
-    from engine.store import RunStore
-
-    try:
-        with RunStore(path, None, mode="r") as store:
-            gpr = store.exists("/train/gpr/weights_ppm")  # a GPR model (jobs/gpr.py)
-            if not gpr and not store.keys("/train/folds"):
-                return None, None, f"{path} holds no trained /train ensemble"
-            attrs = store.attrs("/train")
-    except OSError as exc:
-        return None, None, f"{path} is no readable HDF5 store ({' '.join(str(exc).split())})"
-    centre, species = attrs.get("centre"), attrs.get("species")
-    species = [str(s) for s in species] if species is not None else None
-    return (str(centre) if centre is not None else None), species, None
 
 
 def input_problems(manifest, store: Path | None = None) -> list[str]:
@@ -302,3 +287,37 @@ def _new_store_problems(manifest, store_path: Path) -> list[str]:
         problems.append(f"stages: analyze reads the shifts of the infer stage, but infer does "
                         f"not run and {where} (got {', '.join(manifest.stages)})")
     return problems
+
+
+def load_checked_manifest(path: str | Path, store: Path | None = None):
+    """Read and validate a manifest file, and check its input files and folders.
+
+    Parameters
+    ----------
+    path
+        The manifest file.
+    store
+        The store the run will use when it is not the manifest's own (``dynshift run
+        --store``).
+
+    Returns
+    -------
+    (Manifest, str)
+        The model and the text it came from.
+
+    Raises
+    ------
+    schemas.ManifestError
+        With one line per bad field or input file.
+    """
+    from schemas import ManifestError, load_manifest
+
+    manifest, text = load_manifest(path)
+    try:
+        problems = input_problems(manifest, store)
+    except Exception as exc:  # noqa: BLE001 - never a traceback for an input
+        problems = [f"(manifest): the input files cannot be checked "
+                    f"({type(exc).__name__}: {exc})"]
+    if problems:
+        raise ManifestError(str(path), problems)
+    return manifest, text

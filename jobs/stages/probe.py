@@ -2,18 +2,18 @@
 an Allreduce checks the communicator; a cheap first stage for a new cluster or allocation."""
 from __future__ import annotations
 
+from jobs.layouts.probe import create_cores, put_cores, put_hosts, read_cores
+
 import socket
 import time
+from dataclasses import dataclass
 
 import numpy as np
-
-from dataclasses import dataclass
 
 from engine.context import RankContext
 from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
 
-GROUP = "/probe"
 """The store group this stage owns: ``cores`` (one row per rank), attribute ``hosts``."""
 
 
@@ -36,14 +36,14 @@ def probe_ranks(spec, ctx: RankContext, store: RunStore) -> ProbeResult:
         time.sleep(spec.others_wait_s)
     hosts = ctx.comm.allgather(socket.gethostname())
     with store.transaction():
-        store.create_dataset(f"{GROUP}/cores", (ctx.size,), dtype="i4", unit="cores")
-        store.write_rows(f"{GROUP}/cores", ctx.rank, [ctx.cores])
+        create_cores(store, ctx.size)
+        put_cores(store, ctx.rank, ctx.cores)
         rank_sum = ctx.comm.allreduce(ctx.rank, op=MPI.SUM)
         if rank_sum != ctx.size * (ctx.size - 1) // 2:
             raise RuntimeError(f"Allreduce gave {rank_sum}; the MPI installation is broken")
-        store.set_attrs(GROUP, hosts=hosts)
+        put_hosts(store, hosts)
         ctx.comm.Barrier()
-    cores = store.read(f"{GROUP}/cores")
+    cores = read_cores(store)
     return ProbeResult(ranks=ctx.size, hosts=len(set(hosts)), cores_total=int(np.sum(cores)))
 
 

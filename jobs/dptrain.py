@@ -1,39 +1,22 @@
-"""The potential stage: a deepmd-kit (TF backend) DP model for the md stage.
-
-Either an existing frozen model (`potential.model`, default: the shipped P2-NMMO model) is put
-into the store, or a model is trained on labelled frames: held-out frames are chosen per file,
-the rest is written as deepmd/npy systems, then ``dp train``, ``dp freeze`` and (when it is
-faster) ``dp compress`` run as subprocesses on rank 0, and the energy / force RMSE on the
-held-out frames is recorded. The frozen model's bytes go to ``/potential/model.pb``: the md
-stage and a resumed run load it from there. Layout: docs/md.md.
-
-:func:`train_dp` is the training itself on frames given as lists of ase.Atoms (one list per
-deepmd system), for any stage that trains DP models on frames of its own.
-"""
+"""Training DP models with deepmd-kit (``dp train`` / ``dp freeze`` as subprocesses): the
+training input, the data sets, the hold-out errors. The potential stage trains one model; the
+learn campaign trains its ensemble with the same function (:func:`train_dp`)."""
 from __future__ import annotations
 
 import json
 import os
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from engine.context import RankContext
 from engine.external import run_program
 from engine.failure import InputError
 from engine.seeds import SeedStreams
-from engine.stages import StageInputs, StageResult
-from engine.store import RunStore
-from jobs.frame_checks import MIN_DISTANCE_A
-from schemas.potential import SHIPPED_MODEL, DpTrainingSpec, PotentialSpec
-
-MODEL_PATH = "/potential/model.pb"
-"""Store path of the frozen DP model (bytes of the .pb file)."""
+from jobs.deepmd import import_deepmd_tf
+from schemas.potential import DpTrainingSpec, PotentialSpec
 
 
 @dataclass(frozen=True)
@@ -48,7 +31,6 @@ class HoldoutErrors:
     """Force-component RMSE (eV/A)."""
 
 
-# ---- data ------------------------------------------------------------------------------------
 def write_deepmd_system(frames, folder: Path, type_map: list[str]) -> None:
     """Write labelled frames (one composition, same atom order) as a deepmd/npy system.
 
@@ -126,7 +108,6 @@ def deepmd_input(spec: DpTrainingSpec, train_systems: list[str], valid_systems: 
     }
 
 
-# ---- running deepmd-kit ------------------------------------------------------------------------
 def _thread_env(threads: int) -> dict:
     """Thread settings of a deepmd-kit subprocess (the rest: engine.external)."""
     env = {name: str(threads) for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
@@ -143,37 +124,6 @@ def run_dp(args: list[str], workdir: Path, threads: int, log_name: str) -> None:
     if status != 0:
         tail = (workdir / log_name).read_text()[-2000:]
         raise RuntimeError(f"{' '.join(command)} failed ({status}) in {workdir}:\n{tail}")
-
-
-def import_deepmd_tf() -> None:
-    """Import deepmd-kit's TensorFlow backend without switching TensorFlow 2 behaviour off.
-
-    `deepmd.tf.env` calls `tf.compat.v1.disable_v2_behavior()` when first imported, which would
-    break Keras in eager mode (the train and infer stages) later in the same run, and cannot be
-    undone once TensorFlow has built a graph. deepmd-kit builds its own graphs and sessions and
-    gives the same numbers with v2 behaviour on (tested), so that one call is skipped.
-    Call this before the first DeepPot / DP of a process.
-
-    Quiet: TensorFlow is imported by :func:`engine.context.import_tensorflow`, and loading
-    deepmd-kit's op library (whose CUDA half announces libcudart on stderr) runs inside
-    :func:`engine.context.quiet_native_stderr`; a failure to find libcudart still prints.
-    """
-    import sys
-
-    from engine.context import import_tensorflow, quiet_native_stderr
-
-    if "deepmd.tf.env" in sys.modules:
-        return
-    import_tensorflow()
-    import tensorflow.compat.v1 as tf_v1
-
-    disable = tf_v1.disable_v2_behavior
-    tf_v1.disable_v2_behavior = lambda: None
-    try:
-        with quiet_native_stderr():
-            import deepmd.tf.env  # noqa: F401
-    finally:
-        tf_v1.disable_v2_behavior = disable
 
 
 def evaluation_time_ms(model_path: Path, atoms, repeats: int = 20) -> float:
@@ -218,7 +168,6 @@ def holdout_errors(model_path: Path, frames) -> HoldoutErrors:
                          float(np.sqrt(force_sq / n_force)))
 
 
-# ---- training -----------------------------------------------------------------------------
 def train_dp(spec: DpTrainingSpec, train_sets: list[list], valid_sets: list[list], workdir: Path,
              seed: int, threads: int, log=print, *, train_names: list[str] | None = None,
              valid_names: list[str] | None = None,
@@ -326,7 +275,6 @@ def _set_names(names: list[str] | None, sets: list, argument: str) -> list[str]:
     return names
 
 
-# ---- the verb ----------------------------------------------------------------------------------
 def train_model(spec: PotentialSpec, frames_per_file: list, workdir: Path, seed: int,
                 threads: int, log=print) -> tuple[Path, dict]:
     """Train, freeze and (maybe) compress a DP model in `workdir` (one process; serial).
@@ -362,91 +310,3 @@ def train_model(spec: PotentialSpec, frames_per_file: list, workdir: Path, seed:
         log(f"potential: {path}: {len(train_idx)} training, {len(held_idx)} held-out frames")
     return train_dp(spec, train_sets, valid_sets, workdir, seed, threads, log,
                     train_names=train_names, valid_names=valid_names)
-
-
-@dataclass(frozen=True)
-class PotentialResult(StageResult):
-    """The model the run uses: trained here or not, its size, and its hold-out errors."""
-
-    trained: bool
-    model_mb: float
-    metrics: tuple = ()
-    """(name, value) pairs: hold-out RMSEs, timings, sizes of the training report."""
-
-    def summary(self) -> dict:
-        """trained, model_mb and every metric by name."""
-        return {"trained": self.trained, "model_mb": self.model_mb, **dict(self.metrics)}
-
-
-def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
-                  seed: int = 2022, min_distance_a: float = MIN_DISTANCE_A) -> "PotentialResult":
-    """Put a DP model into the store: the given / shipped one, or one trained on `spec.frames`.
-
-    Training runs on rank 0 (deepmd-kit as a subprocess); the other ranks wait. The model bytes
-    land in ``/potential/model.pb`` with the hold-out RMSE in its attributes. A labelled frame
-    with a non-finite position or cell, or two atoms closer than `min_distance_a` (A), is
-    refused (InputError naming the file and frame).
-    """
-    report: dict = {}
-    if not spec.frames:
-        path = Path(spec.model) if spec.model is not None else SHIPPED_MODEL
-        if not path.is_file():
-            raise InputError(f"potential.model: {path} not found")
-        blob = path.read_bytes()
-        report = {"source": str(path), "trained": False}
-    else:
-        from jobs.frames import read_labelled_frames
-
-        # every rank reads: ASE's reader is collective over its own MPI world (rank 0 reads
-        # and broadcasts), so a read on rank 0 alone would wait for the others forever
-        frames_per_file = [read_labelled_frames(path, min_distance_a) for path in spec.frames]
-        result = None
-        if ctx.is_root:
-            workdir = Path(str(store.path) + ".potential")
-            threads = spec.train_threads or ctx.cores
-            try:
-                chosen, report = train_model(spec, frames_per_file, workdir, seed, threads,
-                                             ctx.log)
-                result = (chosen.read_bytes(), report, None)
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                result = (None, None, exc)
-        blob, report, error = ctx.comm.bcast(result, root=0)
-        if error is not None:
-            raise error
-        report = {"trained": True, **report}
-    with store.transaction():
-        store.put_bytes(MODEL_PATH, blob, **report)
-        store.set_attrs("/potential", type_map=list(spec.type_map))
-    store.flush()
-    numbers = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
-    numbers.pop("trained", None)
-    return PotentialResult(trained=bool(report.get("trained")), model_mb=len(blob) / 2**20,
-                           metrics=tuple(sorted(numbers.items())))
-
-
-@contextmanager
-def stored_model_file(store: RunStore, fallback: Path | None = None):
-    """Context manager: a local file holding the store's DP model, or `fallback` / the shipped one.
-
-    The md stage loads the model written by the potential stage (``/potential/model.pb``) from
-    a temporary file that is removed on exit (deepmd-kit reads a model from a file once).
-    """
-    if store.exists(MODEL_PATH):
-        handle, name = tempfile.mkstemp(suffix=".pb", prefix="dynshift-model-")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(store.get_bytes(MODEL_PATH))
-            yield Path(name)
-        finally:
-            os.unlink(name)
-        return
-    path = Path(fallback) if fallback is not None else SHIPPED_MODEL
-    if not path.is_file():
-        raise InputError(f"potential.model: {path} not found (and no model in the store)")
-    yield path
-
-
-def run(spec: PotentialSpec, inputs: StageInputs) -> PotentialResult:
-    """Stage entry: the DP model of the run into ``/potential`` (spec: PotentialSpec)."""
-    min_distance_a = inputs.checks.min_distance_a if inputs.checks else MIN_DISTANCE_A
-    return fit_potential(spec, inputs.ctx, inputs.store, inputs.seeds.seed, min_distance_a)

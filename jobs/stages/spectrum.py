@@ -1,7 +1,7 @@
 """The spectrum stage: isotropic exchange line shapes of every analysed system, and the fit of a
 measured spectrum as their mixture.
 
-Per system (read through :func:`jobs.analyze.site_exchange`): the site classes' mean shifts,
+Per system (read through :func:`jobs.layouts.analyze.site_exchange`): the site classes' mean shifts,
 populations (time committed to each class) and hop-rate matrix give the Bloch-McConnell
 (Anderson-Kubo) line (:func:`jobs.exchange.exchange_spectrum`) at the manifest's field and
 intrinsic line width; in fast exchange it is one line at the population-weighted mean, in slow
@@ -26,14 +26,11 @@ import numpy as np
 from engine.failure import InputError
 from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
-from jobs.analyze import SiteExchange, analysed_systems, site_exchange
 from jobs.exchange import curie_weiss_scale, exchange_spectrum
-from jobs.experiment import MixtureFit, fit_mixture, read_spectrum
+from jobs.experiment import fit_mixture, read_spectrum
+from jobs.layouts.analyze import SiteExchange, analysed_systems, site_exchange
+from jobs.layouts.spectrum import GROUP as SPECTRUM_GROUP, _put_fit
 from schemas.spectrum import LARMOR_MHZ_PER_T, SpectrumSpec
-
-SPECTRUM_GROUP = "/spectrum"
-"""The store group this stage owns."""
-FIT_GROUP = f"{SPECTRUM_GROUP}/fit"
 
 
 def larmor_mhz(species: str, field_t: float) -> float:
@@ -113,23 +110,6 @@ def _curie_weiss(shift_constants: dict, t_to_k: float) -> float:
                                    shift_constants["theta_k"]))
 
 
-def _put_fit(store: RunStore, fit: MixtureFit, measured, temperature_k: float) -> None:
-    store.require_group(FIT_GROUP)
-    store.put(f"{FIT_GROUP}/ppm", fit.ppm, unit="ppm", doc="measured points fitted")
-    inside = np.isin(measured.ppm, fit.ppm)
-    store.put(f"{FIT_GROUP}/measured", measured.intensity[inside], unit="intensity")
-    store.put(f"{FIT_GROUP}/model", fit.model, unit="intensity", doc="fitted mixture")
-    store.put(f"{FIT_GROUP}/components", np.stack([fit.components[s] for s in fit.systems]),
-              unit="intensity", doc="rows: systems (attr systems), baseline not included")
-    store.set_attrs(FIT_GROUP, systems=list(fit.systems), source=measured.source,
-                    fractions=[fit.fractions[s] for s in fit.systems],
-                    fraction_errors=[fit.fraction_errors[s] for s in fit.systems],
-                    widths_ppm=[fit.widths_ppm[s] for s in fit.systems],
-                    offset_ppm=fit.offset_ppm, offset_error_ppm=fit.offset_error_ppm,
-                    baseline=fit.baseline, residual_rms_rel=fit.residual_rms_rel,
-                    temperature_k=temperature_k, success=bool(fit.success), message=fit.message,
-                    peaks=[{"ppm": p.ppm, "intensity": p.intensity, "system": p.system,
-                            "fraction": p.fraction} for p in fit.peaks])
 
 
 def run_spectra(spec: SpectrumSpec, systems, shift, ctx, store: RunStore) -> SpectrumResult:

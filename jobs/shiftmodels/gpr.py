@@ -1,7 +1,7 @@
 """The GPR shift model: sparse Gaussian-process regression on SOAP, calibrated uncertainty.
 
 The second shift model beside NN-NMR (``train.model: gpr``; docs/gpr.md). It reads the same
-L2-normalised SOAP rows of the target nuclei (:class:`jobs.soap.SoapFeaturizer`) and learns
+L2-normalised SOAP rows of the target nuclei (:class:`jobs.shiftmodels.soap.SoapFeaturizer`) and learns
 
 - kernel: polynomial, ``k(x, y) = (x . y)^zeta`` (rows of unit norm: k(x, x) = 1);
 - sparse (projected process / DTC, Quinonero-Candela & Rasmussen 2005): M representative
@@ -21,7 +21,7 @@ L2-normalised SOAP rows of the target nuclei (:class:`jobs.soap.SoapFeaturizer`)
   every rank (M <= a few thousand: ~0.1 s; every rank then holds the model, no broadcast);
 - everything from the dot products on is float64.
 
-Hyperparameters (zeta, lambda, M, and the SOAP cutoff / width in jobs.train) are chosen by
+Hyperparameters (zeta, lambda, M, and the SOAP cutoff / width in jobs.stages.train) are chosen by
 frame-level k-fold cross validation: :func:`cross_validate` fits every (zeta, lambda, M) of the
 grid on each fold's training rows (sparse points chosen from those rows only) and scores the
 held-out rows (RMSE, R2, calibrated NLPD, coverage of 1 and 2 sigma).
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from itertools import product
 
 import numpy as np
 
@@ -408,7 +407,7 @@ def greedy_reduction(cov: np.ndarray, frame_of_row: np.ndarray, n_picks: int,
 class GprShiftModel:
     """A fitted GP, predicting shifts (ppm) and calibrated standard deviations.
 
-    The same contract as :class:`jobs.nnmr.ShiftEnsemble`: ``settings`` (the /train
+    The same contract as :class:`jobs.shiftmodels.nnmr.ShiftEnsemble`: ``settings`` (the /train
     attributes: ``soap``, ``species``, ``centre`` ...), ``n_features`` and
     ``predict(features) -> (mean_ppm, std_ppm)``. Two forms:
 
@@ -517,38 +516,26 @@ class GprShiftModel:
                         kernel="polynomial", form=self.form, factor_dtype=factor_dtype, **attrs)
 
     @classmethod
-    def from_store(cls, store_or_path, group: str = "/train") -> "GprShiftModel":
-        """The model of a trained store's ``<group>/gpr`` (a RunStore or a path)."""
-        from pathlib import Path
-
+    def from_store(cls, reader, group: str) -> "GprShiftModel":
+        """The model of ``<group>/gpr`` of an open store (use
+        :func:`jobs.shiftmodels.registry.load_shift_model` to load a model of any kind)."""
         from engine.failure import InputError
 
-        if isinstance(store_or_path, (str, Path)):
-            from engine.store import RunStore
-
-            reader = RunStore(Path(store_or_path), None, mode="r")
-        else:
-            reader = store_or_path
-        try:
-            where = f"{group}/gpr"
-            if not reader.exists(f"{where}/weights_ppm"):
-                raise InputError(f"{getattr(reader, 'path', reader)}: no GPR model (no "
-                                 f"{where}/weights_ppm); run the train stage with model gpr")
-            attrs = reader.attrs(where)
-            # the stored sparse rows are float32: the model computes with them as stored
-            sparse = reader.read(f"{where}/sparse_features") if reader.exists(
-                f"{where}/sparse_features") else None
-            model = cls(sparse, reader.read(f"{where}/weights_ppm"),
-                        reader.read(f"{where}/variance_factor"), int(attrs["zeta"]),
-                        float(attrs["regularisation"]), float(attrs["target_mean_ppm"]),
-                        float(attrs["std_scale_ppm"]), reader.attrs(group))
-        finally:
-            if isinstance(store_or_path, (str, Path)):
-                reader.close()
-        return model
+        where = f"{group}/gpr"
+        if not reader.exists(f"{where}/weights_ppm"):
+            raise InputError(f"{getattr(reader, 'path', reader)}: no GPR model (no "
+                             f"{where}/weights_ppm); run the train stage with model gpr")
+        attrs = reader.attrs(where)
+        # the stored sparse rows are float32: the model computes with them as stored
+        sparse = reader.read(f"{where}/sparse_features") if reader.exists(
+            f"{where}/sparse_features") else None
+        return cls(sparse, reader.read(f"{where}/weights_ppm"),
+                   reader.read(f"{where}/variance_factor"), int(attrs["zeta"]),
+                   float(attrs["regularisation"]), float(attrs["target_mean_ppm"]),
+                   float(attrs["std_scale_ppm"]), reader.attrs(group))
 
 
-def is_gpr_store(reader, group: str = "/train") -> bool:
+def is_gpr_store(reader, group: str) -> bool:
     """True when ``<group>`` of a store holds a GPR model (``model`` attribute ``gpr``)."""
     return reader.attrs(group).get("model") == MODEL_NAME
 
@@ -634,7 +621,7 @@ def cross_validate(features: np.ndarray, shift_ppm: np.ndarray, fold_of_row: np.
     calibration measures the deployed predictor. The rows' folds come from ``fold_of_row``
     (by frame).
     """
-    from jobs.nnmr import regression_metrics
+    from jobs.shiftmodels.metrics import regression_metrics
 
     started = time.monotonic()
     zetas = [int(z) for z in spec.zeta]

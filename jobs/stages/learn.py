@@ -10,7 +10,7 @@ shift model (docs/learn.md):
    - train: ``learn.models`` DP models (deepmd-kit, different seeds, same data) in parallel,
      one per rank; the first ``validation_fraction`` of each table's frames (a seeded draw,
      fixed for the table) are held out and the energy / force RMSE on them recorded;
-   - shift: the GPR shift model (jobs/gpr.py) on the labelled target nuclei, its sigma
+   - shift: the GPR shift model (jobs/shiftmodels/gpr.py) on the labelled target nuclei, its sigma
      calibrated by frame-level CV;
    - explore: md of every system at every temperature with model 0 (Nose-Hoover chain), the
      ensemble's force deviation (DP-GEN ``max_devi_f``, jobs/deviation.py) at every saved frame;
@@ -36,11 +36,8 @@ Readers: :func:`learned_model_files` (md), :func:`learned_shift_model` (infer),
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,18 +47,15 @@ from ase import Atoms
 from engine.failure import InputError
 from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
+from jobs.layouts.learn import (
+    BOOTSTRAP,
+    FINAL_SHIFT,
+    GROUP,
+    _table_groups,
+    iteration_group,
+    model_files,
+)
 from schemas.learn import LearnSpec
-
-GROUP = "/learn"
-"""The store group this stage owns (layout: docs/learn.md)."""
-BOOTSTRAP = f"{GROUP}/bootstrap"
-FINAL_SHIFT = f"{GROUP}/shift"
-"""The campaign's final shift model (a /train-like group: ``<it>/gpr`` + settings attrs)."""
-
-
-def iteration_group(iteration: int) -> str:
-    """``/learn/iter_NNN``."""
-    return f"{GROUP}/iter_{iteration:03d}"
 
 
 @dataclass(frozen=True)
@@ -115,21 +109,13 @@ def perturbed_frames(atoms: Atoms, spec, seed: int) -> list[Atoms]:
 
 
 # ---- data -----------------------------------------------------------------------------------
-def _table_groups(store: RunStore, systems, before: int) -> list[tuple[int, str]]:
-    """(table index, group) of every label table of the campaign made before iteration
-    `before`: the bootstrap's of each system, then each iteration's."""
-    tables = [(0, f"{BOOTSTRAP}/label/{s.name}") for s in systems]
-    for iteration in range(before):
-        tables += [(iteration + 1, f"{iteration_group(iteration)}/label/{s.name}")
-                   for s in systems]
-    return [(index, group) for index, group in tables if store.exists(f"{group}/status")]
 
 
 def labelled_data(store: RunStore, systems, before: int, validation_fraction: float, seeds):
     """Per system: (training frames, validation frames) of every table before iteration
     `before`. A table's validation frames are a seeded draw over its rows (stream
     ``learn.holdout`` at (system, table)), the same in every iteration."""
-    from jobs.label import labelled_frames_in
+    from jobs.layouts.label import labelled_frames_in
 
     per_system = []
     for s, system in enumerate(systems):
@@ -149,7 +135,7 @@ def labelled_data(store: RunStore, systems, before: int, validation_fraction: fl
 def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, seeds,
                    work: Path) -> list[bytes]:
     """The iteration's DP models (bytes), trained one per rank in turn, stored once each."""
-    from jobs.potential import train_dp
+    from jobs.dptrain import train_dp
 
     group = f"{iteration_group(iteration)}/models"
     blobs: list[bytes | None] = [None] * spec.models
@@ -207,20 +193,6 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
     return blobs
 
 
-@contextmanager
-def model_files(blobs: list[bytes]):
-    """Local files of DP models given as bytes (removed on exit)."""
-    paths = []
-    try:
-        for blob in blobs:
-            handle, name = tempfile.mkstemp(suffix=".pb", prefix="dynshift-learn-")
-            with os.fdopen(handle, "wb") as out:
-                out.write(blob)
-            paths.append(Path(name))
-        yield paths
-    finally:
-        for path in paths:
-            path.unlink(missing_ok=True)
 
 
 # ---- the shift model ---------------------------------------------------------------------------
@@ -228,11 +200,11 @@ def fit_shift_model(spec: LearnSpec, ctx, store: RunStore, group: str, frames, s
                     centre: str, shift_spec, seeds) -> dict:
     """The GPR shift model of `frames` under ``<group>`` (``<group>/gpr`` + settings), its sigma
     calibrated by frame-level CV; returns the CV metrics."""
-    from jobs import gpr
-    from jobs.nnmr import regression_metrics
     from jobs.shift import ppm_per_mhz
-    from jobs.soap import SoapFeaturizer
-    from jobs.train import centre_rows, frame_folds, gather_features
+    from jobs.shiftmodels import gpr
+    from jobs.shiftmodels.metrics import regression_metrics
+    from jobs.shiftmodels.rows import centre_rows, frame_folds, gather_features
+    from jobs.shiftmodels.soap import SoapFeaturizer
     from schemas.train import GprSpec
 
     if store.attrs(f"{group}/gpr").get("complete"):
@@ -302,9 +274,10 @@ def explore_one(atoms: Atoms, model_paths: list[Path], temperature_k: float, ste
     atoms closer than `min_distance_a`, or hotter than 5x the target) ends the trajectory: its
     deviation is inf (counted as failed) and later frames stay NaN (not explored).
     """
+    from jobs.deepmd import dp_calculator
     from jobs.deviation import DeviationEnsemble
+    from jobs.dynamics import Trajectory
     from jobs.frame_checks import frame_problem
-    from jobs.md import Trajectory, dp_calculator
     from schemas.md import MdSpec
 
     explore = spec.explore
@@ -427,9 +400,9 @@ def reduction_picks(featurizer, labelled_gram: np.ndarray, numbers, positions_a,
     spread. The GP (linear kernel; lambda ``shift.selection_regularisation``, about the labels'
     noise-to-signal ratio) is conditioned on the labelled rows (`labelled_gram` = X^T X, in
     the shift model's SOAP) and on the rows of the `taken` frames (labelled this iteration
-    anyway); then :func:`jobs.gpr.variance_reduction_picks` picks one frame at a time.
+    anyway); then :func:`jobs.shiftmodels.gpr.variance_reduction_picks` picks one frame at a time.
     """
-    from jobs import gpr
+    from jobs.shiftmodels import gpr
 
     budget = spec.shift.budget_per_iteration
     ok = np.isfinite(deviation) & (deviation < spec.trust_hi_ev_a)
@@ -469,9 +442,9 @@ def choose_and_prepare(spec: LearnSpec, ctx, store: RunStore, iteration: int, sy
 
     `labelled`: every frame the shift model was fitted on (the V-optimal shift picks are
     conditioned on them)."""
-    from jobs.gpr import GprShiftModel
-    from jobs.label import prepare_table
-    from jobs.soap import SoapFeaturizer
+    from jobs.layouts.label import prepare_table
+    from jobs.shiftmodels.gpr import GprShiftModel
+    from jobs.shiftmodels.soap import SoapFeaturizer
 
     it = iteration_group(iteration)
     counts = {}
@@ -527,7 +500,8 @@ def choose_and_prepare(spec: LearnSpec, ctx, store: RunStore, iteration: int, sy
 def run(spec: LearnSpec, inputs: StageInputs) -> LearnResult:
     """Stage entry: the concurrent-learning loop (spec: LearnSpec)."""
     from jobs.frame_checks import MIN_DISTANCE_A
-    from jobs.label import build_labeller, label_tables, prepare_table
+    from jobs.labelling import build_labeller, label_tables
+    from jobs.layouts.label import prepare_table
     from jobs.structures import build_structure
 
     ctx, store, seeds, systems = inputs.ctx, inputs.store, inputs.seeds, list(inputs.systems)
@@ -649,74 +623,11 @@ def run(spec: LearnSpec, inputs: StageInputs) -> LearnResult:
 
 
 # ---- readers -----------------------------------------------------------------------------------
-def has_campaign(store: RunStore) -> bool:
-    """True when the store holds a complete learn campaign."""
-    return bool(store.attrs(GROUP).get("complete")) if store.exists(GROUP) else False
 
 
-@contextmanager
-def learned_model_files(store: RunStore):
-    """Local files of the final DP ensemble (model 0 first: the one md propagates with)."""
-    final = int(store.attrs(GROUP)["final_iteration"])
-    group = f"{iteration_group(final)}/models"
-    blobs = [bytes(store.read(f"{group}/model_{k}"))
-             for k in range(int(store.attrs(GROUP)["models"]))]
-    with model_files(blobs) as paths:
-        yield paths
 
 
-def learned_shift_model(store: RunStore):
-    """The campaign's final shift model (a :class:`jobs.gpr.GprShiftModel`)."""
-    from jobs.gpr import GprShiftModel
-
-    return GprShiftModel.from_store(store, FINAL_SHIFT)
 
 
-def campaign_history(store: RunStore) -> list[dict]:
-    """One dict per complete iteration: accurate fraction, counts per system, model RMSEs."""
-    history = []
-    iteration = 0
-    while store.exists(iteration_group(iteration)):
-        it = iteration_group(iteration)
-        attrs = store.attrs(it)
-        if not attrs.get("complete"):
-            break
-        entry = {"iteration": iteration, "accurate_fraction": float(attrs["accurate_fraction"]),
-                 "stop_reason": attrs.get("stop_reason", "")}
-        if store.exists(f"{it}/counts"):
-            entry["counts"] = {name: store.attrs(f"{it}/counts/{name}")
-                               for name in store.keys(f"{it}/counts")}
-        if store.exists(f"{it}/models/model_0"):
-            entry["model_0"] = {k: v for k, v in store.attrs(f"{it}/models/model_0").items()
-                                if "rmse" in k}
-        if store.exists(f"{it}/shift"):
-            entry["shift_cv_rmse_ppm"] = store.attrs(f"{it}/shift").get("cv_rmse_ppm")
-        history.append(entry)
-        iteration += 1
-    return history
 
 
-def campaign_lines(store: RunStore) -> list[str]:
-    """The campaign's history in words, an iteration a line (``dynshift show``)."""
-    attrs = store.attrs(GROUP)
-    lines = []
-    for entry in campaign_history(store):
-        counts = entry.get("counts", {})
-        parts = [f"{name}: {c.get('explored', 0)} explored, {c.get('accurate', 0)} accurate, "
-                 f"{c.get('candidate', 0)} candidates, {c.get('failed', 0)} failed, "
-                 f"{c.get('selected_by_deviation', 0)} + {c.get('selected_by_shift', 0)} "
-                 f"labelled" for name, c in counts.items()]
-        rmse = entry.get("model_0", {})
-        force = rmse.get("force_rmse_ev_per_a")
-        shift = entry.get("shift_cv_rmse_ppm")
-        lines.append(f"iteration {entry['iteration']}: accurate fraction "
-                     f"{entry['accurate_fraction']:.3f}; " + "; ".join(parts)
-                     + (f"; model 0 validation force RMSE {force:.3f} eV/A" if force else "")
-                     + (f"; shift model CV RMSE {shift:.1f} ppm" if shift else ""))
-    if attrs.get("complete"):
-        lines.append(f"{'converged' if attrs.get('converged') else 'not converged'}: "
-                     f"{attrs.get('stop_reason', '')}; {attrs.get('labelled_frames')} labelled "
-                     f"frames")
-    else:
-        lines.append("running or stopped before its end (a rerun continues)")
-    return lines
