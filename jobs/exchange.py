@@ -70,6 +70,56 @@ def _rate_matrix(name: str, value, n: int | None = None) -> np.ndarray:
     return arr
 
 
+def reversible_rates(hop_counts, exposure_s, populations) -> np.ndarray:
+    """Maximum-likelihood hop rates (1/s) under detailed balance with given populations.
+
+    A continuous-time Markov chain observed for a time ``T_a`` in each state ``a`` with
+    ``N_ab`` jumps from a to b has the log-likelihood
+    ``sum_ab N_ab log k_ab - sum_a T_a sum_b k_ab``. Detailed balance with the stationary
+    distribution ``pi`` (``pi_a k_ab = pi_b k_ba = f_ab``, a symmetric flux) leaves one
+    parameter per pair, and its maximum is in closed form:
+    ``f_ab = (N_ab + N_ba) / (T_a / pi_a + T_b / pi_b)``, ``k_ab = f_ab / pi_a``. (This is the
+    continuous-time form of the reversible estimator with a fixed stationary distribution that
+    Markov-state-model libraries such as deeptime use for transition counts; here the counts
+    come with their exposure times.) With ``pi`` proportional to ``T`` it is
+    ``k_ab = (N_ab + N_ba) / (2 T_a)``: the hops counted both ways, over the time in a.
+
+    Parameters
+    ----------
+    hop_counts
+        (n, n) hops from class a (row) to class b (column); the diagonal is ignored.
+    exposure_s
+        (n,) time spent in each class (s).
+    populations
+        (n,) the stationary distribution to hold (the observed populations), > 0 where a
+        class has time.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, n) rates ``k_ab`` (1/s), zero diagonal; ``populations`` is their stationary
+        distribution wherever the classes are connected by hops.
+    """
+    counts = np.array(hop_counts, dtype=float)
+    n = counts.shape[0]
+    if counts.shape != (n, n) or np.any(counts < 0) or not np.all(np.isfinite(counts)):
+        raise ValueError(f"hop_counts must be a finite (n, n) array of counts >= 0, got "
+                         f"{counts.shape}")
+    exposure = _vector("exposure_s", exposure_s, n)
+    pi = _vector("populations", populations, n)
+    if np.any(exposure < 0) or np.any(pi < 0):
+        raise ValueError("exposure_s and populations must be >= 0")
+    np.fill_diagonal(counts, 0.0)
+    both = counts + counts.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inverse = np.where(pi > 0, exposure / pi, np.inf)
+        flux = both / (inverse[:, None] + inverse[None, :])
+        rates = np.where(pi[:, None] > 0, flux / pi[:, None], 0.0)
+    rates = np.nan_to_num(rates, nan=0.0, posinf=0.0)
+    np.fill_diagonal(rates, 0.0)
+    return rates
+
+
 def exchange_matrix(rate_matrix_per_s) -> np.ndarray:
     """The Bloch-McConnell exchange matrix K of hop rates (1/s).
 

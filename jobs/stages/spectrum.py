@@ -41,29 +41,78 @@ def larmor_mhz(species: str, field_t: float) -> float:
     return LARMOR_MHZ_PER_T[species][1] * field_t
 
 
+COUNT_LEVEL = 0.95
+"""Confidence of the hop-count bounds (Garwood's exact Poisson interval) that decide whether
+the rates are known well enough to name the exchange regime."""
+
+
+def _count_bounds(n: float) -> tuple[float, float]:
+    """Garwood's exact two-sided COUNT_LEVEL interval of a Poisson count `n`."""
+    from scipy.stats import chi2
+
+    tail = (1 - COUNT_LEVEL) / 2
+    low = 0.0 if n == 0 else float(chi2.ppf(tail, 2 * n)) / 2
+    return low, float(chi2.ppf(1 - tail, 2 * n + 2)) / 2
+
+
 def exchange_regime(site: SiteExchange, larmor: float) -> str:
     """Fast, slow or intermediate exchange: the hop rates between the classes that exchange
-    directly, against their line separations (2 pi x shift difference x Larmor frequency)."""
+    directly, against their line separations (2 pi x shift difference x Larmor frequency).
+
+    Where the hop counts are known (md), every ratio carries its 95 % counting bounds
+    (:func:`_count_bounds`), and a regime is named only when the bounds lie inside it:
+    "fast" needs every connected pair's lower bound above 10, "slow" every pair's upper bound
+    (no hop seen included) below 0.1; otherwise the text says that the rates are too few to
+    say which regime applies."""
     from scipy.sparse.csgraph import connected_components
 
     n = len(site.class_names)
     if n < 2:
         return "one site class: one line"
     exchange = site.rate_per_s + site.rate_per_s.T
-    if not exchange.any():
+    if site.hop_counts is None and not exchange.any():
         return "no hops between site classes: static lines at the site shifts"
-    ratios = []
+    ratios, bounds, hops = [], [], 0
     for a in range(n):
         for b in range(a + 1, n):
             separation = 2 * np.pi * abs(site.shift_ppm[a] - site.shift_ppm[b]) * larmor
-            if exchange[a, b] > 0 and separation > 0:
+            if separation <= 0:
+                continue
+            if exchange[a, b] > 0:
                 ratios.append(exchange[a, b] / separation)
+            if site.hop_counts is not None:
+                count = float(site.hop_counts[a, b] + site.hop_counts[b, a])
+                hops += count
+                pa, pb = site.populations[a], site.populations[b]
+                ta, tb = site.exposure_s[a], site.exposure_s[b]
+                per_count = (1 / pa + 1 / pb) / (ta / pa + tb / pb)  # k_ab + k_ba per hop
+                low, high = _count_bounds(count)
+                bounds.append((count, low * per_count / separation,
+                               high * per_count / separation))
     n_groups, group = connected_components(exchange > 0, directed=False)
     apart = ""
-    if n_groups > 1:
+    if n_groups > 1 and exchange.any():
         apart = "; classes that never exchange keep their own lines: " + " | ".join(
             ", ".join(site.class_names[k] for k in np.flatnonzero(group == g))
             for g in range(n_groups))
+    if bounds:
+        seen = [(lo, hi) for count, lo, hi in bounds if count > 0]
+        fast = bool(seen) and n_groups == 1 and min(lo for lo, _ in seen) > 10
+        slow = max(hi for _, _, hi in bounds) < 0.1
+        low = min(lo for _, lo, _ in bounds)
+        high = max(hi for _, _, hi in bounds)
+        span = (f"rates / line separations {low:.3g} to {high:.3g} at "
+                f"{COUNT_LEVEL:.0%}, from {hops:.0f} hops")
+        if fast:
+            return f"fast exchange ({span}): one line at the population-weighted mean"
+        if slow:
+            return f"slow exchange ({span}): one line per site class" + apart
+        if not exchange.any():
+            return (f"undetermined: no hop between site classes was seen, and the run is too "
+                    f"short to say the exchange is slow ({span}); static lines at the site "
+                    "shifts are shown")
+        return (f"undetermined: too few hops to say which regime applies ({span}); the line "
+                "shown uses the estimated rates" + apart)
     low, high = (min(ratios), max(ratios)) if ratios else (np.inf, np.inf)
     span = f"rates / line separations {low:.3g} to {high:.3g}"
     if low > 10:

@@ -97,10 +97,18 @@ def test_fast_hops_give_one_line_at_the_population_weighted_mean(tmp_path, ctx, 
         ppm = store.read(f"{SPECTRUM_GROUP}/walk/ppm")
         line = store.read(f"{SPECTRUM_GROUP}/walk/intensity")[0]
         regime = store.attrs(f"{SPECTRUM_GROUP}/walk")["regime"]
+        dynamic_mean = float(store.attrs("/analyze/walk")["mean_shift_ppm"])
     assert site.kind == "md" and site.rate_per_s.max() > 1e11  # hops every few ps
     assert regime.startswith("fast exchange")
     weighted = float(np.dot(site.populations, site.shift_ppm))
     assert abs(ppm[np.argmax(line)] - weighted) < 0.5
+    # every sample counts (the unassigned folded in): the line sits at analyze's dynamic mean
+    assert site.unassigned_fraction > 0
+    assert abs(ppm[np.argmax(line)] - dynamic_mean) < 1.0
+    assert site.populations.sum() == pytest.approx(1.0)
+    # the rates are reversible with the populations: detailed balance holds to rounding
+    flux = site.populations[:, None] * site.rate_per_s
+    assert np.allclose(flux, flux.T, rtol=1e-9, atol=0)
     assert np.trapezoid(line, ppm) == pytest.approx(1.0, abs=0.02)
 
 
@@ -176,3 +184,51 @@ def test_the_regime_looks_at_classes_that_exchange_directly():
     assert exchange_regime(_site([0, 1000], [[0, 3e5], [3e5, 0]]), 100.0).startswith(
         "intermediate exchange")
     assert "static lines" in exchange_regime(_site([0, 1000], [[0, 0], [0, 0]]), 100.0)
+
+
+def test_reversible_rates_maximise_the_likelihood_under_detailed_balance():
+    """The closed form against a numerical maximum of the CTMC likelihood with pi fixed."""
+    from scipy.optimize import minimize
+
+    from jobs.exchange import reversible_rates, stationary_populations
+
+    counts = np.array([[0, 12, 3], [9, 0, 5], [1, 7, 0]], float)
+    exposure = np.array([4.0, 3.0, 2.0])
+    pi = np.array([0.5, 0.3, 0.2])
+    rates = reversible_rates(counts, exposure, pi)
+    assert np.allclose(stationary_populations(rates), pi)
+    pairs = [(0, 1), (0, 2), (1, 2)]
+
+    def minus_log_likelihood(log_flux):
+        k = np.zeros((3, 3))
+        for (a, b), f in zip(pairs, np.exp(log_flux)):
+            k[a, b], k[b, a] = f / pi[a], f / pi[b]
+        off = ~np.eye(3, dtype=bool)
+        return -(np.sum(counts[off] * np.log(k[off])) - np.sum(exposure * k.sum(axis=1)))
+
+    best = minimize(minus_log_likelihood, np.zeros(3), method="Nelder-Mead",
+                    options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000}).x
+    flux = [pi[a] * rates[a, b] for a, b in pairs]
+    assert np.allclose(flux, np.exp(best), rtol=1e-4)
+
+
+def test_few_hops_leave_the_regime_undetermined():
+    from jobs.layouts.analyze import SiteExchange
+    from jobs.stages.spectrum import exchange_regime
+
+    from jobs.exchange import reversible_rates
+
+    shifts, pops = np.array([1600.0, 1700.0]), np.array([0.6, 0.4])
+    ps, us = 1e-12, 1e-6
+    # 100 ppm at 132 MHz: 8.3e4 rad/s. Two hops in 10 ps of md: fast beyond any doubt; none in
+    # 10 ps: nothing says the exchange is slow; 4 hops in 10 us: bounds straddle the regimes
+    for hops, span_s, words in ((2, 10 * ps, "fast exchange"),
+                                (0, 10 * ps, "undetermined: no hop between site classes"),
+                                (4, 10 * us, "undetermined: too few hops")):
+        counts = np.array([[0, hops / 2], [hops / 2, 0]])
+        exposure = pops * span_s
+        site = SiteExchange("s", ("a", "b"), shifts, pops,
+                            reversible_rates(counts, exposure, pops), "md", False, "", None,
+                            counts, exposure)
+        text = exchange_regime(site, 132.0)
+        assert text.startswith(words), (hops, text)
