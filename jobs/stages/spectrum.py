@@ -99,10 +99,12 @@ def exchange_regime(site: SiteExchange, larmor: float) -> str:
         seen = [(lo, hi) for count, lo, hi in bounds if count > 0]
         fast = bool(seen) and n_groups == 1 and min(lo for lo, _ in seen) > 10
         slow = max(hi for _, _, hi in bounds) < 0.1
-        low = min(lo for _, lo, _ in bounds)
-        high = max(hi for _, _, hi in bounds)
-        span = (f"rates / line separations {low:.3g} to {high:.3g} at "
-                f"{COUNT_LEVEL:.0%}, from {hops:.0f} hops")
+        shown = seen or [(lo, hi) for _, lo, hi in bounds]
+        low, high = min(lo for lo, _ in shown), max(hi for _, hi in shown)
+        unseen = sum(count == 0 for count, _, _ in bounds)
+        span = (f"rates / line separations {low:.3g} to {high:.3g} at {COUNT_LEVEL:.0%}, from "
+                f"{hops:.0f} hops" + (f"; {unseen} pair(s) of classes never exchanged directly"
+                                      if unseen and seen else ""))
         if fast:
             return f"fast exchange ({span}): one line at the population-weighted mean"
         if slow:
