@@ -324,8 +324,11 @@ def run(spec: MdSpec, inputs: StageInputs) -> MdResult:
     or the shipped one."""
     choice = dp_choice(published_in(inputs.store), inputs.dp_model)
     with dp_model_files(choice, inputs.store) as paths:
-        inputs.ctx.log(f"md: DP model: {choice.describe()}"
-                       + (f"; {len(paths)} models" if len(paths) > 1 else ""))
+        if choice.source == "learn":
+            inputs.ctx.log(f"md: the learn campaign's DP ensemble ({len(paths)} models; model 0 "
+                           f"propagates; {choice.why})")
+        else:
+            inputs.ctx.log(f"md: DP model: {choice.describe()}")
         deviation_models = None
         if choice.source == "learn":
             deviation_models = list(spec.deviation_models) or paths[1:]
