@@ -78,7 +78,7 @@ say "python packages${CONSTRAINTS:+ (versions of $CONSTRAINTS)}"
 # "Cannot find libcudart.so.12" / "implib-gen: ... failed to resolve symbol"
 $PIP install -q ${PIN[@]+"${PIN[@]}"} "deepmd-kit[cpu]" "dscribe>=2.1" "mpi4py>=3.1" \
   "pydantic>=2.5" PyYAML "ase>=3.23" numba dpdata matplotlib pytest "Cython>=3" pkgconfig numpy \
-  cloudpickle psutil packaging threadpoolctl nvidia-cuda-runtime-cu12 nmrglue scipy
+  cloudpickle psutil packaging threadpoolctl nvidia-cuda-runtime-cu12 nmrglue scipy emcee
 
 # 3. h5py against the MPI HDF5.
 if ! "$VENV/bin/python" -c 'import h5py,sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then

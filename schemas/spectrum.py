@@ -1,6 +1,8 @@
 """The spectrum stage: exchange line shapes of every system, and the fit of a measured one."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from schemas.base import InputPath, Spec, SpecError
@@ -14,23 +16,58 @@ LARMOR_MHZ_PER_T: dict[str, tuple[str, float]] = {
 
 
 class ExperimentSpec(Spec):
-    """A measured 1D spectrum, fitted as a mixture of the systems' predicted lines."""
+    """A measured 1D spectrum, fitted as a mixture of the systems' predicted lines: each line
+    placed at prediction + common offset + its own deviation (both with priors), broadened,
+    over a polynomial baseline; the posterior by emcee (docs/spectrum.md)."""
 
     file: InputPath
     """Bruker processed data (a ``<expno>/pdata/<procno>`` folder, or ``<expno>``: then
-    ``pdata/1``) or a two-column text file (ppm, intensity); relative to the manifest."""
+    ``pdata/1``; the MAS rate is read from ``<expno>/acqus`` MASR) or a two-column text file
+    (ppm, intensity); relative to the manifest."""
     systems: list[str] = Field(default_factory=list)
     """Systems whose lines are mixed (empty: every system of the manifest)."""
     temperature_k: float | None = Field(default=None, gt=0)
     """Temperature of the measurement (K): the predicted shifts are scaled to it by the
     Curie-Weiss law from shift.temperature_k; null: shift.temperature_k (no scaling)."""
     offset_range_ppm: tuple[float, float] = (-400.0, 400.0)
-    """Range of the common shift offset (measured = predicted + offset; the paper's SCAN shifts
-    are ~90-230 ppm above experiment)."""
+    """Hard bounds of the common shift offset (measured = predicted + offset)."""
+    offset_prior_ppm: tuple[float, float] = (-160.0, 55.0)
+    """Mean and sd (ppm) of the normal prior of the common offset: the paper's SCAN shifts
+    are ~90-230 ppm above experiment, so measured = predicted - 160 +- 55 ppm."""
+    position_sd_ppm: float = Field(default=40.0, gt=0)
+    """Prior sd (ppm) of each converged system's own position deviation beyond the common
+    offset (the part of the functional's error that differs between phases)."""
+    unconverged_position_sd_ppm: float = Field(default=150.0, gt=0)
+    """Prior sd (ppm) of the own deviation of a system whose analysis verdict is not
+    converged: its predicted position is barely a guide."""
     window_ppm: tuple[float, float] | None = None
-    """Part of the measured axis that is fitted (low, high); null: all of it."""
+    """Part of the measured axis that is fitted (low, high); null: all of it. Keep the
+    spinning sidebands out: a fitted line with first sidebands inside gives a warning."""
+    line_shape: Literal["pseudo-voigt", "lorentzian", "gaussian"] = "pseudo-voigt"
+    """Shape of the extra broadening convolved onto every predicted line (the predicted
+    exchange broadening stays): pseudo-Voigt (each system's mixing fitted), Lorentzian or
+    Gaussian."""
+    max_extra_fwhm_ppm: float = Field(default=400.0, gt=0)
+    """Upper bound (ppm) of each system's extra broadening (FWHM)."""
     baseline: bool = True
-    """Fit a constant baseline too."""
+    """Fit a polynomial baseline (of order ``baseline_order``)."""
+    baseline_order: int = Field(default=2, ge=0, le=6)
+    """Order of the polynomial baseline (Legendre over the window)."""
+    mas_rate_hz: float | None = Field(default=None, gt=0)
+    """MAS rate (Hz) when the file does not give it (a text file; Bruker: acqus MASR);
+    with the Larmor frequency it places the spinning sidebands (rate / Larmor ppm)."""
+    sideband_orders: int = Field(default=1, ge=0, le=3)
+    """Pairs of spinning sidebands (+- k x rate) of every line modelled with free amplitudes
+    when the MAS rate is known, so that their tails leaking into the window are fitted
+    (0: none)."""
+    deconvolution: bool = True
+    """Also run the paper's route: a free fit of pseudo-Voigt peaks, assigned to the systems
+    by predicted order and spacing, with the probability that the assignment is right."""
+    deconvolution_peaks: int | None = Field(default=None, ge=1, le=6)
+    """Peaks of the free deconvolution; null: the predicted lines' maxima (at most 6)."""
+    mcmc_steps: int = Field(default=450, ge=100, le=20000)
+    """emcee steps per posterior mode (a third burn-in; extended up to 3x while shorter than
+    10 autocorrelation times)."""
     peak_prominence: float = Field(default=0.02, gt=0, lt=1)
     """Measured peaks (for the assignment table) need this prominence, as a fraction of the
     tallest peak."""
@@ -42,6 +79,14 @@ class ExperimentSpec(Spec):
         if not high > low:
             problems.append(("offset_range_ppm", f"must be (low, high) with high > low (got "
                                                  f"{list(self.offset_range_ppm)})"))
+        mean, sd = self.offset_prior_ppm
+        if not sd > 0:
+            problems.append(("offset_prior_ppm", f"must be (mean, sd) with sd > 0 (got "
+                                                 f"{list(self.offset_prior_ppm)})"))
+        elif high > low and not (low - 6 * sd < mean < high + 6 * sd):
+            problems.append(("offset_prior_ppm", f"mean {mean} lies more than 6 sd outside "
+                                                 f"offset_range_ppm "
+                                                 f"{list(self.offset_range_ppm)}"))
         if self.window_ppm is not None and not self.window_ppm[1] > self.window_ppm[0]:
             problems.append(("window_ppm", f"must be (low, high) with high > low (got "
                                            f"{list(self.window_ppm)})"))
