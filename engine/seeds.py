@@ -62,6 +62,9 @@ STREAMS: dict[str, tuple[tuple[str, ...], Callable[..., tuple[int, ...]], str]] 
     "train.gpr_sketch": (("fold",), lambda fold: (9, fold),
                          "the Gaussian sketch of the GPR weight-space (zeta 1) model's "
                          "posterior covariance, CV fold `fold`; index `folds`: the final model"),
+    "spectrum.fit": ((), lambda: (14,), "the fit of a measured spectrum: emcee's walkers and "
+                                        "moves, the posterior draws, the deconvolution's "
+                                        "Monte Carlo"),
 }
 """name -> (index names, key template, what draws from it). The template's output follows the
 master seed in the SeedSequence entropy."""

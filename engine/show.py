@@ -99,29 +99,32 @@ def show_store(path: Path, installed: dict | None = None) -> int:
             print(f"  {name:10s} {attrs.get('status', '?'):9s} {took}  "
                   f"{json.dumps(attrs.get('summary', {}), default=str)}")
         has_campaign = "learn" in f
+    from engine.store import RunStore
+    from jobs.layouts.spectrum import fit_lines, fit_record
+
+    reader = RunStore(path, None, mode="r")
+    try:
+        fit = fit_record(reader)
+        if fit is not None:
+            print(f"\nspectrum fit of {fit.get('source')} (fractions: posterior mean +- sd, "
+                  "95% interval; docs/spectrum.md):")
+            for line in fit_lines(fit):
+                print(f"  {line}")
         if has_campaign:
+            from jobs.layouts.learn import campaign_lines
+
             print("\nlearn campaign (concurrent learning; docs/learn.md):")
-        else:
-            print("\ndatasets:")
-
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                unit = obj.attrs.get("unit", "")
-                unit = unit.decode() if isinstance(unit, bytes) else unit
-                print(f"  /{name:60s} {str(obj.shape):18s} {obj.dtype}  {unit}")
-        if not has_campaign:
-            f.visititems(visit)
-    if has_campaign:
-        from engine.store import RunStore
-        from jobs.layouts.learn import campaign_lines
-
-        reader = RunStore(path, None, mode="r")
-        try:
             for line in campaign_lines(reader):
                 print(f"  {line}")
-        finally:
-            reader.close()
-        print("\ndatasets:")
-        with h5py.File(path, "r", locking=False) as f:
-            f.visititems(visit)
+    finally:
+        reader.close()
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            unit = obj.attrs.get("unit", "")
+            unit = unit.decode() if isinstance(unit, bytes) else unit
+            print(f"  /{name:60s} {str(obj.shape):18s} {obj.dtype}  {unit}")
+    print("\ndatasets:")
+    with h5py.File(path, "r", locking=False) as f:
+        f.visititems(visit)
     return 0

@@ -573,10 +573,6 @@ class SpectrumFit:
         return "\n".join(rows)
 
 
-MixtureFit = SpectrumFit
-"""The former name of :class:`SpectrumFit` (kept for callers of :func:`fit_mixture`)."""
-
-
 # ---------------------------------------------------------------------------------------
 # the model
 
@@ -1686,18 +1682,6 @@ def _sideband_warnings(names, model, fractions, t, x, larmor, rate) -> list[str]
                     f"{x[0]:.0f}-{x[-1]:.0f} ppm: {handled}; narrow the window to the "
                     "centrebands")
     return out
-
-
-def fit_mixture(measured: MeasuredSpectrum, predicted: Mapping[str, tuple], *,
-                offset_range_ppm: tuple[float, float] = (-400.0, 400.0),
-                window_ppm: tuple[float, float] | None = None, baseline: bool = True,
-                peak_prominence: float = 0.02, **options) -> SpectrumFit:
-    """The former entry point: :func:`fit_spectrum` with ``baseline`` True (order 1) or
-    False (none); other keywords pass through."""
-    order = options.pop("baseline_order", 1) if baseline else -1
-    return fit_spectrum(measured, predicted, offset_range_ppm=offset_range_ppm,
-                        window_ppm=window_ppm, baseline_order=order,
-                        peak_prominence=peak_prominence, **options)
 
 
 def fit_options(experiment) -> dict:

@@ -51,6 +51,10 @@ class SiteExchange:
     """(n,) time committed to each class (s; None: no dynamics)."""
     unassigned_fraction: float = 0.0
     """Fraction of the samples that were between sites (folded into the classes)."""
+    mean_stderr_ppm: float = float("nan")
+    """Statistical error of the dynamic mean (blocking; NaN where not converged)."""
+    model_sigma_ppm: float = float("nan")
+    """The shift model's mean predicted sigma over the samples (NaN: the model gives none)."""
 
 
 def analysed_systems(store: RunStore) -> list[str]:
@@ -97,7 +101,9 @@ def site_exchange(store: RunStore, system: str) -> SiteExchange:
                         str(attrs.get("kind", "md")), bool(attrs.get("converged", False)),
                         str(attrs.get("verdict", "")), attrs.get("thermostat"),
                         counts if dynamics else None, exposure if dynamics else None,
-                        float(unassigned))
+                        float(unassigned),
+                        float(attrs.get("mean_shift_stderr_ppm", float("nan"))),
+                        float(attrs.get("mean_shift_model_sigma_ppm", float("nan"))))
 
 
 def path(*parts: str) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
 from jobs.layouts.analyze import path as analyze_path
-from jobs.layouts.spectrum import fit_path, path as spectrum_path
+from jobs.layouts.spectrum import fit_lines, fit_record, path as spectrum_path
 from jobs.layouts.train import cv_path
 from schemas.report import ReportSpec
 
@@ -193,8 +193,10 @@ def render_report(store: ReportData, out_dir: Path, spec: ReportSpec) -> Path:
     if spectra:
         figures.append(("Predicted isotropic spectra (exchange line shapes)",
                         _spectra(store, spectra, out_dir, spec)))
-    if store.exists(fit_path("model")):
-        figures.append(("Measured spectrum and the fitted mixture", _fit(store, out_dir, spec)))
+    fit = fit_record(store)
+    if fit is not None:
+        figures.append(("Measured spectrum, the fitted mixture and its residual",
+                        _fit(fit, out_dir, spec)))
     parity = None
     if store.exists(cv_path("shift_dft_ppm")) and store.exists(cv_path("shift_pred_ppm")):
         parity = _parity(store, out_dir, spec)
@@ -378,22 +380,33 @@ def _spectra(store, systems, out_dir, spec) -> str:
     return _save_figure(fig, out_dir / "spectra.png", spec)
 
 
-def _fit(store, out_dir, spec) -> str:
+def _fit(fit: dict, out_dir, spec) -> str:
+    """Overlay of the fit: measured, model, each component (over the baseline) and the
+    baseline; below it the residual; the legend gives each fraction with its 95 % interval."""
     import matplotlib.pyplot as plt
 
-    attrs = store.attrs(fit_path())
-    ppm = store.read(fit_path("ppm"))
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.plot(ppm, store.read(fit_path("measured")), color="k", lw=1.0, label="measured")
-    ax.plot(ppm, store.read(fit_path("model")), color="C3", lw=1.2, label="fitted mixture")
-    for name, fraction, component in zip(attrs["systems"], attrs["fractions"],
-                                         store.read(fit_path("components"))):
-        ax.plot(ppm, component + attrs.get("baseline", 0.0), "--", lw=0.9,
-                label=f"{name} ({fraction:.2f})")
-    ax.set_xlabel(f"shift (ppm); predicted lines moved by {attrs['offset_ppm']:.0f} ppm")
+    curves = fit["curves"]
+    ppm = curves["ppm"]
+    baseline = curves.get("baseline", np.full_like(ppm, fit.get("baseline", 0.0)))
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(6.4, 4.8), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot(ppm, curves["measured"], color="k", lw=1.0, label="measured")
+    ax.plot(ppm, curves["model"], color="C3", lw=1.2, label="fitted mixture")
+    for k, (name, component) in enumerate(zip(fit["systems"], curves["components"])):
+        lo, hi = fit["fraction_intervals"][k] if "fraction_intervals" in fit else (np.nan,) * 2
+        ax.plot(ppm, component + baseline, "--", lw=0.9,
+                label=f"{name}: {fit['fractions'][k]:.2f} (95% {lo:.2f}-{hi:.2f})")
+    ax.plot(ppm, baseline, ":", color="0.5", lw=0.8, label="baseline")
     ax.set_ylabel("intensity")
-    ax.invert_xaxis()
     ax.legend(fontsize=7, frameon=False)
+    residual = curves.get("residual", curves["measured"] - curves["model"])
+    low.plot(ppm, residual, color="0.3", lw=0.7)
+    low.axhline(0.0, color="C3", lw=0.6)
+    low.set_ylabel("residual")
+    low.set_xlabel(f"shift (ppm); predicted lines moved by {fit['offset_ppm']:.0f} ppm")
+    low.invert_xaxis()
+    if not fit.get("separable", True):
+        ax.set_title("not separable: see the notes in summary.md", fontsize=8)
     return _save_figure(fig, out_dir / "spectrum_fit.png", spec)
 
 
@@ -417,24 +430,40 @@ def _spectrum_lines(store) -> list[str]:
                      f"{attrs.get('regime')}; populations {shifts}"
                      + ("" if attrs.get("converged") else
                         " (from averages that are not converged: see Convergence)") + ".")
-    if store.exists(fit_path("model")):
-        fit = store.attrs(fit_path())
+    fit = fit_record(store)
+    if fit is not None:
         failed = "" if fit.get("success") else f" (the fit did not converge: {fit.get('message')})"
         lines += ["", f"### Fit of {fit['source']}", "",
-                  f"Measured = sum of the predicted lines (at {fit['temperature_k']:g} K) moved "
-                  f"by one offset {fit['offset_ppm']:.1f} +- {fit['offset_error_ppm']:.1f} ppm "
-                  f"and broadened per system; residual RMS {fit['residual_rms_rel']:.3g} of the "
-                  f"tallest point{failed}.", "",
-                  "| system | fraction | +- | extra width (ppm) |", "| --- | ---: | ---: | ---: |"]
-        for name, f, e, w in zip(fit["systems"], fit["fractions"], fit["fraction_errors"],
-                                 fit["widths_ppm"]):
-            lines.append(f"| {name} | {f:.3f} | {_fmt(e, 3)} | {_fmt(w, 1)} |")
+                  f"Measured = sum of the predicted lines (at {fit['temperature_k']:g} K), each "
+                  f"at its prediction + one common offset ({fit['offset_ppm']:.1f} +- "
+                  f"{fit['offset_error_ppm']:.1f} ppm) + its own deviation, broadened per "
+                  f"system, over a polynomial baseline; posterior by emcee (docs/spectrum.md). "
+                  f"Residual RMS {fit['residual_rms_rel']:.3g} of the tallest point{failed}.",
+                  "", "| system | fraction | sd | 95 % interval | line (ppm) | own deviation "
+                  "(ppm) | prior sd (ppm) | extra FWHM (ppm) | prediction |",
+                  "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+        for k, name in enumerate(fit["systems"]):
+            lo, hi = fit["fraction_intervals"][k]
+            lines.append(
+                f"| {name} | {fit['fractions'][k]:.3f} | {_fmt(fit['fraction_errors'][k], 3)} "
+                f"| {lo:.3f}-{hi:.3f} | {_fmt(fit['positions_ppm'][k], 1)} +- "
+                f"{_fmt(fit['position_errors_ppm'][k], 1)} | "
+                f"{fit['deviations_ppm'][k]:+.1f} +- {_fmt(fit['deviation_errors_ppm'][k], 1)} "
+                f"| {_fmt(fit['position_sd_ppm'][k])} | {_fmt(fit['widths_ppm'][k], 1)} | "
+                + ("converged" if fit["converged"][k] else "not converged") + " |")
         if fit.get("peaks"):
-            lines += ["", "| measured peak (ppm) | assigned to | its share there |",
-                      "| ---: | --- | ---: |"]
+            names = list(fit["systems"])
+            lines += ["", "| measured peak (ppm) | assigned to | "
+                      + " | ".join(f"p({n})" for n in names) + " |",
+                      "| ---: | --- | " + " | ".join("---:" for _ in names) + " |"]
             for peak in fit["peaks"]:
-                lines.append(f"| {peak['ppm']:.1f} | {peak['system']} | "
-                             f"{peak['fraction']:.2f} |")
+                probs = peak.get("probabilities", {})
+                lines.append(f"| {peak['ppm']:.1f} | {peak['system']} | " + " | ".join(
+                    f"{probs.get(n, float('nan')):.2f}" for n in names) + " |")
+        said = [line for line in fit_lines(fit) if line.startswith(("paper's route", "note:",
+                                                                    "warning:"))]
+        if said:
+            lines += [""] + [f"- {line}" for line in said]
     return lines
 
 

@@ -10,9 +10,15 @@ exchange one line per class. Frames from a file have no dynamics: their lines ar
 Curie-Weiss law from ``shift.temperature_k`` (hop rates held at the md temperature). Isotropic
 lines only: no spinning sidebands, no quadrupolar shift.
 
-``spectrum.experiment`` fits a measured spectrum (:mod:`jobs.experiment`) as a sum of the
-systems' predicted lines with a common offset and per-system extra widths: the phase fractions
-with their errors, the offset, the residual and which system each measured peak belongs to.
+``spectrum.experiment`` fits a measured spectrum (:func:`jobs.experiment.fit_spectrum`) as a
+sum of the systems' predicted lines, each at its prediction + a common offset + its own
+deviation, broadened, over a polynomial baseline; the posterior (emcee) gives each phase
+fraction with its sd and 95 % interval, which system each measured peak belongs to with what
+probability, the paper's free-deconvolution route, and sentences where the spectrum cannot
+tell. The prior width of a system's own deviation (:func:`position_sigma_ppm`) comes from its
+analysis: the mean's statistical error and the models' systematic error when converged, a wide
+prior when not (its verdict is carried into the fit). The fit runs on rank 0 (its sampler is
+serial) and every rank receives it.
 
 Every rank computes the same numbers (small, deterministic) and the store writes them once:
 ``/spectrum/<system>/`` and ``/spectrum/fit/`` (layout: docs/spectrum.md).
@@ -24,12 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.failure import InputError
+from engine.seeds import SeedStreams
 from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
 from jobs.exchange import curie_weiss_scale, exchange_spectrum
-from jobs.experiment import fit_mixture, read_spectrum
+from jobs.experiment import PredictedLine, SpectrumFit, fit_options, fit_spectrum, read_spectrum
 from jobs.layouts.analyze import SiteExchange, analysed_systems, site_exchange
-from jobs.layouts.spectrum import GROUP as SPECTRUM_GROUP, _put_fit
+from jobs.layouts.spectrum import GROUP as SPECTRUM_GROUP, fit_lines, fit_record, put_fit
 from schemas.spectrum import LARMOR_MHZ_PER_T, SpectrumSpec
 
 
@@ -141,17 +148,25 @@ class SpectrumResult(StageResult):
 
     systems: tuple[str, ...] = ()
     fractions: tuple = ()
-    """(system, fraction, error) of the fit (empty without an experiment)."""
+    """(system, fraction, sd, (low, high) 95 % interval) of the fit (empty without an
+    experiment)."""
     offset_ppm: float | None = None
+    separable: bool | None = None
+    """Whether every fraction's 95 % interval is narrower than the fit's "wide" limit (None:
+    no fit)."""
 
     def summary(self) -> dict:
-        """``spectra`` (count), and per fitted system ``<system>_fraction`` and the offset."""
+        """``spectra`` (count), and per fitted system ``<system>_fraction``, its sd and 95 %
+        interval, the offset and whether the fractions are separable."""
         out: dict = {"spectra": len(self.systems)}
-        for name, fraction, error in self.fractions:
+        for name, fraction, error, (low, high) in self.fractions:
             out[f"{name}_fraction"] = round(fraction, 4)
             out[f"{name}_fraction_err"] = round(error, 4)
+            out[f"{name}_fraction_95"] = [round(low, 4), round(high, 4)]
         if self.offset_ppm is not None:
             out["offset_ppm"] = round(self.offset_ppm, 1)
+        if self.separable is not None:
+            out["separable"] = self.separable
         return out
 
 
@@ -163,8 +178,64 @@ def _curie_weiss(shift_constants: dict, t_to_k: float) -> float:
 
 
 
-def run_spectra(spec: SpectrumSpec, systems, shift, ctx, store: RunStore) -> SpectrumResult:
-    """Spectra of every analysed system of the manifest, and the fit (collective)."""
+def position_sigma_ppm(site: SiteExchange, systematic_ppm: float) -> float | None:
+    """Prior sd (ppm) of a system's own line-position deviation beyond the common offset.
+
+    Converged: the mean shift's statistical error (blocking) and the models' systematic error
+    in quadrature; the systematic error is the larger of ``systematic_ppm`` (the manifest's
+    ``position_sd_ppm``: the functional's phase-dependent error and the spread between DP and
+    shift models, 35 ppm between two model pairs on the same system) and the shift model's own
+    mean predicted sigma (NN-NMR ensemble spread or GPR sigma, ~47 ppm per shift; correlated
+    over similar environments, so it does not average down). None where the analysis is not
+    converged: the fit then uses its wide ``unconverged_position_sd_ppm`` and carries the
+    verdict."""
+    if not site.converged:
+        return None
+    systematic = max(systematic_ppm, site.model_sigma_ppm) if np.isfinite(
+        site.model_sigma_ppm) else systematic_ppm
+    stat = site.mean_stderr_ppm if np.isfinite(site.mean_stderr_ppm) else 0.0
+    return float(np.hypot(stat, systematic))
+
+
+def _fit_experiment(spec: SpectrumSpec, constants: dict, sites: dict, larmors: dict,
+                    freq: np.ndarray, seeds: SeedStreams, ctx, store: RunStore) -> SpectrumFit:
+    """Fit the manifest's measured spectrum with the systems' lines at its temperature (rank 0
+    fits, every rank gets the fit) and write it to the store."""
+    experiment = spec.experiment
+    measured = read_spectrum(experiment.file)
+    mixed = experiment.systems or list(sites)
+    t_exp = experiment.temperature_k or constants["temperature_k"]
+    predicted = {}
+    for name in mixed:
+        site, scale = sites[name], _curie_weiss(constants, t_exp)
+        sigma = position_sigma_ppm(site, experiment.position_sd_ppm)
+        predicted[name] = PredictedLine(
+            freq, predicted_line(site, freq, larmors[name], spec.linewidth_hz, scale),
+            None if sigma is None else sigma * abs(scale), site.converged, site.verdict)
+    options = fit_options(experiment)
+    if measured.larmor_mhz is None:  # a text file: the manifest's field gives the frequency
+        options["larmor_mhz"] = larmors[mixed[0]]
+    options["seed"] = seeds.integer("spectrum.fit")
+    outcome = None
+    if ctx.is_root:
+        try:
+            outcome = (fit_spectrum(measured, predicted, **options), None)
+        except ValueError as exc:  # a window or range the measured axis does not allow
+            outcome = (None, InputError(f"spectrum.experiment: {exc} (file {measured.source})"))
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            outcome = (None, exc)
+    fit, error = ctx.comm.bcast(outcome, root=0)
+    if error is not None:
+        raise error
+    put_fit(store, fit, measured, t_exp)
+    return fit
+
+
+def run_spectra(spec: SpectrumSpec, systems, shift, ctx, store: RunStore,
+                seeds: SeedStreams | None = None) -> SpectrumResult:
+    """Spectra of every analysed system of the manifest, and the fit (collective; `seeds`:
+    the run's streams, default those of seed 0)."""
+    seeds = seeds if seeds is not None else SeedStreams(0)
     constants = shift.constants()
     names = [s.name for s in systems if s.name in analysed_systems(store)]
     missing = [s.name for s in systems if s.name not in names]
@@ -196,23 +267,13 @@ def run_spectra(spec: SpectrumSpec, systems, shift, ctx, store: RunStore) -> Spe
                 f"{len(temperatures)} temperature(s)")
     result = SpectrumResult(tuple(sites))
     if spec.experiment is not None:
-        experiment = spec.experiment
-        measured = read_spectrum(experiment.file)
-        mixed = experiment.systems or list(sites)
-        t_exp = experiment.temperature_k or constants["temperature_k"]
-        predicted = {name: (freq, predicted_line(sites[name], freq, larmors[name],
-                                                 spec.linewidth_hz, _curie_weiss(constants,
-                                                                                 t_exp)))
-                     for name in mixed}
-        fit = fit_mixture(measured, predicted, offset_range_ppm=experiment.offset_range_ppm,
-                          window_ppm=experiment.window_ppm, baseline=experiment.baseline,
-                          peak_prominence=experiment.peak_prominence)
-        _put_fit(store, fit, measured, t_exp)
-        for line in fit.summary().splitlines():
+        fit = _fit_experiment(spec, constants, sites, larmors, freq, seeds, ctx, store)
+        for line in fit_lines(fit_record(store)):
             ctx.log(f"spectrum fit: {line}")
         result = SpectrumResult(tuple(sites), tuple(
-            (name, float(fit.fractions[name]), float(fit.fraction_errors[name]))
-            for name in fit.systems), float(fit.offset_ppm))
+            (name, float(fit.fractions[name]), float(fit.fraction_errors[name]),
+             tuple(float(v) for v in fit.fraction_intervals[name])) for name in fit.systems),
+            float(fit.offset_ppm), bool(fit.separable))
     store.flush()
     return result
 
@@ -220,4 +281,5 @@ def run_spectra(spec: SpectrumSpec, systems, shift, ctx, store: RunStore) -> Spe
 def run(spec: SpectrumSpec, inputs: StageInputs) -> SpectrumResult:
     """Stage entry: predicted spectra into ``/spectrum`` and the fit of a measured one."""
     with inputs.store.transaction():
-        return run_spectra(spec, list(inputs.systems), inputs.shift, inputs.ctx, inputs.store)
+        return run_spectra(spec, list(inputs.systems), inputs.shift, inputs.ctx, inputs.store,
+                           inputs.seeds)

@@ -18,7 +18,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from engine.failure import InputError
 from jobs.experiment import (MeasuredSpectrum, PredictedLine, SpectrumFileError, deconvolve,
-                             fit_mixture, fit_options, fit_spectrum, read_spectrum)
+                             fit_options, fit_spectrum, read_spectrum)
 
 SF_MHZ = 105.8                      # 23Na at 9.4 T
 SI = 8192
@@ -254,10 +254,10 @@ def test_sideband_warning_names_the_line_and_the_window():
     assert not any("sidebands at" in w for w in far.warnings)
 
 
-def test_fit_mixture_is_the_former_entry_point():
+def test_a_bare_pair_is_a_converged_line_and_no_baseline_is_none():
     data, line = one_line_spectrum()
-    fit = fit_mixture(data, {"P2": (line["P2"].ppm, line["P2"].intensity)}, baseline=False,
-                      mcmc_steps=200, deconvolution=False)
+    fit = fit_spectrum(data, {"P2": (line["P2"].ppm, line["P2"].intensity)}, baseline_order=-1,
+                       mcmc_steps=200, deconvolution=False)
     assert fit.baseline_order == -1 and fit.fractions == {"P2": 1.0}
     np.testing.assert_allclose(fit.model, sum(fit.components.values()) + fit.baseline_curve)
     np.testing.assert_array_equal(fit.ppm, data.ppm)                    # measured order kept

@@ -120,7 +120,8 @@ def _measured(ppm, lines, fractions, offset_ppm, rng):
 
 
 @pytest.mark.parametrize("fractions", [(0.82, 0.18), (0.5, 0.5)])
-def test_the_fit_recovers_known_fractions_and_offset(dft_store, ctx, tmp_path, fractions):
+def test_the_fit_recovers_known_fractions_and_offset(dft_store, ctx, tmp_path, fractions,
+                                                     capsys):
     spec = SpectrumSpec(linewidth_hz=30000.0, points=4001)
     with RunStore(dft_store, ctx) as store:
         run_spectra(spec, SYSTEMS, ShiftSpec(), ctx, store)
@@ -136,12 +137,19 @@ def test_the_fit_recovers_known_fractions_and_offset(dft_store, ctx, tmp_path, f
                              ShiftSpec(), ctx, store)
         fit = store.attrs(FIT_GROUP)
         model = store.read(f"{FIT_GROUP}/model")
-    got = dict((name, f) for name, f, _ in result.fractions)
+    got = {name: f for name, f, _, _ in result.fractions}
     assert got["p6322"] == pytest.approx(fractions[0], abs=0.02)
     assert got["p63mcm"] == pytest.approx(fractions[1], abs=0.02)
-    assert result.offset_ppm == pytest.approx(-150.0, abs=5.0)
+    # the truth lies inside each 95 % interval, and the interval is not a point
+    for (name, _, sd, (low, high)), truth in zip(result.fractions, fractions):
+        assert low <= truth <= high and 0 < sd < 0.1 and high - low > 0.005
+    assert result.offset_ppm == pytest.approx(-150.0, abs=15.0)
     assert fit["systems"] == ["p6322", "p63mcm"] and len(model) == len(ppm)
-    assert fit["residual_rms_rel"] < 0.03 and fit["peaks"]
+    assert fit["residual_rms_rel"] < 0.03 and fit["peaks"] and fit["separable"]
+    # the analyses are converged: each line's prior sd is its stat error and the systematic
+    # error in quadrature (>= the manifest's 40 ppm), and no verdict is carried as a note
+    assert all(sd >= 40.0 for sd in fit["position_sd_ppm"]) and all(fit["converged"])
+    assert set(fit["peaks"][0]["probabilities"]) == {"p6322", "p63mcm"}
     # the report shows the fitted fractions, the overlay and the peak assignments
     from jobs.stages.report import ReportData, render_report
     from schemas.report import ReportSpec
@@ -149,9 +157,20 @@ def test_the_fit_recovers_known_fractions_and_offset(dft_store, ctx, tmp_path, f
     with RunStore(dft_store, ctx, mode="r") as store:
         summary = render_report(ReportData(store), tmp_path / "report", ReportSpec(dpi=50))
     text = summary.read_text()
+    low, high = dict((n, i) for n, _, _, i in result.fractions)["p6322"]
     assert f"| p6322 | {got['p6322']:.3f} |" in text and "### Fit of" in text
-    assert "| measured peak (ppm) | assigned to |" in text and "nan" not in text.lower()
+    assert f"| {low:.3f}-{high:.3f} |" in text
+    assert "| measured peak (ppm) | assigned to | p(p6322) | p(p63mcm) |" in text
+    assert "nan" not in text.lower()
     assert (tmp_path / "report" / "spectrum_fit.png").stat().st_size > 3000
+    # dynshift show prints the fractions with their intervals and the peaks' probabilities
+    from engine.show import show_store
+
+    assert show_store(dft_store) == 0
+    shown = capsys.readouterr().out
+    assert f"p6322: fraction {got['p6322']:.3f} +- " in shown
+    assert f"(95% {low:.3f}-{high:.3f})" in shown
+    assert "probability of each assignment: " in shown
 
 
 def test_an_unanalysed_system_and_an_unknown_isotope_are_refused(dft_store, ctx):
