@@ -123,6 +123,13 @@ factor of the width equally likely above ~10 ppm (a uniform prior would favour a
 baseline-like line wherever the data cannot tell)."""
 LINE_SHAPES = ("pseudo-voigt", "lorentzian", "gaussian")
 """Shapes of the extra broadening."""
+SHAPE_MODELS = ("convolved", "peaks")
+"""How a predicted line becomes a measured one. ``convolved``: the predicted line (its
+exchange shape and tails) convolved with the broadening kernel; ``peaks``: each peak of the
+predicted line (position, FWHM, area share) drawn as one line of the broadening's shape with
+FWHM predicted + extra (the phenomenological lines of dmfit and the paper's deconvolution).
+The two differ in the tails and the peak shape; which one the data favour is weighed by
+their evidence, and the fractions are averaged over both (docs/spectrum.md)."""
 OFFSET_TRUNCATION_SD = 6.0
 """The offset prior is cut at this many sd (numerically; mass outside ~2e-9)."""
 DEVIATION_TRUNCATION_SD = 5.0
@@ -163,6 +170,9 @@ LINE_REGION = 0.05
 this fraction of their maximum (where a misfit of their shapes shows)."""
 WIDE_INTERVAL = 0.5
 """A fraction whose 95 % interval is wider than this is called not separable."""
+MERGED_SEPARATION = 0.6
+"""Two lines closer than this many FWHM show as one peak (the Sparrow limit: ~0.58 for
+Lorentzians, ~0.85 for Gaussians): the free deconvolution cannot split them."""
 PEAK_SMOOTHING = 0.1
 """Measured peaks are found after a Gaussian smoothing of sigma this fraction of the tallest
 peak's FWHM, so that noise spikes are not taken for peaks."""
@@ -454,6 +464,24 @@ class Deconvolution:
     """Their sd (fit errors and assignment uncertainty)."""
     success: bool
     message: str
+    merged: tuple[str, ...] = ()
+    """Pairs of predicted peaks of different systems closer than MERGED_SEPARATION x the
+    measured lines' width (the fitted peaks' median FWHM), in words: one free peak holds
+    both, so the route can neither order nor split them and its fractions and probabilities
+    do not hold there."""
+
+
+@dataclass(frozen=True)
+class ShapeModelResult:
+    """One shape model's share of the posterior (:data:`SHAPE_MODELS`)."""
+
+    weight: float
+    """Posterior probability of the model (its evidence over the sum; 1 when alone)."""
+    log_evidence: float
+    """Its log evidence (importance sampling; 0 when it was the only model with one run)."""
+    fractions: dict[str, float]
+    """Posterior mean of each fraction under this model alone (NaN: no draws)."""
+    fraction_errors: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -517,6 +545,8 @@ class SpectrumFit:
     """Problems of the data or the fit (sidebands in the window, misfit, short chains)."""
     deconvolution: Deconvolution | None
     """The paper's route (free peaks, assigned by order and spacing), or None."""
+    shape_models: dict[str, ShapeModelResult]
+    """Each shape model's weight and fractions (the summaries above average over them)."""
     n_samples: int
     """Posterior draws behind the summaries."""
     seed: int
@@ -549,6 +579,11 @@ class SpectrumFit:
                 f"prior sd {self.position_sd_ppm[name]:.0f}); extra FWHM "
                 f"{self.widths_ppm[name]:.1f} +- {self.width_errors_ppm[name]:.1f} ppm, mixing "
                 f"{self.mixing[name]:.2f} +- {self.mixing_errors[name]:.2f}{tag}")
+        if len(self.shape_models) > 1:
+            rows.append("shape models: " + "; ".join(
+                f"{f} p {r.weight:.2f} (" + ", ".join(f"{n} {v:.3f}" for n, v in
+                                                     r.fractions.items()) + ")"
+                for f, r in self.shape_models.items()))
         rows.append(
             f"offset {self.offset_ppm:.1f} +- {self.offset_error_ppm:.1f} ppm (95% "
             f"{self.offset_interval_ppm[0]:.1f} to {self.offset_interval_ppm[1]:.1f}); "
@@ -567,7 +602,9 @@ class SpectrumFit:
                         f"{', '.join(f'{p.ppm:.1f}' for p in dec.peaks)} ppm assigned "
                         f"{'/'.join(dec.assignment)} (p {dec.assignment_probability:.2f}; "
                         f"order p {dec.order_probability:.2f}, prior "
-                        f"{dec.order_probability_prior:.2f}); fractions {frac}")
+                        f"{dec.order_probability_prior:.2f}); fractions {frac}"
+                        + ("; NOT RESOLVED by free peaks: " + "; ".join(dec.merged)
+                           if dec.merged else ""))
         rows += [f"note: {s}" for s in self.statements]
         rows += [f"warning: {w}" for w in self.warnings]
         return "\n".join(rows)
@@ -619,6 +656,61 @@ def _line_peaks(ppm: np.ndarray, intensity: np.ndarray, prominence: float = 0.05
     return ppm[idx], np.maximum(fwhm, step.min()), shares / shares.sum()
 
 
+LORENTZIAN_TOLERANCE = 0.01
+"""A predicted line is described by Lorentzians until the largest misfit is below this
+fraction of its maximum (shoulders that are no local maximum get their own peak)."""
+MAX_LORENTZIANS = 5
+"""Most Lorentzians per predicted line."""
+
+
+def _lorentzian_peaks(ppm: np.ndarray, intensity: np.ndarray):
+    """A predicted line as a sum of Lorentzians (exchange lines are, in the fast and slow
+    limits): positions, FWHMs (ppm) and area shares by least squares, started from
+    :func:`_line_peaks` (whose trough-split widths are biased where peaks overlap); a peak
+    is added at the largest misfit while it exceeds LORENTZIAN_TOLERANCE of the maximum
+    (a shoulder). Falls back to :func:`_line_peaks` where the first fit fails."""
+    first = _line_peaks(ppm, intensity)
+    keep = intensity > 1e-3 * intensity.max()
+    lo, hi = np.flatnonzero(keep)[[0, -1]]
+    x, y = ppm[lo:hi + 1], intensity[lo:hi + 1]
+    step = float(np.min(np.diff(ppm)))
+    span = float(x[-1] - x[0])
+
+    def curve(p, k):
+        c, w, a = p[:k], p[k:2 * k], p[2 * k:]
+        return np.sum(a[:, None] * (w[:, None] / 2) / np.pi
+                      / ((w[:, None] / 2) ** 2 + (x[None] - c[:, None]) ** 2), axis=0)
+
+    pos, fwhm, share = first
+    best = None
+    while True:
+        k = len(pos)
+        start = np.concatenate([pos, fwhm, share])
+        lower = np.concatenate([np.full(k, x[0]), np.full(k, step), np.zeros(k)])
+        upper = np.concatenate([np.full(k, x[-1]), np.full(k, span), np.full(k, 2.0)])
+        try:
+            sol = optimize.least_squares(lambda p: curve(p, k) - y,
+                                         np.clip(start, lower, upper), bounds=(lower, upper),
+                                         x_scale="jac", max_nfev=300 * k)
+        except (ValueError, np.linalg.LinAlgError):
+            break
+        if not np.all(np.isfinite(sol.x)) or sol.x[2 * k:].sum() <= 0:
+            break
+        best = sol.x[:k], sol.x[k:2 * k], sol.x[2 * k:]
+        resid = y - curve(sol.x, k)
+        worst = int(np.argmax(np.abs(resid)))
+        if np.abs(resid[worst]) < LORENTZIAN_TOLERANCE * y.max() or k >= MAX_LORENTZIANS:
+            break
+        pos = np.append(best[0], x[worst])
+        fwhm = np.append(best[1], float(np.median(best[1])))
+        share = np.append(best[2], max(resid[worst], 0.0) * np.pi * np.median(best[1]) / 2
+                          + 1e-3)
+    if best is None:
+        return first
+    c, w, a = best
+    return c, w, a / a.sum()
+
+
 def _legendre_basis(x: np.ndarray, order: int) -> np.ndarray:
     if order < 0:
         return np.zeros((0, x.size))
@@ -645,9 +737,13 @@ class _Model:
     coefficients."""
 
     def __init__(self, x, y, lines, sigmas, offset_prior, offset_bounds, baseline_order,
-                 line_shape, max_extra, noise_sd, sideband_ppm=None, sideband_orders=0):
+                 line_shape, max_extra, noise_sd, sideband_ppm=None, sideband_orders=0,
+                 shape_model="convolved"):
         from scipy import sparse
 
+        if shape_model not in SHAPE_MODELS:
+            raise ValueError(f"shape model must be one of {SHAPE_MODELS}, got {shape_model!r}")
+        self.shape_model = shape_model
         self.x, self.y = x, y
         self.n = x.size
         self.n_sys = len(lines)
@@ -696,6 +792,18 @@ class _Model:
             g = np.interp(grid, p, i, left=0.0, right=0.0)
             spectra.append(sfft.rfft(g) * np.exp(2j * np.pi * self.kappa * (self.v_lo - u_lo)))
         self.spectra = np.array(spectra)                               # (S, nk)
+        # the "peaks" model: unit deltas at the predicted peaks (same phase convention as
+        # `spectra`: a unit-area line sampled at the grid's spacing h), their FWHM and share
+        lorentzians = [_lorentzian_peaks(p, i) for p, i in lines] if \
+            shape_model == "peaks" else peaks
+        n_peaks = max(len(pos) for pos, _, _ in lorentzians)
+        self.peak_ft = np.zeros((self.n_sys, n_peaks, self.kappa.size), dtype=complex)
+        self.peak_fwhm = np.zeros((self.n_sys, n_peaks))
+        for s, (pos, fwhm, shares) in enumerate(lorentzians):
+            k = len(pos)
+            self.peak_ft[s, :k] = (shares[:, None] / h) * np.exp(
+                -2j * np.pi * self.kappa[None] * (pos[:, None] - self.v_lo))
+            self.peak_fwhm[s, :k] = fwhm
         # interpolation from the output grid to x (and x -+ k MAS for the sidebands)
         taps, weights = [], []
         for k in range(self.n_q):
@@ -733,6 +841,21 @@ class _Model:
         eta = np.asarray(eta)[..., None]
         return eta * lor + (1 - eta) * gau
 
+    def line_ft(self, gamma, eta):
+        """(..., S, nk) FT of every system's broadened unit-area line on the grid, for
+        gamma and eta (..., S): the predicted line times the kernel ("convolved"), or the
+        sum of its peaks, each a line of the kernel's shape with FWHM predicted + gamma
+        ("peaks")."""
+        if self.shape_model == "convolved":
+            return self.spectra * self.kernel(gamma, eta)
+        gamma, eta = np.asarray(gamma)[..., None], np.asarray(eta)[..., None]
+        total = 0.0
+        for p in range(self.peak_fwhm.shape[1]):                   # one peak at a time
+            pk = np.pi * (self.peak_fwhm[:, p, None] + gamma) * self.kappa    # (..., S, nk)
+            total = total + self.peak_ft[:, p] * (
+                eta * np.exp(-pk) + (1 - eta) * np.exp(-pk * pk / (4 * np.log(2))))
+        return total
+
     def unpack(self, theta):
         theta = np.atleast_2d(theta)
         t = theta[:, :self.n_sys]
@@ -745,7 +868,7 @@ class _Model:
         """(B, S, q, n): per system its unit-area line at x, then its sideband pairs."""
         t, gamma, eta = self.unpack(theta)
         angle = (-2 * np.pi * t[..., None]) * self.kappa
-        ft = self.spectra[None] * self.kernel(gamma, eta)
+        ft = self.line_ft(gamma, eta)
         ft = ft * np.cos(angle) + 1j * (ft * np.sin(angle))
         grid = sfft.irfft(ft, n=self.n_grid, axis=-1)
         B, S = grid.shape[:2]
@@ -754,7 +877,8 @@ class _Model:
 
     def grid_columns(self, gamma, eta, shifts_steps: np.ndarray) -> np.ndarray:
         """(S, T, q, n): the columns at t = shifts x h, broadened by (gamma (S,), eta)."""
-        grid = sfft.irfft(self.spectra * self.kernel(gamma, np.full(self.n_sys, eta)),
+        grid = sfft.irfft(self.line_ft(np.asarray(gamma, dtype=float),
+                                       np.full(self.n_sys, eta)),
                           n=self.n_grid, axis=-1)                         # (S, N)
         rolled = (np.arange(self.n_grid)[:, None] - shifts_steps[None, :]) % self.n_grid
         out = [self.interp_t @ grid[s][rolled] for s in range(self.n_sys)]   # (q n, T)
@@ -1131,7 +1255,8 @@ def _region_weights(model: _Model, runs: list[dict], rng, n_per_run: int = 600,
     """Posterior mass of each run's region, by importance sampling from a mixture of kernel
     density estimates of the runs' samples (it follows curved ridges; a region two runs
     share is split between them, so it is not counted twice). Returns the weights and the
-    effective sample size of the importance draws."""
+    effective sample size of the importance draws and the log evidence estimate
+    (log mean p / q, p the unnormalised posterior)."""
     d = model.dim
     bandwidth = n_centres ** (-1.0 / (d + 4))                         # Scott's factor
     kdes = []
@@ -1154,16 +1279,84 @@ def _region_weights(model: _Model, runs: list[dict], rng, n_per_run: int = 600,
     logq = special.logsumexp(logq_i, axis=1)
     ok = np.isfinite(logp) & np.isfinite(logq)
     if not ok.any():
-        return np.full(len(runs), 1.0 / len(runs)), 0.0
+        return np.full(len(runs), 1.0 / len(runs)), 0.0, -np.inf
     logw = np.where(ok, logp - np.where(ok, logq, 0.0), -np.inf)
+    log_z = float(special.logsumexp(logw) - np.log(len(logw)))
     w = np.exp(logw - np.max(logw))
     resp = np.where(ok[:, None], np.exp(logq_i - np.where(ok, logq, 0.0)[:, None]), 0.0)
     weights = (w[:, None] * resp).sum(axis=0) / w.sum()
-    return weights, float(w.sum() ** 2 / (w * w).sum())
+    return weights, float(w.sum() ** 2 / (w * w).sum()), log_z
 
 
 # ---------------------------------------------------------------------------------------
 # the fit
+
+
+def _white_noise_optima(model: _Model, x, y, noise: float, max_extra_fwhm_ppm: float,
+                        peaks_idx: np.ndarray):
+    """Distinct local optima of `model` at the white-noise level (grid search over the
+    positions at a few widths, plus "this phase alone" starts on the tallest measured
+    peaks), best first; and the noise sd and residual autocorrelation time (points) of the
+    best one's residual (:func:`_misfit_noise`)."""
+    n_sys = model.n_sys
+    w_meas = _fwhm_of_tallest(x, y)
+    eta0 = 0.5 if model.free_eta else model.fixed_eta
+    gammas = [np.full(n_sys, min(g * w_meas, 0.9 * max_extra_fwhm_ppm))
+              for g in (0.05, 0.2, 0.5, 1.0)]
+    model.set_noise(max(noise, 1.0 / SEARCH_SNR))
+    starts = _grid_search(model, gammas, eta0)
+    model.set_noise(max(noise, 1e-6))
+    tallest = peaks_idx[np.argsort(y[peaks_idx])[::-1][:MAX_ASSIGNMENT_PEAKS]]
+    if n_sys > 1:
+        starts += _assignment_starts(model, x[tallest], gammas[1], eta0)
+    optima: list[tuple[np.ndarray, float]] = []
+    for theta, logp in sorted((_optimise(model, start) for start in starts),
+                              key=lambda r: -r[1]):
+        if not any(_same_mode(theta, m[0], model) for m in optima):
+            optima.append((theta, logp))
+    comps, base_curve, _, _ = model.curves(optima[0][0])
+    resid = y - comps.sum(axis=0) - base_curve
+    n_lin = n_sys * model.n_q + model.n_base
+    sigma_hat, tau = _misfit_noise(resid, comps.sum(axis=0), n_lin + model.dim)
+    return optima, sigma_hat, tau
+
+
+def _sample_model(model: _Model, optima, noise: float, sigma_eff: float,
+                  mcmc_walkers: int | None, mcmc_steps: int, seed: int, rng, several: bool):
+    """The posterior of one shape model at the effective noise `sigma_eff`: its optima
+    re-optimised (those that may still count), the distinct ones ranked by their Laplace
+    evidence, one emcee ensemble from each (at most MAX_RUNS), the runs' regions weighted by
+    importance sampling. Returns the runs, their weights, the model's log evidence (the
+    importance-sampling estimate; 0 for a lone run of a lone model, where it is not needed)
+    and the effective sample size of the weights."""
+    first = optima[0]
+    scale_gap = (max(noise, 1e-6) / sigma_eff) ** 2
+    optima = [o for o in optima if (first[1] - o[1]) * scale_gap < 3 * MODE_LOGP_GAP]
+    model.set_noise(sigma_eff)
+    optima = sorted((_optimise(model, theta) for theta, _ in optima), key=lambda r: -r[1])
+    distinct: list[tuple[np.ndarray, float]] = []
+    for theta, logp in optima:
+        if not any(_same_mode(theta, m[0], model) for m in distinct):
+            distinct.append((theta, logp))
+    candidates = []
+    for theta, logp in distinct:
+        cov = _hessian_cov(model, theta)
+        candidates.append((theta, logp, cov, _laplace_log_evidence(logp, cov)))
+    candidates.sort(key=lambda c: -c[3])
+    candidates = [c for c in candidates if c[3] >= candidates[0][3] - MODE_LOGP_GAP][:MAX_RUNS]
+    walkers = mcmc_walkers or max(16, 4 * model.dim)
+    runs = []
+    for k, (theta, logp, cov, _) in enumerate(candidates):
+        samples, tau_chain, accept = _run_emcee(model, theta, cov, walkers, mcmc_steps,
+                                                seed + 7919 * (k + 1))
+        runs.append({"samples": samples, "tau": tau_chain, "accept": accept, "theta": theta,
+                     "logp": logp, "walkers": walkers})
+    if len(runs) == 1 and not several:
+        return runs, np.ones(1), 0.0, np.inf
+    weights, ess, log_z = _region_weights(model, runs, rng)
+    return runs, weights, log_z, ess
+
+
 
 
 def _as_predicted(name: str, value) -> PredictedLine:
@@ -1238,6 +1431,7 @@ def fit_spectrum(measured: MeasuredSpectrum, predicted: Mapping[str, PredictedLi
                  deconvolution: bool = True,
                  deconvolution_peaks: int | None = None, mcmc_steps: int = 450,
                  mcmc_walkers: int | None = None,
+                 shape_models: tuple[str, ...] = SHAPE_MODELS,
                  seed: int = 0) -> SpectrumFit:
     """Fit a measured spectrum as a mixture of predicted lines; posterior by emcee.
 
@@ -1279,6 +1473,10 @@ def fit_spectrum(measured: MeasuredSpectrum, predicted: Mapping[str, PredictedLi
     mcmc_steps, mcmc_walkers : int
         emcee steps per mode (a third is burn-in; extended up to 3x while shorter than 10
         autocorrelation times) and walkers (default max(16, 4 x dim)).
+    shape_models : tuple of {"convolved", "peaks"}
+        How predicted lines become measured ones (:data:`SHAPE_MODELS`); with several, each
+        is sampled and the posterior is their mixture weighted by their evidence, so that
+        the fractions' intervals hold the line-shape uncertainty the data leave.
     seed : int
         Seeds the sampler, the walkers' start and the draws: the same seed, the same numbers.
 
@@ -1296,6 +1494,10 @@ def fit_spectrum(measured: MeasuredSpectrum, predicted: Mapping[str, PredictedLi
         raise ValueError("predicted must name at least one system")
     if line_shape not in LINE_SHAPES:
         raise ValueError(f"line_shape must be one of {LINE_SHAPES}, got {line_shape!r}")
+    shape_models = tuple(dict.fromkeys(shape_models))
+    if not shape_models or any(f not in SHAPE_MODELS for f in shape_models):
+        raise ValueError(f"shape_models must be a non-empty selection of {SHAPE_MODELS}, got "
+                         f"{shape_models!r}")
     names = tuple(predicted)
     given = {name: _as_predicted(name, predicted[name]) for name in names}
     lines = [_line(name, (given[name].ppm, given[name].intensity)) for name in names]
@@ -1326,71 +1528,51 @@ def fit_spectrum(measured: MeasuredSpectrum, predicted: Mapping[str, PredictedLi
     larmor = larmor_mhz if larmor_mhz is not None else measured.larmor_mhz
     rate = mas_rate_hz if mas_rate_hz is not None else measured.mas_rate_hz
     sideband_ppm = rate / larmor if rate and larmor else None
-    model = _Model(x, y, lines, sigmas, (mu_o, sd_o), (off_lo, off_hi), baseline_order,
-                   line_shape, float(max_extra_fwhm_ppm), max(noise, 1e-6), sideband_ppm,
-                   sideband_orders)
+    models = [_Model(x, y, lines, sigmas, (mu_o, sd_o), (off_lo, off_hi), baseline_order,
+                     line_shape, float(max_extra_fwhm_ppm), max(noise, 1e-6), sideband_ppm,
+                     sideband_orders, shape_model=f) for f in shape_models]
+    model = models[0]                  # the default model: shared geometry, statements
     rng = np.random.default_rng(seed)
-
-    # 1. optima at the white-noise level; the noise and n_eff from the best one's residual
-    w_meas = _fwhm_of_tallest(x, y)
-    eta0 = 0.5 if model.free_eta else model.fixed_eta
-    gammas = [np.full(n_sys, min(g * w_meas, 0.9 * max_extra_fwhm_ppm))
-              for g in (0.05, 0.2, 0.5, 1.0)]
-    model.set_noise(max(noise, 1.0 / SEARCH_SNR))
-    starts = _grid_search(model, gammas, eta0)
-    model.set_noise(max(noise, 1e-6))
     peaks_idx = _measured_peaks(x, y, peak_prominence)
-    tallest = peaks_idx[np.argsort(y[peaks_idx])[::-1][:MAX_ASSIGNMENT_PEAKS]]
-    if n_sys > 1:
-        starts += _assignment_starts(model, x[tallest], gammas[1], eta0)
-    optima: list[tuple[np.ndarray, float]] = []
-    for theta, logp in sorted((_optimise(model, start) for start in starts),
-                              key=lambda r: -r[1]):
-        if not any(_same_mode(theta, m[0], model) for m in optima):
-            optima.append((theta, logp))
-    first = optima[0]
-    comps, base_curve, _, _ = model.curves(first[0])
-    resid = y - comps.sum(axis=0) - base_curve
-    n_lin = n_sys * model.n_q + model.n_base
-    sigma_hat, tau = _misfit_noise(resid, comps.sum(axis=0), n_lin + model.dim)
+
+    # 1. optima of each shape model at the white-noise level; the effective noise (misfit
+    # and residual autocorrelation) from the best-fitting model's best optimum
+    found = [_white_noise_optima(m, x, y, noise, max_extra_fwhm_ppm, peaks_idx)
+             for m in models]
+    sigma_hat, tau = min(((sh, ta) for _, sh, ta in found), key=lambda r: r[0] ** 2 * r[1])
     sigma_eff = np.sqrt(tau) * sigma_hat
-    # the gap to the best optimum shrinks with the noise (sigma^-2): keep the ones that may
-    # still count at the effective noise
-    scale_gap = (max(noise, 1e-6) / sigma_eff) ** 2
-    optima = [o for o in optima if (first[1] - o[1]) * scale_gap < 3 * MODE_LOGP_GAP]
-    model.set_noise(sigma_eff)
 
-    # 2. the optima at the effective noise, ranked by their Laplace evidence
-    optima = sorted((_optimise(model, theta) for theta, _ in optima), key=lambda r: -r[1])
-    distinct: list[tuple[np.ndarray, float]] = []
-    for theta, logp in optima:
-        if not any(_same_mode(theta, m[0], model) for m in distinct):
-            distinct.append((theta, logp))
-    candidates = []
-    for theta, logp in distinct:
-        cov = _hessian_cov(model, theta)
-        candidates.append((theta, logp, cov, _laplace_log_evidence(logp, cov)))
-    candidates.sort(key=lambda c: -c[3])
-    candidates = [c for c in candidates if c[3] >= candidates[0][3] - MODE_LOGP_GAP][:MAX_RUNS]
-
-    # 3. emcee from each, the regions weighted by mixture importance sampling
-    walkers = mcmc_walkers or max(16, 4 * model.dim)
-    runs = []
-    for k, (theta, logp, cov, _) in enumerate(candidates):
-        samples, tau_chain, accept = _run_emcee(model, theta, cov, walkers, mcmc_steps,
-                                                seed + 7919 * (k + 1))
-        runs.append({"samples": samples, "tau": tau_chain, "accept": accept, "theta": theta,
-                     "logp": logp})
-    weights, ess = _region_weights(model, runs, rng) if len(runs) > 1 else (np.ones(1), np.inf)
+    # 2.-3. per model: the optima at the effective noise, emcee from each, the regions
+    # weighted by mixture importance sampling, and the model's evidence
+    families = []
+    for k, (m, (optima, _, _)) in enumerate(zip(models, found)):
+        runs, weights_f, log_z, ess_f = _sample_model(
+            m, optima, noise, sigma_eff, mcmc_walkers, mcmc_steps, seed + 104729 * k, rng,
+            several=len(models) > 1)
+        families.append({"model": m, "runs": runs, "weights": weights_f, "log_z": log_z,
+                         "ess": ess_f})
+    log_z = np.array([f["log_z"] for f in families])
+    family_weight = np.exp(log_z - special.logsumexp(log_z)) if len(families) > 1 else \
+        np.ones(1)
+    ess = min(f["ess"] for f in families if f["log_z"] > -np.inf) if families else np.inf
+    runs = [run for f in families for run in f["runs"]]
+    run_model = [f["model"] for f in families for _ in f["runs"]]
+    run_family = np.concatenate([np.full(len(f["runs"]), k) for k, f in enumerate(families)])
+    weights = np.concatenate([w * f["weights"] for w, f in zip(family_weight, families)])
 
     # 4. posterior draws: regions by weight, then the linear parameters given theta
     weights = np.clip(np.nan_to_num(weights), 0.0, None)
     weights = weights / weights.sum()
     counts = np.bincount(rng.choice(len(runs), size=N_DRAWS, p=weights), minlength=len(runs))
-    thetas = np.vstack([r["samples"][rng.integers(0, len(r["samples"]), c)]
-                        for r, c in zip(runs, counts) if c > 0])
-    mode_of = np.concatenate([np.full(c, i) for i, c in enumerate(counts) if c > 0])
-    draws = _draw_linear(model, thetas, rng, peaks_idx)
+    thetas, mode_of, parts = [], [], []
+    for i, (run, c) in enumerate(zip(runs, counts)):
+        if c > 0:
+            th = run["samples"][rng.integers(0, len(run["samples"]), c)]
+            thetas.append(th)
+            mode_of.append(np.full(c, i))
+            parts.append(_draw_linear(run_model[i], th, rng, peaks_idx))
+    thetas, mode_of = np.vstack(thetas), np.concatenate(mode_of)
+    draws = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     fractions = draws["areas"] / draws["areas"].sum(axis=1, keepdims=True)
     t = thetas[:, :n_sys]
     m_o, s_o = model.offset_given_t(t)
@@ -1403,10 +1585,21 @@ def fit_spectrum(measured: MeasuredSpectrum, predicted: Mapping[str, PredictedLi
     gamma = thetas[:, n_sys:2 * n_sys]
     eta = thetas[:, 2 * n_sys:] if model.free_eta else np.full((len(t), n_sys),
                                                                  model.fixed_eta)
+    family_of = run_family[mode_of]
+    shape_models_out = {}
+    for k, f in enumerate(shape_models):
+        sel = family_of == k
+        shape_models_out[f] = ShapeModelResult(
+            float(family_weight[k]), float(log_z[k]),
+            {n: float(np.mean(fractions[sel, s])) if sel.any() else float("nan")
+             for s, n in enumerate(names)},
+            {n: float(np.std(fractions[sel, s])) if sel.any() else float("nan")
+             for s, n in enumerate(names)})
 
     # 5. the best point for the curves
-    best_run = runs[int(np.argmax(weights))]
-    comps, base_curve, _, _ = model.curves(best_run["theta"])
+    best = int(np.argmax(weights))
+    best_run = runs[best]
+    comps, base_curve, _, _ = run_model[best].curves(best_run["theta"])
     comps, base_curve = comps * scale, base_curve * scale
     model_curve = comps.sum(axis=0) + base_curve
     resid = y_raw - model_curve
@@ -1445,6 +1638,7 @@ def fit_spectrum(measured: MeasuredSpectrum, predicted: Mapping[str, PredictedLi
     n_indep = min(len(r["samples"]) / max(r["tau"], 1.0) for r in runs)
     statements, warnings = _statements(
         names, given, sigmas, fractions, intervals, positions, gamma, model, mode_list, peaks)
+    statements += _shape_model_statements(names, shape_models_out)
     if sigma_hat > 3 * noise:
         warnings.append(f"the best-fit residual rms is {sigma_hat / noise:.1f} x the noise: "
                         "the model misfits (line shapes, baseline, a missing phase or "
@@ -1503,10 +1697,12 @@ def fit_spectrum(measured: MeasuredSpectrum, predicted: Mapping[str, PredictedLi
         residual_rms_rel=float(np.sqrt(np.mean(resid ** 2)) / np.max(y_raw)),
         n_points=int(x.size), n_effective=float(x.size / tau), modes=tuple(mode_list),
         peaks=tuple(peaks), separable=separable, statements=tuple(statements),
-        warnings=tuple(warnings), deconvolution=deconv, n_samples=int(len(thetas)),
+        warnings=tuple(warnings), deconvolution=deconv, shape_models=shape_models_out,
+        n_samples=int(len(thetas)),
         seed=int(seed), elapsed_s=time.perf_counter() - started,
         success=bool(np.all(np.isfinite(fractions))), message=(
-            f"{len(runs)} run(s) of {walkers} walkers x >= {mcmc_steps} steps, acceptance "
+            f"{len(runs)} run(s) of {runs[0]['walkers']} walkers x >= {mcmc_steps} steps over "
+            f"{len(shape_models)} shape model(s), acceptance "
             f"{min(r['accept'] for r in runs):.2f}-{max(r['accept'] for r in runs):.2f}, "
             f"autocorrelation <= {tau_chain:.0f} steps"),
         ppm=x[back], model=model_curve[back],
@@ -1635,11 +1831,32 @@ def _statements(names, given, sigmas, fractions, intervals, positions, gamma, mo
     return statements, warnings
 
 
+SHAPE_MODEL_WORDS = {"convolved": "the predicted lines convolved with the broadening",
+                     "peaks": "one broadened line per predicted peak (FWHM predicted + extra)"}
+
+
+def _shape_model_statements(names, results: dict) -> list[str]:
+    """A sentence where two shape models both keep weight (>= 0.05) and disagree on a
+    fraction by more than their combined sd: the interval then spans both."""
+    kept = {f: r for f, r in results.items() if r.weight >= 0.05}
+    if len(kept) < 2:
+        return []
+    differ = [n for n in names if np.ptp([r.fractions[n] for r in kept.values()]) > 2 * max(
+        np.hypot(*[r.fraction_errors[n] for r in list(kept.values())[:2]]), 1e-3)]
+    if not differ:
+        return []
+    return ["the line shape is uncertain and it matters: " + "; ".join(
+        f"{SHAPE_MODEL_WORDS[f]} (p {r.weight:.2f}) give " + ", ".join(
+            f"{n} {r.fractions[n]:.3f}" for n in names) for f, r in kept.items())
+        + "; the intervals hold both"]
+
+
 def _shape_check(names, fractions, deconv: Deconvolution, separable: bool) -> list[str]:
     """A warning where the free deconvolution, sure of its assignment, disagrees with the
     mixture by more than 3 combined sd: the measured line shapes are not the predicted ones
     broadened, and the fractions lean on the tails the predicted shapes extrapolate."""
-    if not (separable and deconv.success and deconv.assignment_probability > 0.9):
+    if not (separable and deconv.success and deconv.assignment_probability > 0.9) or \
+            deconv.merged:
         return []
     out = []
     for s, name in enumerate(names):
@@ -1702,7 +1919,8 @@ def fit_options(experiment) -> dict:
             "peak_prominence": experiment.peak_prominence,
             "deconvolution": experiment.deconvolution,
             "deconvolution_peaks": experiment.deconvolution_peaks,
-            "mcmc_steps": experiment.mcmc_steps}
+            "mcmc_steps": experiment.mcmc_steps,
+            "shape_models": tuple(experiment.shape_models)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -1875,8 +2093,15 @@ def deconvolve(measured: MeasuredSpectrum, predicted: Mapping[str, PredictedLine
     deltas = rng.standard_normal((20000, len(names))) * sigmas
     true_pos = np.array([p[1] for p in pred])[None] + deltas[:, [p[0] for p in pred]]
     same = np.all(np.argsort(true_pos, axis=1) == np.argsort([p[1] for p in pred]), axis=1)
+    width = float(np.median([p.fwhm_ppm for p in peaks]))
+    merged = tuple(
+        f"{names[pred[i][0]]} at {pred[i][1]:.0f} ppm and {names[pred[j][0]]} at "
+        f"{pred[j][1]:.0f} ppm (predicted) are {abs(pred[i][1] - pred[j][1]):.0f} ppm apart, "
+        f"under {MERGED_SEPARATION:g} x the measured lines' FWHM ~{width:.0f} ppm"
+        for i, j in itertools.combinations(range(n_pred), 2)
+        if pred[i][0] != pred[j][0] and abs(pred[i][1] - pred[j][1]) < MERGED_SEPARATION * width)
     return Deconvolution(
-        peaks=peaks, residual_rms_rel=rms,
+        merged=merged, peaks=peaks, residual_rms_rel=rms,
         assignment=best_label, assignment_probability=by_label[best_label],
         order_assignment=labels[k_order], order_probability=by_label[labels[k_order]],
         order_probability_prior=float(same.mean()),

@@ -47,6 +47,13 @@ class ExperimentSpec(Spec):
     """Shape of the extra broadening convolved onto every predicted line (the predicted
     exchange broadening stays): pseudo-Voigt (each system's mixing fitted), Lorentzian or
     Gaussian."""
+    shape_models: list[Literal["convolved", "peaks"]] = Field(
+        default_factory=lambda: ["convolved", "peaks"], min_length=1)
+    """How a predicted line becomes the measured one: ``convolved`` (the predicted line, its
+    exchange shape and tails, convolved with the broadening) and ``peaks`` (one broadened
+    line per predicted peak, FWHM predicted + extra, as dmfit draws them). With both, each
+    is sampled and weighed by its evidence, and the fractions' intervals hold the line-shape
+    uncertainty the data leave."""
     max_extra_fwhm_ppm: float = Field(default=400.0, gt=0)
     """Upper bound (ppm) of each system's extra broadening (FWHM)."""
     baseline: bool = True

@@ -72,7 +72,7 @@ def put_fit(store: RunStore, fit: SpectrumFit, measured: MeasuredSpectrum,
             "order_probability": dec.order_probability,
             "order_probability_prior": dec.order_probability_prior,
             "fractions": dec.fractions, "fraction_errors": dec.fraction_errors,
-            "success": dec.success, "message": dec.message})
+            "success": dec.success, "message": dec.message, "merged": list(dec.merged)})
 
 
 def fit_record(store: RunStore) -> dict | None:
@@ -110,7 +110,8 @@ def fit_lines(fit: dict) -> list[str]:
                      + ("" if converged else " [prediction not converged]"))
     interval = fit.get("offset_interval_ppm")
     lines.append(f"offset {fit['offset_ppm']:.1f} +- {fit['offset_error_ppm']:.1f} ppm"
-                 + (f" (95% {interval[0]:.1f} to {interval[1]:.1f})" if interval is not None else "")
+                 + (f" (95% {interval[0]:.1f} to {interval[1]:.1f})"
+                    if interval is not None else "")
                  + f"; residual rms {fit['residual_rms_rel']:.3g} of the tallest point"
                  + ("" if fit.get("separable", True) else "; NOT SEPARABLE (see notes)"))
     for peak in fit.get("peaks", []):
@@ -121,11 +122,14 @@ def fit_lines(fit: dict) -> list[str]:
                      f"(probability of each assignment: {said})")
     dec = fit.get("deconvolution")
     if dec:
-        lines.append(f"paper's route (free peaks at {', '.join(f'{p:.1f}' for p in dec['peaks_ppm'])}"
-                     f" ppm): assigned {'/'.join(dec['assignment'])} with probability "
+        at = ", ".join(f"{p:.1f}" for p in dec["peaks_ppm"])
+        lines.append(f"paper's route (free peaks at {at} ppm): assigned "
+                     f"{'/'.join(dec['assignment'])} with probability "
                      f"{dec['assignment_probability']:.2f}; fractions " + ", ".join(
                          f"{n} {v:.3f} +- {dec['fraction_errors'][n]:.3f}"
-                         for n, v in dec["fractions"].items()))
+                         for n, v in dec["fractions"].items())
+                     + ("; not resolved by free peaks, so neither its order nor its split "
+                        "holds: " + "; ".join(dec["merged"]) if dec.get("merged") else ""))
     lines += [f"note: {s}" for s in fit.get("statements", [])]
     lines += [f"warning: {w}" for w in fit.get("warnings", [])]
     if not fit.get("success", True):

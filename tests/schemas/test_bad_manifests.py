@@ -346,3 +346,34 @@ def test_a_bad_deviation_manifest_exits_2_naming_its_culprit(name, text, culprit
     test_a_bad_manifest_exits_2_naming_its_culprit(name, text, culprit, tmp_path, capsys,
                                                    monkeypatch)
     assert name not in [case[0] for case in CORPUS]
+
+
+def _axis_rows(ppm, intensity):
+    return "\n".join(f"{p} {i}" for p, i in zip(ppm, intensity)) + "\n"
+
+
+_PPM = [2000.0 - 2.0 * k for k in range(200)]
+_LINE = [1.0 + 100.0 / (1.0 + ((p - 1700.0) / 20.0) ** 2) for p in _PPM]
+BAD_SPECTRA = [  # (id, file text, words the message must hold)
+    ("empty", "", "empty"),
+    ("nan", _axis_rows(_PPM, [float("nan") if k == 50 else v for k, v in enumerate(_LINE)]),
+     "NaN"),
+    ("hz-axis", _axis_rows([p * 105.8 * 100 for p in _PPM], _LINE), "ppm"),
+    ("unphased", _axis_rows(_PPM, [-v for v in _LINE]), "phase"),
+]
+
+
+@pytest.mark.parametrize("name,content,words", BAD_SPECTRA, ids=[c[0] for c in BAD_SPECTRA])
+def test_a_bad_measured_spectrum_exits_2_naming_the_file(name, content, words, tmp_path,
+                                                         capsys, monkeypatch):
+    """`dynshift validate` (and so `run`, before any work) refuses a spectrum file that is
+    empty, holds NaN, whose axis is not ppm-like, or which is unphased (mostly negative)."""
+    monkeypatch.chdir(tmp_path)
+    spectrum = tmp_path / f"{name}.txt"
+    spectrum.write_text(content)
+    code, err = _validate(tmp_path, MD.replace("analyze,", "analyze, spectrum,")
+                          + f"spectrum: {{experiment: {{file: '{spectrum}'}}}}\n", capsys)
+    assert code == 2, err
+    assert "spectrum.experiment.file" in err and str(spectrum) in err, err
+    assert words.lower() in err.lower(), err
+    assert "Traceback" not in err
