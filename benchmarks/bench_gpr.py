@@ -227,7 +227,7 @@ def run_nnmr_curve(args) -> None:
 
     from engine.context import RankContext
     from jobs.shiftmodels.metrics import regression_metrics
-    from jobs.shiftmodels.nnmr import train_model
+    from jobs.shiftmodels.nnmr_training import train_model
     from schemas.train import TrainSpec
 
     frames, rows, _, features, _ = load_data(args)
@@ -295,7 +295,7 @@ def _best_ms(call, repeats: int = 5) -> float:
 
 def run_speed(args) -> None:
     from jobs.shiftmodels.gpr import GprShiftModel
-    from jobs.shiftmodels.nnmr import fast_predictor
+    from jobs.shiftmodels.predictors import fast_predictor
     from jobs.shiftmodels.soap import SoapFeaturizer
     from jobs.shiftmodels.registry import featurizer_for
 

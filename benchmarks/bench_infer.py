@@ -119,7 +119,8 @@ def main() -> None:
     from mpi4py import MPI
 
     from engine.store import RunStore
-    from jobs.shiftmodels.nnmr import ShiftEnsemble, fast_predictor, write_fold_model
+    from jobs.shiftmodels.nnmr import ShiftEnsemble, write_fold_model
+    from jobs.shiftmodels.predictors import fast_predictor
     from jobs.shiftmodels.soap import SoapFeaturizer
     from jobs.shiftmodels.registry import featurizer_for
     from jobs.stages.infer import SHIPPED_MODEL, infer_shifts

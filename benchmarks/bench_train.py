@@ -38,7 +38,7 @@ def worker(n_frames: int, epochs: int, batch_size: int, result: str) -> None:
     import numpy as np
 
     from jobs.frames import read_labelled_frames
-    from jobs.shiftmodels.nnmr import train_model
+    from jobs.shiftmodels.nnmr_training import train_model
     from jobs.shiftmodels.rows import centre_rows, gather_features
     from jobs.shiftmodels.soap import SoapFeaturizer
     from schemas.shift import ShiftSpec

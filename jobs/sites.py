@@ -186,6 +186,55 @@ def _face_name(below: str, above: str) -> str:
     return f"{pair[0]}-{pair[1]}"
 
 
+def _xy_distance(delta_frac_xy, ab: np.ndarray) -> np.ndarray:
+    """In-plane distance (A) of fractional xy differences, `ab` the cell's in-plane block: the
+    exact minimum image over the 9 nearest images."""
+    wrapped = _minimum_image(np.asarray(delta_frac_xy))[..., None, :] + _IMAGES
+    return np.linalg.norm(wrapped @ ab, axis=-1).min(axis=-1)
+
+
+def _face_sites(fw_frac: np.ndarray, fw_symbols: np.ndarray, below: np.ndarray,
+                above: np.ndarray, ab: np.ndarray, d_nn: float) -> tuple[np.ndarray, list[str]]:
+    """The face-sharing sites of one slab: each framework cation of the layer `below` paired
+    with the one of the layer `above` it; fractional xy of the sites and their names.
+
+    Raises InputError when a cation has none above it (not a P2-type stacking)."""
+    face_xy, face_names = [], []
+    for i in below:
+        delta = _minimum_image(fw_frac[above, :2] - fw_frac[i, :2])
+        dist = np.linalg.norm(delta @ ab, axis=1)
+        j = int(np.argmin(dist))
+        if dist[j] > d_nn / 3:
+            raise InputError(
+                f"frame 0: the {fw_symbols[i]} at fractional {np.round(fw_frac[i], 3)} has "
+                f"no framework cation of the next layer above it (nearest {dist[j]:.2f} A "
+                "in xy): not a P2-type stacking, sites cannot be found")
+        face_xy.append(np.mod(fw_frac[i, :2] + delta[j] / 2, 1.0))
+        face_names.append(_face_name(fw_symbols[i], fw_symbols[above[j]]))
+    return np.array(face_xy), face_names
+
+
+def _lattice_triangles(face_xy: np.ndarray, ab: np.ndarray, d_nn: float) -> list[np.ndarray]:
+    """Centroids (fractional xy) of the triangles of the lattice of face-sharing sites,
+    deduplicated: the candidate edge-sharing sites of a slab."""
+    centroids = []
+    for i in range(len(face_xy)):
+        # vectors (fractional) to every neighbouring column, periodic images included
+        vectors = (_minimum_image(face_xy - face_xy[i])[:, None, :] + _IMAGES).reshape(-1, 2)
+        length = np.linalg.norm(vectors @ ab, axis=1)
+        vectors = vectors[(length > 1e-6) & (length < 1.2 * d_nn)]
+        for a_pos in range(len(vectors)):
+            for b_pos in range(a_pos + 1, len(vectors)):
+                if np.linalg.norm((vectors[b_pos] - vectors[a_pos]) @ ab) < 1.2 * d_nn:
+                    centroids.append(np.mod(face_xy[i] + (vectors[a_pos] + vectors[b_pos])
+                                            / 3, 1.0))
+    unique: list[np.ndarray] = []
+    for point in centroids:
+        if not unique or _xy_distance(np.array(unique) - point, ab).min() > 0.25 * d_nn:
+            unique.append(point)
+    return unique
+
+
 def find_sites(numbers, positions_a, cell_a, target_species: str = "Na",
                framework_species: list[str] | None = None, radius_a: float = 0.8,
                layer_gap_a: float = 1.0) -> SiteSet:
@@ -233,13 +282,9 @@ def find_sites(numbers, positions_a, cell_a, target_species: str = "Na",
     fw_frac, fw_symbols = frac[mask], symbols[mask]
     ab = cell[:2, :2]
 
-    def xy_distance(delta_frac_xy):  # exact minimum image over the 9 nearest images
-        wrapped = _minimum_image(np.asarray(delta_frac_xy))[..., None, :] + _IMAGES
-        return np.linalg.norm(wrapped @ ab, axis=-1).min(axis=-1)
-
     # nearest-neighbour distance of the TM lattice (in-plane, within one layer)
     first = fw_frac[layer_of == 0, :2]
-    pair = xy_distance(first[:, None, :] - first[None, :, :])
+    pair = _xy_distance(first[:, None, :] - first[None, :, :], ab)
     pair[np.diag_indices_from(pair)] = np.inf
     d_nn = float(np.median(pair.min(axis=1)))
 
@@ -248,36 +293,8 @@ def find_sites(numbers, positions_a, cell_a, target_species: str = "Na",
     for k in range(n_layers):
         below = np.flatnonzero(layer_of == k)
         above = np.flatnonzero(layer_of == (k + 1) % n_layers)
-        # face-sharing: pair each TM below with the TM above it
-        face_xy, face_names = [], []
-        for i in below:
-            delta = _minimum_image(fw_frac[above, :2] - fw_frac[i, :2])
-            dist = np.linalg.norm(delta @ ab, axis=1)
-            j = int(np.argmin(dist))
-            if dist[j] > d_nn / 3:
-                raise InputError(
-                    f"frame 0: the {fw_symbols[i]} at fractional {np.round(fw_frac[i], 3)} has "
-                    f"no framework cation of the next layer above it (nearest {dist[j]:.2f} A "
-                    "in xy): not a P2-type stacking, sites cannot be found")
-            face_xy.append(np.mod(fw_frac[i, :2] + delta[j] / 2, 1.0))
-            face_names.append(_face_name(fw_symbols[i], fw_symbols[above[j]]))
-        face_xy = np.array(face_xy)
-        # triangles of the TM lattice: centroids, deduplicated
-        centroids = []
-        for i in range(len(face_xy)):
-            # vectors (fractional) to every neighbouring column, periodic images included
-            vectors = (_minimum_image(face_xy - face_xy[i])[:, None, :] + _IMAGES).reshape(-1, 2)
-            length = np.linalg.norm(vectors @ ab, axis=1)
-            vectors = vectors[(length > 1e-6) & (length < 1.2 * d_nn)]
-            for a_pos in range(len(vectors)):
-                for b_pos in range(a_pos + 1, len(vectors)):
-                    if np.linalg.norm((vectors[b_pos] - vectors[a_pos]) @ ab) < 1.2 * d_nn:
-                        centroids.append(np.mod(face_xy[i] + (vectors[a_pos] + vectors[b_pos])
-                                                / 3, 1.0))
-        unique: list[np.ndarray] = []
-        for point in centroids:
-            if not unique or xy_distance(np.array(unique) - point).min() > 0.25 * d_nn:
-                unique.append(point)
+        face_xy, face_names = _face_sites(fw_frac, fw_symbols, below, above, ab, d_nn)
+        unique = _lattice_triangles(face_xy, ab, d_nn)
         # drop the triangles covered by the prism's own O (anions of this slab)
         z_low, z_high = layer_z[k], layer_z[(k + 1) % n_layers] + (1.0 if k == n_layers - 1
                                                                     else 0.0)
@@ -285,7 +302,7 @@ def find_sites(numbers, positions_a, cell_a, target_species: str = "Na",
         bounding = frac[others][(z_others > 0) & (z_others < z_high - z_low), :2]
         edge_xy = [p for p in unique
                    if len(bounding) == 0
-                   or xy_distance(bounding - p).min() > 0.5 * d_nn / np.sqrt(3)]
+                   or _xy_distance(bounding - p, ab).min() > 0.5 * d_nn / np.sqrt(3)]
         z_mid = np.mod(0.5 * (z_low + z_high), 1.0)
         for p, name in [(p, EDGE) for p in edge_xy] + [
                 (p, f"Na_{name}") for p, name in zip(face_xy, face_names)]:

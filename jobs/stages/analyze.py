@@ -183,11 +183,120 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
     if not has_drift:
         ctx.log(f"analyze {system.name}: no {source}/{DRIFT_DATASET}; sites assume a framework "
                 "that does not drift")
-    n_classes, n_sites = sites.n_classes, len(sites.centres_frac)
-    n_slabs, n_map, n_points = len(sites.layer_z_frac), spec.map_bins, spec.running_points
+    n_classes = sites.n_classes
     low, high = spec.histogram_range_ppm
     n_hist = int(np.ceil((high - low) / spec.histogram_bin_ppm - 1e-9))
     edges_ppm = low + spec.histogram_bin_ppm * np.arange(n_hist + 1)
+    sums = _shift_pass(spec, system, ctx, store, source, target, sites, timeline, has_drift,
+                       has_std, n_frames, n_centres, edges_ppm)
+    blocks, ensemble_std, dynamics = sums.blocks, sums.ensemble_std, sums.dynamics
+    frame_count, frame_sum = sums.frame_count, sums.frame_sum
+
+    # ---- finish (pure numpy on identical reduced sums, every rank) ------------------------
+    overall = block_average(blocks.count, blocks.sum)
+    n_samples = max(overall.n_samples, 1)
+    block_count, block_sum, block_sum_sq = sums.class_blocks.reshaped()
+    class_count, class_sum, class_sum_sq = (block_count.sum(0), block_sum.sum(0),
+                                            block_sum_sq.sum(0))
+    class_mean, class_std = moments_mean_std(class_count, class_sum, class_sum_sq)
+    mean_blocking = blocking(frame_count.sum(1), frame_sum.sum(1), timeline.segment,
+                             spec.blocking_min_blocks)
+    class_blocking = [blocking(frame_count[:, k], frame_sum[:, k], timeline.segment,
+                               spec.blocking_min_blocks) for k in range(n_classes)]
+    occupation = class_count / n_samples
+    model_std = (moments_mean_std(*ensemble_std.reshaped())[0] if has_std
+                 else np.full(n_classes, np.nan))
+    # the model's own uncertainty of a mean: the mean predicted sigma of its samples (NN-NMR:
+    # the ensemble spread; GPR: the calibrated sigma). Model errors are correlated over
+    # similar environments, so averaging does not reduce it: a bound, beside the blocking error
+    model_sigma = (float(ensemble_std.sum.sum() / ensemble_std.count.sum())
+                   if has_std and ensemble_std.count.sum() > 0 else float("nan"))
+
+    diffusion = correlation = None
+    if timeline.is_md:
+        diffusion, correlation = _lag_pass(
+            spec, ctx, store, source, target, timeline, has_drift, overall.mean,
+            (float(blocks.count.sum()), float(blocks.sum_sq.sum())),
+            nearest_site_spacing_a(sites, store.read(f"{source}/cell_a", 0)))
+    converged, reasons = convergence_verdict(spec, timeline, dynamics, correlation,
+                                             mean_blocking)
+    verdict = "converged" if converged else "not converged: " + "; ".join(reasons)
+    class_stderr = np.array([b.stderr if converged and b.plateau else np.nan
+                             for b in class_blocking])
+    mean_stderr = mean_blocking.stderr if converged and mean_blocking.plateau else float("nan")
+    store.put(f"{target}/blocks/mean_shift_ppm", overall.block_means, unit="ppm",
+              doc="mean shift of each time block (segment-major)")
+    _put_sites(store, target, sites, sums.site_counts.count / n_frames, occupation, class_count,
+               class_mean, class_std, class_stderr, model_std)
+    _put_histogram(store, target, sites, sums.histogram, edges_ppm)
+    _put_running(store, target, timeline, sums)
+    _put_maps(store, target, source, sites, sums.maps, n_frames, spec.map_bins)
+
+    d_cm2_s = diffusion.d_cm2_s if diffusion is not None and diffusion.diffusive else float("nan")
+    if dynamics is not None:
+        _put_dynamics(store, target, sites, dynamics, correlation)
+    _put_blocking(store, target, mean_blocking)
+    store.set_attrs(target, source=source, kind="md" if timeline.is_md else "file",
+                    n_frames=n_frames, n_centres=n_centres,
+                    n_segments=len(timeline.segment_bounds),
+                    mean_shift_ppm=overall.mean, mean_shift_stderr_ppm=mean_stderr,
+                    mean_shift_stderr_lower_bound_ppm=mean_blocking.stderr,
+                    mean_shift_model_sigma_ppm=model_sigma,
+                    n_blocks=overall.n_blocks, class_names=list(sites.class_names),
+                    framework_drift_corrected=has_drift, d_cm2_s=d_cm2_s,
+                    diffusive=bool(diffusion is not None and diffusion.diffusive),
+                    converged=converged, verdict=verdict,
+                    hops_per_nucleus=dynamics.mean_hops if dynamics is not None else float("nan"),
+                    time_span_fs=float(np.ptp(timeline.time)) if timeline.is_md else float("nan"),
+                    ranks=ctx.size)
+    store.flush()
+    ctx.log(_summary_line(system, overall.mean, mean_stderr, verdict, sites, occupation,
+                          class_mean, d_cm2_s, diffusion))
+    return SystemAnalysis(overall.mean, mean_stderr, sites.class_names, occupation,
+                          class_mean, d_cm2_s, converged, verdict)
+
+
+@dataclass
+class _ShiftSums:
+    """What the pass over a system's shifts accumulates, reduced over the ranks (identical on
+    every rank): the moments by key (:class:`engine.stats.BinnedMoments`), the per-frame class
+    series and the hop statistics."""
+
+    blocks: BinnedMoments
+    """By time block."""
+    class_blocks: BinnedMoments
+    """By (time block, site class)."""
+    running: BinnedMoments
+    """By running-average time bin."""
+    class_running: BinnedMoments
+    """By (time bin, site class)."""
+    centre_running: BinnedMoments
+    """By (time bin, target nucleus)."""
+    histogram: BinnedMoments
+    """Counts by (site class, histogram bin); column 0: below the range, last: above."""
+    maps: BinnedMoments
+    """By (slab, bin along a, bin along b)."""
+    site_counts: BinnedMoments
+    """Counts by site."""
+    ensemble_std: BinnedMoments
+    """The model's spread by site class (empty without ``shift_std_ppm``)."""
+    frame_count: np.ndarray
+    """(n_frames, n_classes) samples per frame and class, every frame in frame order."""
+    frame_sum: np.ndarray
+    """(n_frames, n_classes) their shift sums."""
+    dynamics: HopStatistics | None
+    """Hop counts and rates (md sources), else None."""
+
+
+def _shift_pass(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, store: RunStore,
+                source: str, target: str, sites: SiteSet, timeline: Timeline, has_drift: bool,
+                has_std: bool, n_frames: int, n_centres: int,
+                edges_ppm: np.ndarray) -> _ShiftSums:
+    """The pass over the shifts (collective): every rank reads its block of frames in chunks,
+    assigns sites, writes ``<target>/dynamics/site`` and accumulates; the sums are reduced."""
+    n_classes, n_sites = sites.n_classes, len(sites.centres_frac)
+    n_slabs, n_map, n_points = len(sites.layer_z_frac), spec.map_bins, spec.running_points
+    n_hist = len(edges_ppm) - 1
 
     blocks = BinnedMoments(timeline.n_blocks)
     class_blocks = BinnedMoments((timeline.n_blocks, n_classes))
@@ -263,43 +372,14 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
     frame_count = gather_rows(ctx, frame_count)  # the per-frame class series, in frame order
     frame_sum = gather_rows(ctx, frame_sum)
     dynamics = finish_hops(ctx, hops) if hops is not None else None
+    return _ShiftSums(blocks, class_blocks, running, class_running, centre_running, histogram,
+                      maps, site_counts, ensemble_std, frame_count, frame_sum, dynamics)
 
-    # ---- finish (pure numpy on identical reduced sums, every rank) ------------------------
-    overall = block_average(blocks.count, blocks.sum)
-    n_samples = max(overall.n_samples, 1)
-    block_count, block_sum, block_sum_sq = class_blocks.reshaped()
-    class_count, class_sum, class_sum_sq = (block_count.sum(0), block_sum.sum(0),
-                                            block_sum_sq.sum(0))
-    class_mean, class_std = moments_mean_std(class_count, class_sum, class_sum_sq)
-    mean_blocking = blocking(frame_count.sum(1), frame_sum.sum(1), timeline.segment,
-                             spec.blocking_min_blocks)
-    class_blocking = [blocking(frame_count[:, k], frame_sum[:, k], timeline.segment,
-                               spec.blocking_min_blocks) for k in range(n_classes)]
-    occupation = class_count / n_samples
-    model_std = (moments_mean_std(*ensemble_std.reshaped())[0] if has_std
-                 else np.full(n_classes, np.nan))
-    # the model's own uncertainty of a mean: the mean predicted sigma of its samples (NN-NMR:
-    # the ensemble spread; GPR: the calibrated sigma). Model errors are correlated over
-    # similar environments, so averaging does not reduce it: a bound, beside the blocking error
-    model_sigma = (float(ensemble_std.sum.sum() / ensemble_std.count.sum())
-                   if has_std and ensemble_std.count.sum() > 0 else float("nan"))
 
-    diffusion = correlation = None
-    if timeline.is_md:
-        diffusion, correlation = _lag_pass(
-            spec, ctx, store, source, target, timeline, has_drift, overall.mean,
-            (float(blocks.count.sum()), float(blocks.sum_sq.sum())),
-            nearest_site_spacing_a(sites, store.read(f"{source}/cell_a", 0)))
-    converged, reasons = convergence_verdict(spec, timeline, dynamics, correlation,
-                                             mean_blocking)
-    verdict = "converged" if converged else "not converged: " + "; ".join(reasons)
-    class_stderr = np.array([b.stderr if converged and b.plateau else np.nan
-                             for b in class_blocking])
-    mean_stderr = mean_blocking.stderr if converged and mean_blocking.plateau else float("nan")
-    store.put(f"{target}/blocks/mean_shift_ppm", overall.block_means, unit="ppm",
-              doc="mean shift of each time block (segment-major)")
-    _put_sites(store, target, sites, site_counts.count / n_frames, occupation, class_count,
-               class_mean, class_std, class_stderr, model_std)
+def _put_histogram(store: RunStore, target: str, sites: SiteSet, histogram: BinnedMoments,
+                   edges_ppm: np.ndarray) -> None:
+    """``<target>/histogram``: counts per site class and in all, and those out of range."""
+    n_classes, n_hist = sites.n_classes, len(edges_ppm) - 1
     hist_count = histogram.count.reshape(n_classes, n_hist + 2)
     store.put(f"{target}/histogram/edges_ppm", edges_ppm, unit="ppm")
     store.put(f"{target}/histogram/counts", hist_count[:, 1:-1], unit="samples",
@@ -307,17 +387,26 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
     store.put(f"{target}/histogram/total_counts", hist_count[:, 1:-1].sum(0), unit="samples")
     store.set_attrs(f"{target}/histogram", below=int(hist_count[:, 0].sum()),
                     above=int(hist_count[:, -1].sum()), class_names=list(sites.class_names))
+
+
+def _put_running(store: RunStore, target: str, timeline: Timeline, sums: _ShiftSums) -> None:
+    """``<target>/running``: the running averages, in all, per site class and per nucleus."""
     axis = "time_fs" if timeline.is_md else "frame_index"
     store.put(f"{target}/running/{axis}", timeline.time_points,
               unit="fs" if timeline.is_md else "frame")
-    store.put(f"{target}/running/mean_shift_ppm", running_average(running.count, running.sum),
-              unit="ppm")
-    count, total, _ = class_running.reshaped()
+    store.put(f"{target}/running/mean_shift_ppm",
+              running_average(sums.running.count, sums.running.sum), unit="ppm")
+    count, total, _ = sums.class_running.reshaped()
     store.put(f"{target}/running/class_shift_ppm", running_average(count, total), unit="ppm",
               doc="columns: site classes (sites/class_names)")
-    count, total, _ = centre_running.reshaped()
+    count, total, _ = sums.centre_running.reshaped()
     store.put(f"{target}/running/centre_shift_ppm", running_average(count, total), unit="ppm",
               doc="columns: target nuclei (their running time average)")
+
+
+def _put_maps(store: RunStore, target: str, source: str, sites: SiteSet, maps: BinnedMoments,
+              n_frames: int, n_map: int) -> None:
+    """``<target>/maps``: the xy maps per slab (mean shift, its spread, density, counts)."""
     map_count, map_sum, map_sum_sq = maps.reshaped()
     map_mean, map_std = moments_mean_std(map_count, map_sum, map_sum_sq)
     cell0 = store.read(f"{source}/cell_a", 0).astype(float)
@@ -331,9 +420,9 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
                     slab_z_frac=_slab_mid(sites.layer_z_frac).tolist(),
                     doc="(slab, bin along a, bin along b); fractional bins of the frame-0 cell")
 
-    d_cm2_s = diffusion.d_cm2_s if diffusion is not None and diffusion.diffusive else float("nan")
-    if dynamics is not None:
-        _put_dynamics(store, target, sites, dynamics, correlation)
+
+def _put_blocking(store: RunStore, target: str, mean_blocking) -> None:
+    """The blocking analysis of the mean shift, under ``<target>/dynamics``."""
     store.set_attrs(f"{target}/dynamics", blocking_block_frames=mean_blocking.block_frames,
                     blocking_plateau=mean_blocking.plateau,
                     blocking_stderr_ppm=mean_blocking.stderr,
@@ -342,29 +431,18 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
               unit="frames")
     store.put(f"{target}/dynamics/blocking_stderr_ppm", mean_blocking.stderrs, unit="ppm",
               doc="standard error of the mean shift at each block size")
-    store.set_attrs(target, source=source, kind="md" if timeline.is_md else "file",
-                    n_frames=n_frames, n_centres=n_centres,
-                    n_segments=len(timeline.segment_bounds),
-                    mean_shift_ppm=overall.mean, mean_shift_stderr_ppm=mean_stderr,
-                    mean_shift_stderr_lower_bound_ppm=mean_blocking.stderr,
-                    mean_shift_model_sigma_ppm=model_sigma,
-                    n_blocks=overall.n_blocks, class_names=list(sites.class_names),
-                    framework_drift_corrected=has_drift, d_cm2_s=d_cm2_s,
-                    diffusive=bool(diffusion is not None and diffusion.diffusive),
-                    converged=converged, verdict=verdict,
-                    hops_per_nucleus=dynamics.mean_hops if dynamics is not None else float("nan"),
-                    time_span_fs=float(np.ptp(timeline.time)) if timeline.is_md else float("nan"),
-                    ranks=ctx.size)
-    store.flush()
+
+
+def _summary_line(system: SystemSpec, mean_shift: float, mean_stderr: float, verdict: str,
+                  sites: SiteSet, occupation, class_mean, d_cm2_s: float, diffusion) -> str:
+    """The log line of a system's analysis: mean shift, verdict, occupations, D."""
     error = (f" +- {mean_stderr:.1f} ppm" if np.isfinite(mean_stderr) else " ppm")
-    ctx.log(f"analyze {system.name}: mean shift {overall.mean:.1f}{error} ({verdict}); "
+    return (f"analyze {system.name}: mean shift {mean_shift:.1f}{error} ({verdict}); "
             + ", ".join(f"{name} {occ:.3f}" + (f" ({mean:.0f} ppm)" if np.isfinite(mean) else
                                                " (no samples)")
                         for name, occ, mean in zip(sites.class_names, occupation, class_mean))
             + (f"; D {d_cm2_s:.3g} cm2/s" if np.isfinite(d_cm2_s) else
                "; no D (not diffusive over this run)" if diffusion is not None else ""))
-    return SystemAnalysis(overall.mean, mean_stderr, sites.class_names, occupation,
-                          class_mean, d_cm2_s, converged, verdict)
 
 
 def convergence_verdict(spec: AnalyzeSpec, timeline: Timeline, dynamics: HopStatistics | None,

@@ -32,7 +32,7 @@ from engine.store import RunStore
 from jobs.frame_checks import MIN_DISTANCE_A, check_frames
 from jobs.layouts.infer import GROUP, system_group
 from jobs.layouts.md import md_trajectories
-from jobs.shiftmodels.nnmr import choose_predictor
+from jobs.shiftmodels.predictors import choose_predictor
 from jobs.shiftmodels.soap import SoapFeaturizer
 from jobs.sites import framework_drift_a, framework_mask
 from schemas.infer import SHIPPED_SHIFT_MODEL, InferSpec
@@ -282,8 +282,9 @@ PREDICTOR_TIMED_FRAMES = 32
 def predictor_for(ensemble, spec: InferSpec, ctx: RankContext, store: RunStore,
                   model_name: str, centres_per_frame: int):
     """The predictor infer uses: the faster on this machine of numpy and TensorFlow
-    (:func:`jobs.shiftmodels.nnmr.choose_predictor`, timed on every rank, collective), or the one an earlier
-    start of this run recorded for the same model (a resumed run gives the same digits).
+    (:func:`jobs.shiftmodels.predictors.choose_predictor`, timed on every rank, collective),
+    or the one an earlier start of this run recorded for the same model (a resumed run gives
+    the same digits).
 
     Logs the choice and both timings in one line and records them as attributes of ``/infer``:
     ``predictor`` (``numpy`` | ``tensorflow``), ``predictor_numpy_ms_per_frame``,
@@ -368,6 +369,74 @@ def _predict_chunk(featurizer: SoapFeaturizer, ensemble, numbers: np.ndarray,
             np.asarray(std, np.float32).reshape(shape))
 
 
+def _target_centres(spec: InferSpec, system: SystemSpec, source, featurizer,
+                    model_name: str) -> np.ndarray:
+    """Atom indices of the system's target nuclei; InputError when it has none, or when the
+    model (`featurizer`, None for DFT labels) predicts another species or misses one of the
+    frames' species."""
+    target = system.target_species
+    from ase.data import atomic_numbers
+
+    centres = np.flatnonzero(source.numbers == atomic_numbers[target])
+    if len(centres) == 0:
+        raise InputError(f"infer: system {system.name!r} ({source.description}) has no "
+                         f"{target} atoms")
+    if featurizer is not None:
+        if featurizer.centre != target:
+            raise InputError(f"infer: the model predicts {featurizer.centre} shifts; system "
+                             f"{system.name!r} observes {target}")
+        featurizer.check_frame(Atoms(numbers=source.numbers),  # every frame's species
+                               f"infer: system {system.name!r}, {source.description} frame "
+                               f"{spec.skip_frames} (NN-NMR model {model_name})")
+    return centres
+
+
+def _infer_chunk(store: RunStore, group: str, source, chunk: int, bounds: np.ndarray,
+                 centres: np.ndarray, frame0, framework: np.ndarray, labels: bool,
+                 shift: ShiftSpec, featurizer, ensemble) -> int:
+    """Shifts of one chunk of frames, from the DFT labels (`labels`; `shift`: their A_iso ->
+    ppm constants) or predicted, written with the chunk's positions, cells, times and drift and
+    marked done (independent writes); returns its frame count."""
+    from jobs.shift import shift_ppm
+
+    start, stop = int(bounds[chunk]), int(bounds[chunk + 1])
+    batch = source.read(start, stop)
+    if labels:
+        mean = shift_ppm(batch.a_iso_mhz[:, centres], shift).astype(np.float32)
+        std = np.zeros_like(mean)
+    else:
+        mean, std = _predict_chunk(featurizer, ensemble, source.numbers, batch,
+                                   len(centres))
+    store.write_rows(f"{group}/shift_ppm", start, mean)
+    store.write_rows(f"{group}/shift_std_ppm", start, std)
+    store.write_rows(f"{group}/centre_positions_a", start,
+                     batch.positions_a[:, centres])
+    store.write_rows(f"{group}/cell_a", start, batch.cell_a)
+    store.write_rows(f"{group}/time_fs", start, batch.time_fs)
+    store.write_rows(f"{group}/replica", start, batch.replica)
+    store.write_rows(f"{group}/framework_drift_a", start, framework_drift_a(
+        batch.positions_a, frame0.positions_a[0], batch.cell_a, framework))
+    store.write_rows(f"{group}/chunk_done", chunk, np.ones(1, np.uint8))
+    return stop - start
+
+
+def _record_done(ctx: RankContext, store: RunStore, system: SystemSpec, group: str, source,
+                 bounds: np.ndarray, done_here: int) -> int:
+    """After a system's rounds (collective): record ``n_done``; RuntimeError unless every frame
+    is written. Returns the frames computed by all ranks in this invocation."""
+    from mpi4py import MPI
+
+    ctx.comm.Barrier()
+    computed = ctx.comm.allreduce(done_here, op=MPI.SUM)
+    n_done = int(np.sum(np.diff(bounds)[store.read_shared(f"{group}/chunk_done") == 1]))
+    with store.transaction():
+        store.set_attrs(group, n_done=n_done)
+    if n_done != source.n_frames:
+        raise RuntimeError(f"infer {system.name}: {n_done} of {source.n_frames} frames "
+                           "written")
+    return computed
+
+
 def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
                  store: RunStore, shift: ShiftSpec = ShiftSpec(), ensemble=None,
                  min_distance_a: float = MIN_DISTANCE_A) -> InferResult:
@@ -392,10 +461,6 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
     -------
     InferResult
     """
-    from mpi4py import MPI
-
-    from jobs.shift import shift_ppm
-
     labels = spec.shifts_from == "labels"
     model_name = "labels:fermi_contact_mhz"
     model_choice = "the DFT labels (infer.shifts_from: labels)"
@@ -416,22 +481,10 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
         group = system_group(system.name)
         frame0 = source.read(0, 1)
         target = system.target_species
-        from ase.data import atomic_numbers
-
-        centres = np.flatnonzero(source.numbers == atomic_numbers[target])
-        if len(centres) == 0:
-            raise InputError(f"infer: system {system.name!r} ({source.description}) has no "
-                             f"{target} atoms")
-        if featurizer is not None:
-            if featurizer.centre != target:
-                raise InputError(f"infer: the model predicts {featurizer.centre} shifts; system "
-                                 f"{system.name!r} observes {target}")
-            featurizer.check_frame(Atoms(numbers=source.numbers),  # every frame's species
-                                   f"infer: system {system.name!r}, {source.description} frame "
-                                   f"{spec.skip_frames} (NN-NMR model {model_name})")
-            if predictor_choice is None:
-                ensemble, predictor_choice = predictor_for(ensemble, spec, ctx, store,
-                                                           model_name, len(centres))
+        centres = _target_centres(spec, system, source, featurizer, model_name)
+        if featurizer is not None and predictor_choice is None:
+            ensemble, predictor_choice = predictor_for(ensemble, spec, ctx, store, model_name,
+                                                       len(centres))
         framework = framework_mask(source.numbers, target)
         identity = {"source": source.description, "model": model_name,
                     "chunk_frames": spec.chunk_frames, "n_frames": source.n_frames,
@@ -459,38 +512,14 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
         for round_index in range(rounds):
             count = 0
             if round_index < len(mine):
-                chunk = int(mine[round_index])
-                start, stop = int(bounds[chunk]), int(bounds[chunk + 1])
-                batch = source.read(start, stop)
-                if labels:
-                    mean = shift_ppm(batch.a_iso_mhz[:, centres], shift).astype(np.float32)
-                    std = np.zeros_like(mean)
-                else:
-                    mean, std = _predict_chunk(featurizer, ensemble, source.numbers, batch,
-                                               len(centres))
-                store.write_rows(f"{group}/shift_ppm", start, mean)
-                store.write_rows(f"{group}/shift_std_ppm", start, std)
-                store.write_rows(f"{group}/centre_positions_a", start,
-                                 batch.positions_a[:, centres])
-                store.write_rows(f"{group}/cell_a", start, batch.cell_a)
-                store.write_rows(f"{group}/time_fs", start, batch.time_fs)
-                store.write_rows(f"{group}/replica", start, batch.replica)
-                store.write_rows(f"{group}/framework_drift_a", start, framework_drift_a(
-                    batch.positions_a, frame0.positions_a[0], batch.cell_a, framework))
-                store.write_rows(f"{group}/chunk_done", chunk, np.ones(1, np.uint8))
-                count = stop - start
+                count = _infer_chunk(store, group, source, int(mine[round_index]), bounds,
+                                     centres, frame0, framework, labels, shift, featurizer,
+                                     ensemble)
             done_here += count
             store.flush()
             progress.update(count)
         progress.finish()
-        ctx.comm.Barrier()
-        computed = ctx.comm.allreduce(done_here, op=MPI.SUM)
-        n_done = int(np.sum(np.diff(bounds)[store.read_shared(f"{group}/chunk_done") == 1]))
-        with store.transaction():
-            store.set_attrs(group, n_done=n_done)
-        if n_done != source.n_frames:
-            raise RuntimeError(f"infer {system.name}: {n_done} of {source.n_frames} frames "
-                               "written")
+        computed = _record_done(ctx, store, system, group, source, bounds, done_here)
         frames[system.name] = source.n_frames
         computed_total += computed
     return InferResult(frames, computed_total, time.monotonic() - started, model_choice)

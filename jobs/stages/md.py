@@ -116,27 +116,8 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     extra_models = [Path(p) for p in (spec.deviation_models if deviation_models is None
                                       else deviation_models)]
     with store.transaction():  # every group, dataset and attribute of the stage, at once
-        for i, system in enumerate(systems):
-            store.put(f"{system_group(system.name)}/numbers", structures[i].numbers.astype(np.int64))
-            store.set_attrs(system_group(system.name), structure=system.structure,
-                            supercell=list(system.supercell), n_atoms=len(structures[i]))
-        for task in tasks:  # collective: same order everywhere
-            n_atoms = len(structures[task.system_index])
-            create_datasets(store, task, n_atoms, spec)
-            _check_compatible(store, task, spec, n_atoms)
-            store.set_attrs(task.group, save_interval_fs=interval_fs, timestep_fs=spec.timestep_fs,
-                            temperature_k=spec.temperature_k, thermostat=spec.thermostat,
-                            friction_per_fs=spec.friction_per_fs,
-                            thermostat_time_fs=spec.thermostat_time_fs,
-                            equilibration_steps=spec.equilibration_steps,
-                            n_requested=spec.frames,
-                            seed_key=seeds.key("md.velocities", task.system_index, task.replica))
-            if extra_models:
-                create_deviation_datasets(store, task, spec)
-                store.set_attrs(task.group, deviation_models=len(extra_models),
-                                deviation_model_files=[str(p) for p in extra_models],
-                                trust_lo_ev_a=spec.trust_lo_ev_a,
-                                trust_hi_ev_a=spec.trust_hi_ev_a)
+        _declare_replicas(store, spec, systems, structures, tasks, seeds, interval_fs,
+                          extra_models)
     saved = {t.group: int(store.read_shared(f"{t.group}/resume_saved")[0]) for t in tasks}
     mine = [tasks[i] for i in ctx.round_robin(len(tasks))]
 
@@ -144,20 +125,8 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
           else stored_model_file(store, model_fallback)) as model_path:
         calculator = dp_calculator(model_path)  # one model load per rank
         ensemble = _deviation_ensemble(model_path, extra_models, structures)
-    trajectories: dict[str, Trajectory] = {}
-    for task in mine:
-        trajectory = Trajectory(structures[task.system_index], calculator, spec,
-                                seeds.rng("md.velocities", task.system_index, task.replica),
-                                seeds.rng("md.thermostat", task.system_index, task.replica))
-        done = saved[task.group]
-        if done > 0:
-            g = task.group
-            trajectory.restore(store.read(f"{g}/positions_a", done - 1),
-                               store.read(f"{g}/resume_momenta"),
-                               store.read(f"{g}/resume_thermostat"))
-        trajectories[task.group] = trajectory
-        if ensemble is not None and done > 0:  # frames saved before deviations were asked for
-            _fill_deviations(ensemble, store, task, done, spec)
+    trajectories = _open_trajectories(spec, store, mine, structures, calculator, seeds, saved,
+                                      ensemble)
     # equilibration counts as its length in frames, so that the ETA holds from the start
     equilibration_frames = spec.equilibration_steps // spec.save_every_steps
     frames_left = sum(spec.frames - saved[t.group] + (equilibration_frames if saved[t.group] == 0
@@ -195,18 +164,79 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
             raise StoppedOnPurpose(f"md.stop_after_frames={spec.stop_after_frames}: stopped "
                                    f"after {end} frames per replica")
     progress.finish()
+    _record_saved(ctx, store, tasks, mine, saved)
+    return MdResult(trajectories=len(tasks), frames_per_trajectory=spec.frames,
+                    mean_temperature_k=_mean_temperature(ctx, store, mine),
+                    save_interval_fs=interval_fs)
+
+
+def _declare_replicas(store: RunStore, spec: MdSpec, systems, structures, tasks: list[MdTask],
+                      seeds: SeedStreams, interval_fs: float, extra_models: list[Path]) -> None:
+    """Every system's group and every replica's datasets and attributes (collective: the same
+    calls in the same order on every rank; the caller holds the store transaction)."""
+    for i, system in enumerate(systems):
+        store.put(f"{system_group(system.name)}/numbers", structures[i].numbers.astype(np.int64))
+        store.set_attrs(system_group(system.name), structure=system.structure,
+                        supercell=list(system.supercell), n_atoms=len(structures[i]))
+    for task in tasks:  # collective: same order everywhere
+        n_atoms = len(structures[task.system_index])
+        create_datasets(store, task, n_atoms, spec)
+        _check_compatible(store, task, spec, n_atoms)
+        store.set_attrs(task.group, save_interval_fs=interval_fs, timestep_fs=spec.timestep_fs,
+                        temperature_k=spec.temperature_k, thermostat=spec.thermostat,
+                        friction_per_fs=spec.friction_per_fs,
+                        thermostat_time_fs=spec.thermostat_time_fs,
+                        equilibration_steps=spec.equilibration_steps,
+                        n_requested=spec.frames,
+                        seed_key=seeds.key("md.velocities", task.system_index, task.replica))
+        if extra_models:
+            create_deviation_datasets(store, task, spec)
+            store.set_attrs(task.group, deviation_models=len(extra_models),
+                            deviation_model_files=[str(p) for p in extra_models],
+                            trust_lo_ev_a=spec.trust_lo_ev_a,
+                            trust_hi_ev_a=spec.trust_hi_ev_a)
+
+
+def _open_trajectories(spec: MdSpec, store: RunStore, mine: list[MdTask], structures,
+                       calculator, seeds: SeedStreams, saved: dict,
+                       ensemble) -> dict[str, Trajectory]:
+    """This rank's replicas as trajectories, by group: new, or restored from their last saved
+    frame; saved frames without force deviations get theirs (independent writes)."""
+    trajectories: dict[str, Trajectory] = {}
+    for task in mine:
+        trajectory = Trajectory(structures[task.system_index], calculator, spec,
+                                seeds.rng("md.velocities", task.system_index, task.replica),
+                                seeds.rng("md.thermostat", task.system_index, task.replica))
+        done = saved[task.group]
+        if done > 0:
+            g = task.group
+            trajectory.restore(store.read(f"{g}/positions_a", done - 1),
+                               store.read(f"{g}/resume_momenta"),
+                               store.read(f"{g}/resume_thermostat"))
+        trajectories[task.group] = trajectory
+        if ensemble is not None and done > 0:  # frames saved before deviations were asked for
+            _fill_deviations(ensemble, store, task, done, spec)
+    return trajectories
+
+
+def _record_saved(ctx: RankContext, store: RunStore, tasks: list[MdTask], mine: list[MdTask],
+                  saved: dict) -> None:
+    """Every replica's ``n_saved``, gathered from the rank that ran it (collective, one
+    store transaction)."""
     counts = ctx.comm.allgather({t.group: saved[t.group] for t in mine})
     merged = {k: v for part in counts for k, v in part.items()}
     with store.transaction():
         for task in tasks:  # collective, same order
             store.set_attrs(task.group, n_saved=merged[task.group])
+
+
+def _mean_temperature(ctx: RankContext, store: RunStore, mine: list[MdTask]) -> float:
+    """Mean temperature (K) over every replica's saved frames (collective)."""
     temperatures = []
     for task in mine:
         temperatures.append(float(np.mean(store.read(f"{task.group}/temperature_k"))))
     all_temperatures = [t for part in ctx.comm.allgather(temperatures) for t in part]
-    return MdResult(trajectories=len(tasks), frames_per_trajectory=spec.frames,
-                    mean_temperature_k=float(np.mean(all_temperatures)),
-                    save_interval_fs=interval_fs)
+    return float(np.mean(all_temperatures))
 
 
 def _deviation_ensemble(model_path: Path, extra_models: list[Path], structures):

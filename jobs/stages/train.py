@@ -29,9 +29,9 @@ from jobs.shiftmodels.nnmr import (
     ShiftEnsemble,
     model_name,
     read_fold_model,
-    train_model,
     write_fold_model,
 )
+from jobs.shiftmodels.nnmr_training import train_model
 from jobs.shiftmodels.rows import (
     LabelledRows,
     centre_rows,
@@ -143,37 +143,8 @@ def train_ensemble(spec, shift_spec, seed: int, ctx: RankContext, store: RunStor
         store.put(f"{GROUP}/split/frame_source", np.array(sources, dtype="S"))
 
     fold_of_row = fold_of_frame[rows.frame]
-    predictions = np.full(len(rows.shift_ppm), np.nan)
-    for fold in range(n_trained):
-        test = fold_of_row == fold
-        members = []
-        for member in range(spec.members_per_fold):
-            name = model_name(fold, member)
-            group = f"{GROUP}/folds/{name}"
-            if store.attrs(group).get("complete"):
-                ctx.log(f"train: model {name} complete in the store, reused")
-            else:
-                model = _train_fold(spec, seed, fold, member, fold_of_frame, rows, features,
-                                    ctx)
-                metrics = regression_metrics(rows.shift_ppm[test],
-                                             model.predict_ppm(features[test]))
-                with store.transaction():
-                    write_fold_model(store, group, model, dtype=spec.weights_dtype, **metrics,
-                                     n_test_rows=int(test.sum()), fold=fold, member=member,
-                                     complete=False)
-                    for curve_name, curve in model.curves.items():
-                        store.put(f"{GROUP}/curves/{name}/{curve_name}", curve)
-                    store.set_attrs(group, complete=True)
-                ctx.log(f"train: model {name} (fold {fold}): rmse {metrics['rmse_ppm']:.1f} "
-                        f"ppm, mae {metrics['mae_ppm']:.1f} ppm, r2 {metrics['r2']:.4f} "
-                        f"(best epoch {model.best_epoch} of {model.epochs_run})")
-            # predict with the weights as stored (float16 storage included)
-            members.append(read_fold_model(store, group).predict_ppm(features[test]))
-        predictions[test] = np.mean(members, axis=0)
-        if len(members) > 1:
-            metrics = regression_metrics(rows.shift_ppm[test], predictions[test])
-            ctx.log(f"train: fold {fold}, mean of {len(members)} members: rmse "
-                    f"{metrics['rmse_ppm']:.1f} ppm, r2 {metrics['r2']:.4f}")
+    predictions = _train_folds(spec, seed, ctx, store, n_trained, fold_of_frame, fold_of_row,
+                               rows, features)
 
     done = ~np.isnan(predictions)
     cv = regression_metrics(rows.shift_ppm[done], predictions[done])
@@ -210,7 +181,6 @@ def train_gpr(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
     import time
 
     from jobs.shiftmodels import gpr
-    from jobs.shiftmodels.soap import SoapFeaturizer
 
     gspec = spec.gpr
     done = store.attrs(f"{GROUP}/gpr")
@@ -224,45 +194,7 @@ def train_gpr(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
     rows = centre_rows(frames, spec.centre, shift_spec)
     fold_of_frame = frame_folds(len(frames), spec.folds, seed)
     fold_of_row = fold_of_frame[rows.frame]
-    r_cuts = list(gspec.soap_r_cut_a) or [spec.soap_r_cut_a]
-    sigmas = list(gspec.soap_sigma_a) or [spec.soap_sigma_a]
-    curve, best = {}, None
-    soap_seconds = {}
-    for r_cut, sigma in [(r, s) for r in r_cuts for s in sigmas]:
-        featurizer = SoapFeaturizer(spec.species, spec.centre, r_cut, sigma, spec.soap_n_max,
-                                    spec.soap_l_max, periodic=True)
-        for index, atoms in enumerate(frames):
-            featurizer.check_frame(atoms, f"train frame {index} "
-                                          f"({atoms.info.get('source', '?')})")
-        started = time.monotonic()
-        features = gather_features(featurizer, frames, ctx)
-        soap_seconds[f"{r_cut:g}/{sigma:g}"] = time.monotonic() - started
-        if len(features) != len(rows.shift_ppm):
-            raise RuntimeError(f"SOAP gave {len(features)} rows for {len(rows.shift_ppm)} "
-                               f"centres")
-        ctx.log(f"train gpr: SOAP r_cut {r_cut:g} A, sigma {sigma:g} A: {len(features)} rows "
-                f"x {featurizer.n_features} features in {soap_seconds[f'{r_cut:g}/{sigma:g}']:.1f}"
-                f" s; cross-validating (zeta, lambda, M) {gspec.zeta} x {gspec.regularisation} x "
-                f"{gspec.n_sparse}")
-        cv = gpr.cross_validate(features, rows.shift_ppm, fold_of_row, gspec, seeds, ctx.comm,
-                                ctx.log)
-        columns = cv.curve.arrays()
-        columns["soap_r_cut_a"] = np.full(len(cv.grid), r_cut)
-        columns["soap_sigma_a"] = np.full(len(cv.grid), sigma)
-        for key, value in columns.items():
-            curve.setdefault(key, []).append(value)
-        index = cv.best(gspec.select_by)
-        score = (cv.curve.nlpd if gspec.select_by == "nlpd" else cv.curve.rmse_ppm)[index]
-        for g in range(len(cv.grid)):
-            ctx.log(f"train gpr: r_cut {r_cut:g} sigma {sigma:g} zeta {cv.curve.zeta[g]} "
-                    f"lambda {cv.curve.regularisation[g]:g} M {cv.curve.n_sparse[g]}: rmse "
-                    f"{cv.curve.rmse_ppm[g]:.1f} ppm, r2 {cv.curve.r2[g]:.4f}, nlpd "
-                    f"{cv.curve.nlpd[g]:.3f}, within 1/2 sigma {cv.curve.within_1_sigma[g]:.3f}"
-                    f"/{cv.curve.within_2_sigma[g]:.3f}")
-        if best is None or score < best[0]:
-            best = (score, featurizer, features, cv, index)
-        else:
-            del features
+    curve, best, soap_seconds = _gpr_soap_grid(spec, frames, rows, fold_of_row, seeds, ctx)
     _, featurizer, features, cv, index = best
     zeta, lam, n_sparse = cv.grid[index]
     scale = float(cv.curve.std_scale_ppm[index])
@@ -323,6 +255,103 @@ def train_gpr(spec, shift_spec, seed: int, ctx: RankContext, store: RunStore,
                        cv_metrics["mae_ppm"], cv_metrics["r2"])
 
 
+def _train_folds(spec, seed: int, ctx: RankContext, store: RunStore, n_trained: int,
+                 fold_of_frame: np.ndarray, fold_of_row: np.ndarray, rows: LabelledRows,
+                 features: np.ndarray) -> np.ndarray:
+    """Train (or reuse, when complete in the store) every member of the first `n_trained`
+    folds, writing each to ``/train/folds`` and its curves (collective); returns the
+    out-of-fold predictions (ppm; a fold's members' mean, NaN in untrained folds)."""
+    predictions = np.full(len(rows.shift_ppm), np.nan)
+    for fold in range(n_trained):
+        test = fold_of_row == fold
+        members = []
+        for member in range(spec.members_per_fold):
+            name = model_name(fold, member)
+            group = f"{GROUP}/folds/{name}"
+            if store.attrs(group).get("complete"):
+                ctx.log(f"train: model {name} complete in the store, reused")
+            else:
+                model = _train_fold(spec, seed, fold, member, fold_of_frame, rows, features,
+                                    ctx)
+                metrics = regression_metrics(rows.shift_ppm[test],
+                                             model.predict_ppm(features[test]))
+                with store.transaction():
+                    write_fold_model(store, group, model, dtype=spec.weights_dtype, **metrics,
+                                     n_test_rows=int(test.sum()), fold=fold, member=member,
+                                     complete=False)
+                    for curve_name, curve in model.curves.items():
+                        store.put(f"{GROUP}/curves/{name}/{curve_name}", curve)
+                    store.set_attrs(group, complete=True)
+                ctx.log(f"train: model {name} (fold {fold}): rmse {metrics['rmse_ppm']:.1f} "
+                        f"ppm, mae {metrics['mae_ppm']:.1f} ppm, r2 {metrics['r2']:.4f} "
+                        f"(best epoch {model.best_epoch} of {model.epochs_run})")
+            # predict with the weights as stored (float16 storage included)
+            members.append(read_fold_model(store, group).predict_ppm(features[test]))
+        predictions[test] = np.mean(members, axis=0)
+        if len(members) > 1:
+            metrics = regression_metrics(rows.shift_ppm[test], predictions[test])
+            ctx.log(f"train: fold {fold}, mean of {len(members)} members: rmse "
+                    f"{metrics['rmse_ppm']:.1f} ppm, r2 {metrics['r2']:.4f}")
+    return predictions
+
+
+def _gpr_soap_grid(spec, frames, rows: LabelledRows, fold_of_row: np.ndarray,
+                   seeds: SeedStreams, ctx: RankContext):
+    """Cross-validate (zeta, lambda, M) at every SOAP setting of the grid (collective).
+
+    Returns
+    -------
+    (curve, best, soap_seconds)
+        The CV curve's columns (a list of arrays per column, one per SOAP setting), the best
+        setting as ``(score, featurizer, features, cv, grid index)`` by
+        ``train.gpr.select_by``, and the SOAP wall time (s) per ``"r_cut/sigma"``.
+    """
+    import time
+
+    from jobs.shiftmodels import gpr
+    from jobs.shiftmodels.soap import SoapFeaturizer
+
+    gspec = spec.gpr
+    r_cuts = list(gspec.soap_r_cut_a) or [spec.soap_r_cut_a]
+    sigmas = list(gspec.soap_sigma_a) or [spec.soap_sigma_a]
+    curve, best = {}, None
+    soap_seconds = {}
+    for r_cut, sigma in [(r, s) for r in r_cuts for s in sigmas]:
+        featurizer = SoapFeaturizer(spec.species, spec.centre, r_cut, sigma, spec.soap_n_max,
+                                    spec.soap_l_max, periodic=True)
+        for index, atoms in enumerate(frames):
+            featurizer.check_frame(atoms, f"train frame {index} "
+                                          f"({atoms.info.get('source', '?')})")
+        started = time.monotonic()
+        features = gather_features(featurizer, frames, ctx)
+        soap_seconds[f"{r_cut:g}/{sigma:g}"] = time.monotonic() - started
+        if len(features) != len(rows.shift_ppm):
+            raise RuntimeError(f"SOAP gave {len(features)} rows for {len(rows.shift_ppm)} "
+                               f"centres")
+        ctx.log(f"train gpr: SOAP r_cut {r_cut:g} A, sigma {sigma:g} A: {len(features)} rows "
+                f"x {featurizer.n_features} features in {soap_seconds[f'{r_cut:g}/{sigma:g}']:.1f}"
+                f" s; cross-validating (zeta, lambda, M) {gspec.zeta} x {gspec.regularisation} x "
+                f"{gspec.n_sparse}")
+        cv = gpr.cross_validate(features, rows.shift_ppm, fold_of_row, gspec, seeds, ctx.comm,
+                                ctx.log)
+        columns = cv.curve.arrays()
+        columns["soap_r_cut_a"] = np.full(len(cv.grid), r_cut)
+        columns["soap_sigma_a"] = np.full(len(cv.grid), sigma)
+        for key, value in columns.items():
+            curve.setdefault(key, []).append(value)
+        index = cv.best(gspec.select_by)
+        score = (cv.curve.nlpd if gspec.select_by == "nlpd" else cv.curve.rmse_ppm)[index]
+        for g in range(len(cv.grid)):
+            ctx.log(f"train gpr: r_cut {r_cut:g} sigma {sigma:g} zeta {cv.curve.zeta[g]} "
+                    f"lambda {cv.curve.regularisation[g]:g} M {cv.curve.n_sparse[g]}: rmse "
+                    f"{cv.curve.rmse_ppm[g]:.1f} ppm, r2 {cv.curve.r2[g]:.4f}, nlpd "
+                    f"{cv.curve.nlpd[g]:.3f}, within 1/2 sigma {cv.curve.within_1_sigma[g]:.3f}"
+                    f"/{cv.curve.within_2_sigma[g]:.3f}")
+        if best is None or score < best[0]:
+            best = (score, featurizer, features, cv, index)
+        else:
+            del features
+    return curve, best, soap_seconds
 
 
 def _train_fold(spec, seed: int, fold: int, member: int, fold_of_frame: np.ndarray,

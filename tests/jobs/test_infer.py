@@ -183,7 +183,7 @@ def test_dynshift_run_at_1_and_2_ranks(ranks, frames_file, featurizer, dynshift_
 
 def test_tf_gemm_predictor_equals_the_numpy_ensemble(featurizer, frames):
     # the infer stage's fast path (TensorFlow's AVX-512 GEMMs) must give the ensemble's numbers
-    from jobs.shiftmodels.nnmr import TfGemmEnsemble, fast_predictor
+    from jobs.shiftmodels.predictors import TfGemmEnsemble, fast_predictor
 
     rng = np.random.default_rng(3)
     folds = []

@@ -9,14 +9,8 @@ from engine.context import RankContext
 from engine.store import RunStore
 from jobs.layouts.train import export_ensemble
 from jobs.shiftmodels.metrics import regression_metrics
-from jobs.shiftmodels.nnmr import (
-    FoldModel,
-    ShiftEnsemble,
-    build_model,
-    read_fold_model,
-    train_model,
-    write_fold_model,
-)
+from jobs.shiftmodels.nnmr import FoldModel, ShiftEnsemble, read_fold_model, write_fold_model
+from jobs.shiftmodels.nnmr_training import build_model, train_model
 from jobs.shiftmodels.registry import load_shift_model
 from schemas.train import TrainSpec
 
@@ -179,7 +173,7 @@ def _wide_ensemble(n_features: int = 40, n_models: int = 3, seed: int = 3) -> Sh
 
 
 def test_tf_predictor_is_traced_once_whatever_the_chunk_sizes():
-    from jobs.shiftmodels.nnmr import TfGemmEnsemble
+    from jobs.shiftmodels.predictors import TfGemmEnsemble
 
     ensemble = _wide_ensemble()
     fast = TfGemmEnsemble(ensemble, threads=1, chunk_rows=1024)
@@ -192,7 +186,7 @@ def test_tf_predictor_is_traced_once_whatever_the_chunk_sizes():
 
 
 def test_choose_predictor_times_both_and_takes_the_faster(ctx):
-    from jobs.shiftmodels.nnmr import PREDICTORS, TfGemmEnsemble, choose_predictor
+    from jobs.shiftmodels.predictors import PREDICTORS, TfGemmEnsemble, choose_predictor
 
     ensemble = _wide_ensemble()
     predictor, choice = choose_predictor(ensemble, ctx, rows_per_frame=16, frames=8, repeats=2)
@@ -213,9 +207,9 @@ def test_choose_predictor_times_both_and_takes_the_faster(ctx):
 
 
 def test_a_resumed_infer_reuses_the_recorded_predictor(ctx, tmp_path, monkeypatch):
-    import jobs.shiftmodels.nnmr
+    import jobs.shiftmodels.predictors
     from jobs.layouts.infer import GROUP
-    from jobs.shiftmodels.nnmr import TfGemmEnsemble
+    from jobs.shiftmodels.predictors import TfGemmEnsemble
     from jobs.stages.infer import predictor_for
     from schemas.infer import InferSpec
 
@@ -229,7 +223,7 @@ def test_a_resumed_infer_reuses_the_recorded_predictor(ctx, tmp_path, monkeypatc
         def no_timing(*args, **kwargs):
             raise AssertionError("a resumed run must not time again")
 
-        monkeypatch.setattr(jobs.shiftmodels.nnmr, "predictor_ms_per_call", no_timing)
+        monkeypatch.setattr(jobs.shiftmodels.predictors, "predictor_ms_per_call", no_timing)
         again, reused = predictor_for(ensemble, spec, ctx, store, "model-a", 16)
         assert reused.source == "recorded" and reused.name == choice.name
         assert type(again) is type(first)

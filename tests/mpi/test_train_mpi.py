@@ -6,7 +6,7 @@ from mpi4py import MPI
 
 from engine.context import RankContext
 from jobs.shiftmodels.metrics import regression_metrics
-from jobs.shiftmodels.nnmr import build_model, train_model
+from jobs.shiftmodels.nnmr_training import build_model, train_model
 from schemas.train import TrainSpec
 
 
