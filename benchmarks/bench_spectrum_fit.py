@@ -15,8 +15,10 @@ closed form (not with the fit's FFT code):
   uniform in +-60 ppm beyond it, fraction of A uniform 0-1; each predicted Lorentzian
   broadened by a pseudo-Voigt of FWHM 0-80 ppm and mixing 0-1 (one per spectrum), in closed
   form: eta L(w + extra) + (1 - eta) Voigt(w, extra) (scipy's Faddeeva-based
-  ``voigt_profile``); or, in ``--misfit-share`` of the cases (default 0.25), plain
-  pseudo-Voigt lines of FWHM predicted + extra, a shape outside the fit's model family;
+  ``voigt_profile``: the fit's "convolved" shape model); or, in ``--misfit-share`` of the
+  cases (default 0.25), plain pseudo-Voigt lines of FWHM predicted + extra (the fit's
+  "peaks" shape model), or with ``--misfit-kind skew`` such lines made asymmetric (FWHM
+  x (1 +- a) below / above the centre, a uniform in +-0.3: a shape neither model has);
 * first and second spinning sidebands (MAS 50-65 kHz at 105.8 MHz, faster where the lines
   spread wider, so that every line's first sidebands fall outside the window; 5-30 % of the
   centreband and a third of that), a polynomial baseline (order <= 2, up to 3 % of the
@@ -75,7 +77,16 @@ def broadened(x, centre, fwhm_lor, extra, eta):
         x - centre, sigma, fwhm_lor / 2)
 
 
-def draw_case(rng: np.random.Generator, misfit_share: float = 0.0) -> dict:
+def skewed(x, centre, fwhm, eta, asymmetry):
+    """Unit-area asymmetric pseudo-Voigt: FWHM fwhm (1 + a) below the centre and fwhm (1 - a)
+    above it, one peak height (a line neither shape model of the fit has)."""
+    low, high = fwhm * (1 + asymmetry), fwhm * (1 - asymmetry)
+    side = np.where(x < centre, low, high)
+    return 2 * side / (low + high) * pv(x, centre, side, eta)
+
+
+def draw_case(rng: np.random.Generator, misfit_share: float = 0.0,
+              misfit_kind: str = "pv") -> dict:
     """One synthetic two-system measured spectrum and its truth."""
     centre_a = 1810 + rng.uniform(-30, 30)
     spacing = rng.uniform(0, 250)
@@ -94,6 +105,7 @@ def draw_case(rng: np.random.Generator, misfit_share: float = 0.0) -> dict:
     eta = rng.uniform(0, 1)
     frac_a = rng.uniform(0, 1)
     misfit = bool(rng.random() < misfit_share)
+    asymmetry = rng.uniform(-0.3, 0.3) if misfit and misfit_kind == "skew" else 0.0
     side1 = rng.uniform(0.05, 0.3)
     true_pos = [[c + offset + d for c, _ in s["peaks"]] for s, d in zip(systems, deltas)]
     widths = [s["fwhm"] + e for s, e in zip(systems, extra)]
@@ -113,7 +125,7 @@ def draw_case(rng: np.random.Generator, misfit_share: float = 0.0) -> dict:
                 for sign in ((1,) if order == 0 else (-1, 1)):
                     at = pos + sign * order * mas_ppm
                     y += fraction * share * ratio * (
-                        pv(x, at, widths[s], eta) if misfit else
+                        skewed(x, at, widths[s], eta, asymmetry) if misfit else
                         broadened(x, at, system["fwhm"], extra[s], eta))
     top = y.max()
     u = 2 * (x - window[0]) / (window[1] - window[0]) - 1
@@ -142,7 +154,7 @@ def draw_case(rng: np.random.Generator, misfit_share: float = 0.0) -> dict:
                       "separation": separation, "fwhm": widths,
                       "resolved": bool(separation > np.mean(widths)),
                       "slow_exchange": [len(s["peaks"]) > 1 for s in systems],
-                      "misfit": misfit}}
+                      "misfit": misfit, "asymmetry": asymmetry}}
 
 
 def run_case(case: dict, seed: int) -> dict:
@@ -306,6 +318,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the generator")
     parser.add_argument("--out", default="docs/figures/bench_spectrum_fit",
                         help="output stem: <out>.json and <out>.png")
+    parser.add_argument("--misfit-kind", choices=("pv", "skew"), default="pv",
+                        help="the misfit cases' lines: pseudo-Voigts of FWHM predicted + extra "
+                             "(pv), or such lines made asymmetric, FWHM x (1 +- a) on the two "
+                             "sides, a uniform in +-0.3 (skew)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes fitting cases at once (one BLAS thread each)")
     parser.add_argument("--misfit-share", type=float, default=0.25,
@@ -315,7 +331,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     rows, example = [], None
     started = time.perf_counter()
-    cases = [draw_case(rng, args.misfit_share) for _ in range(args.n)]
+    cases = [draw_case(rng, args.misfit_share, args.misfit_kind) for _ in range(args.n)]
     example = next((c for c in cases if c["truth"]["resolved"]), cases[-1])
     if args.workers > 1:
         import multiprocessing
@@ -335,7 +351,9 @@ def main() -> None:
     summary = summarise(rows)
     summary["wall_s"] = time.perf_counter() - started
     summary["command"] = (f"benchmarks/bench_spectrum_fit.py --n {args.n} --seed {args.seed} "
-                          f"--misfit-share {args.misfit_share}")
+                          f"--misfit-share {args.misfit_share}"
+                          + (f" --misfit-kind {args.misfit_kind}" if args.misfit_kind != "pv"
+                             else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"summary": summary, "cases": rows},

@@ -64,6 +64,9 @@ def put_fit(store: RunStore, fit: SpectrumFit, measured: MeasuredSpectrum,
         warnings=list(fit.warnings), success=bool(fit.success), message=fit.message,
         modes=[{"weight": m.weight, "positions_ppm": m.positions_ppm, "fractions": m.fractions}
                for m in fit.modes],
+        shape_models={f: {"weight": r.weight, "log_evidence": r.log_evidence,
+                          "fractions": r.fractions, "fraction_errors": r.fraction_errors}
+                      for f, r in fit.shape_models.items()},
         peaks=[{"ppm": p.ppm, "intensity": p.intensity, "system": p.system,
                 "fraction": p.fraction, "probabilities": p.probabilities} for p in fit.peaks],
         deconvolution=None if dec is None else {
@@ -114,6 +117,12 @@ def fit_lines(fit: dict) -> list[str]:
                     if interval is not None else "")
                  + f"; residual rms {fit['residual_rms_rel']:.3g} of the tallest point"
                  + ("" if fit.get("separable", True) else "; NOT SEPARABLE (see notes)"))
+    shapes = fit.get("shape_models") or {}
+    if len(shapes) > 1:
+        lines.append("shape models (posterior weight; fractions under each): " + "; ".join(
+            f"{f} {r['weight']:.2f} (" + ", ".join(
+                f"{n} {v:.3f}" for n, v in r["fractions"].items() if v == v) + ")"
+            for f, r in shapes.items()))
     for peak in fit.get("peaks", []):
         probs = peak.get("probabilities") or {peak["system"]: 1.0}
         said = ", ".join(f"{n} {p:.2f}" for n, p in sorted(probs.items(), key=lambda kv: -kv[1])
