@@ -18,6 +18,14 @@ examples:
   dynshift report dynshift.h5                  (re)write the PNG figures and Markdown summary
   dynshift run my.yaml --dry-run --ranks 8     the plan on 8 ranks: stages, work split, size
   dynshift doc label.vasp                      every knob of a section: type, default, meaning
+
+exit status of `dynshift run`:
+  0   complete: every stage of the manifest is in the store
+  1   a failure (the message names the stage and rank); a rerun resumes
+  2   bad input (manifest, files, a damaged store): fix what the message names
+  3   another live run holds the store (its lock)
+  75  stopped early on SIGTERM / SIGUSR1 / SIGINT at a safe point (a wall-time limit): the
+      store is flushed and unlocked; rerun the same command to resume (run/slurm.sbatch does)
 """
 
 
@@ -48,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                         "per rank, store size) without running anything or touching the store")
     p.add_argument("--ranks", type=int, metavar="N",
                    help="with --dry-run: plan for N ranks (default: the ranks of this launch)")
+    p.add_argument("--stop-grace-s", type=float, default=None, metavar="S",
+                   help="after SIGTERM / SIGUSR1 / SIGINT, force the exit (status 75) if no "
+                        "safe point is reached within S seconds (default 120; 0: never)")
     p = sub.add_parser("doc", help="print every manifest knob: type, default, docstring")
     p.add_argument("section", nargs="?", help="only this section or knob (e.g. md, label.vasp)")
     p = sub.add_parser("show", help="print a store's stages, status, results and datasets")
@@ -79,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             print("dynshift: --ranks N (N >= 1) goes with --dry-run; a real run takes its ranks "
                   "from mpirun", file=sys.stderr)
             return EXIT_INPUT
+        if args.stop_grace_s is not None and args.stop_grace_s < 0:
+            print("dynshift run: --stop-grace-s must be >= 0", file=sys.stderr)
+            return EXIT_INPUT
         return _run(args.manifest, args.store, tuple(args.redo), dry_run=args.dry_run,
-                    ranks=args.ranks)
+                    ranks=args.ranks, stop_grace_s=args.stop_grace_s)
     if args.command == "show":
         from engine.show import show_store
         return show_store(args.store)
@@ -173,11 +187,13 @@ def _load_for_run(path: Path, store_path: Path | None, redo: tuple[str, ...]):
 
 
 def _run(path: Path, store_path: Path | None, redo: tuple[str, ...], dry_run: bool = False,
-         ranks: int | None = None) -> int:
+         ranks: int | None = None, stop_grace_s: float | None = None) -> int:
     if dry_run:
         return _dry_run(path, store_path, redo, ranks)
+    from engine import stop
     from engine.context import RankContext, mpi_environment_defaults
 
+    stop.install(stop.DEFAULT_GRACE_S if stop_grace_s is None else stop_grace_s)
     mpi_environment_defaults()  # before MPI_Init
     from mpi4py import MPI
 
@@ -257,10 +273,14 @@ def run_manifest(manifest, text: str, ctx, store_path: Path, versions: dict | No
                          "complete are kept (use --redo STAGE to run them again)")
             ctx.log(f"{ctx.size} rank(s), {ctx.cores} core(s) per rank, store {store_path}")
             record_run(store, ctx, text, versions or package_versions())
-            run_stages(manifest, ctx, store, force=redo)
+            status = run_stages(manifest, ctx, store, force=redo)
     finally:  # a clean end or a failure that unwinds; after MPI_Abort the lock goes stale
         if lock is not None:
             lock.release()
+    if status:
+        ctx.log(f"stopped early (exit status {status}); the store is unlocked; resume with the "
+                f"same command; inspect with: dynshift show {store_path}")
+        return status
     ctx.log(f"done; inspect with: dynshift show {store_path}")
     return 0
 

@@ -7,7 +7,8 @@ import time
 from engine.context import RankContext
 from engine.failure import fail_all_ranks
 from engine.stages import StageInputs, StageResult, stage_module, stage_spec
-from engine.store import STATUS_COMPLETE, STATUS_RUNNING, RunStore
+from engine.stop import EXIT_RESUME, StopRequested
+from engine.store import STATUS_COMPLETE, STATUS_RUNNING, STATUS_STOPPED, RunStore
 
 __all__ = ["StageResult", "StageInputs", "record_run", "run_stages", "stage_function"]
 
@@ -41,8 +42,12 @@ def record_run(store: RunStore, ctx: RankContext, manifest_text: str, versions: 
                         ranks=ctx.size, invocations=runs, layout="dynshift-store/1")
 
 
-def run_stages(manifest, ctx: RankContext, store: RunStore, force: tuple[str, ...] = ()) -> None:
-    """Run every stage of the manifest in order, skipping those the store records complete."""
+def run_stages(manifest, ctx: RankContext, store: RunStore, force: tuple[str, ...] = ()) -> int:
+    """Run every stage of the manifest in order, skipping those the store records complete.
+
+    Returns 0, or :data:`engine.stop.EXIT_RESUME` when a signal stopped a stage at a safe
+    point (every rank together): the stage is recorded ``stopped`` with where, the store
+    flushed, and the stages after it are not started."""
     inputs = StageInputs.from_manifest(manifest, ctx, store)
     for name in manifest.stages:
         if store.stage_status(name) == STATUS_COMPLETE and name not in force:
@@ -53,6 +58,14 @@ def run_stages(manifest, ctx: RankContext, store: RunStore, force: tuple[str, ..
         start = time.monotonic()
         try:
             result = stage_function(name)(stage_spec(manifest, name), inputs)
+        except StopRequested as stop:
+            store.mark_stage(name, STATUS_STOPPED, stopped_at=stop.where,
+                             signal=stop.signal_name or "",
+                             elapsed_s=round(time.monotonic() - start, 3))
+            store.flush()
+            ctx.log(f"stage {name}: stopped on {stop.signal_name} {stop.where}; the store is "
+                    f"flushed: rerun the same command to resume (exit status {EXIT_RESUME})")
+            return EXIT_RESUME
         except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
             fail_all_ranks(ctx.comm, name, exc)
             raise
@@ -63,6 +76,7 @@ def run_stages(manifest, ctx: RankContext, store: RunStore, force: tuple[str, ..
         store.mark_stage(name, STATUS_COMPLETE, elapsed_s=round(elapsed, 3),
                          summary=json.loads(json.dumps(summary, default=float)))
         ctx.log(f"stage {name}: complete in {elapsed:.1f} s {_brief(summary)}")
+    return 0
 
 
 def _brief(summary: dict) -> str:

@@ -98,6 +98,9 @@ def show_store(path: Path, installed: dict | None = None) -> int:
             took = f"{elapsed:9.1f} s" if isinstance(elapsed, (int, float)) else " " * 11
             print(f"  {name:10s} {attrs.get('status', '?'):9s} {took}  "
                   f"{json.dumps(attrs.get('summary', {}), default=str)}")
+            if attrs.get("status") == "stopped":
+                print(f"  {'':10s} stopped on {attrs.get('signal') or 'a signal'} "
+                      f"{attrs.get('stopped_at', '')}; rerun the same command to resume")
         has_campaign = "learn" in f
     from engine.store import RunStore
     from jobs.layouts.spectrum import fit_lines, fit_record

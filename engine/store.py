@@ -28,7 +28,7 @@ import h5py  # noqa: E402
 
 from engine.failure import InputError  # noqa: E402
 
-STATUS_RUNNING, STATUS_COMPLETE = "running", "complete"
+STATUS_RUNNING, STATUS_COMPLETE, STATUS_STOPPED = "running", "complete", "stopped"
 
 CHECK_TIMEOUT_S = 600.0
 """Longest a damage check of a store may take (s); a check that takes longer counts as damage."""

@@ -17,6 +17,7 @@ from ase import Atoms
 from engine.context import RankContext
 from engine.failure import AgreedFailure
 from engine.stages import StageResult
+from engine import stop
 from engine.store import RunStore
 from jobs.labellers import LabelError, Labeller, make_labeller
 from jobs.layouts.label import (
@@ -275,6 +276,8 @@ def label_tables(spec, ctx: RankContext, store: RunStore, tables, shift_spec, wo
     last_log = time.monotonic()
     outcomes = []
     for index, row in order:
+        if stop.requested():  # a running DFT job has finished; take no new one
+            break
         frames = all_frames[index]
         group = frames.group
         if not claim_frame(_work_dir(work_root, frames, row), run_id):
@@ -286,11 +289,16 @@ def label_tables(spec, ctx: RankContext, store: RunStore, tables, shift_spec, wo
             last_log = time.monotonic()
             ctx.log(f"label: rank 0 has taken {len(outcomes)} of the {len(tasks)} frames, "
                     f"{sum(o['status'] == STATUS_DONE for o in outcomes)} done")
+    stopped = stop.agreed(ctx)  # collective: every rank has left its loop
     gathered = ctx.comm.allgather(outcomes)
     everything = [o for rank_outcomes in gathered for o in rank_outcomes]
     with store.transaction():  # counts and failures as attributes
-        return _finish(spec, ctx, store, all_frames, everything,
-                       tuple(len(rank_outcomes) for rank_outcomes in gathered))
+        result = _finish(spec, ctx, store, all_frames, everything,
+                         tuple(len(rank_outcomes) for rank_outcomes in gathered))
+    if stopped is not None:  # the jobs done are recorded; the frames not taken stay pending
+        raise stop.StopRequested(f"in label after {len(everything)} of {len(tasks)} frames",
+                                 stopped)
+    return result
 
 
 def _finish(spec, ctx: RankContext, store: RunStore, all_frames: list[SystemFrames],

@@ -28,6 +28,7 @@ from engine.context import RankContext
 from engine.failure import InputError
 from engine.progress import Progress
 from engine.stages import StageInputs, StageResult
+from engine.stop import stop_point
 from engine.store import RunStore
 from jobs.frame_checks import MIN_DISTANCE_A, check_frames
 from jobs.layouts.infer import GROUP, system_group
@@ -518,6 +519,7 @@ def infer_shifts(spec: InferSpec, systems: list[SystemSpec], ctx: RankContext,
             done_here += count
             store.flush()
             progress.update(count)
+            stop_point(ctx, f"in infer {system.name} after round {round_index + 1} of {rounds}")
         progress.finish()
         computed = _record_done(ctx, store, system, group, source, bounds, done_here)
         frames[system.name] = source.n_frames

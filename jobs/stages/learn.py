@@ -46,6 +46,7 @@ from ase import Atoms
 
 from engine.failure import InputError
 from engine.stages import StageInputs, StageResult
+from engine.stop import stop_point
 from engine.store import RunStore
 from jobs.layouts.learn import (
     BOOTSTRAP,
@@ -558,11 +559,14 @@ def run(spec: LearnSpec, inputs: StageInputs) -> LearnResult:
         ctx.log(f"learn iteration {iteration}: {sum(len(t) for t, _ in data)} training, "
                 f"{sum(len(v) for _, v in data)} validation frames")
         blobs = train_ensemble(spec, ctx, store, iteration, data, seeds, work)
+        stop_point(ctx, f"in learn iteration {iteration} after training its DP models")
         fit_shift_model(spec, ctx, store, f"{it}/shift", every, species, centre, inputs.shift,
                         seeds)
+        stop_point(ctx, f"in learn iteration {iteration} after its shift model")
         with model_files(blobs) as paths:
             explore(spec, ctx, store, iteration, systems, structures, paths, seeds,
                     min_distance_a)
+        stop_point(ctx, f"in learn iteration {iteration} after exploring")
         counts = {}
         for system in systems:
             deviation = store.read_shared(f"{it}/explore/{system.name}/max_devi_f_ev_a")

@@ -29,6 +29,7 @@ from engine.context import RankContext
 from engine.progress import Progress
 from engine.seeds import SeedStreams
 from engine.stages import StageInputs, StageResult
+from engine.stop import stop_point
 from engine.store import RunStore
 from jobs.deepmd import dp_calculator
 from jobs.dynamics import Trajectory
@@ -159,6 +160,8 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
             saved[task.group] = end
         # rows and resume state only (no metadata: a kill here cannot damage the store)
         store.flush()
+        stop_point(ctx, f"in md after round {round_index + 1} of {n_rounds} ({end} of "
+                        f"{spec.frames} frames per replica saved)")
         if spec.stop_after_frames is not None and end >= spec.stop_after_frames \
                 and end < spec.frames:
             raise StoppedOnPurpose(f"md.stop_after_frames={spec.stop_after_frames}: stopped "

@@ -28,8 +28,8 @@ def test_no_two_streams_coincide(seed):
             assert state not in seen, f"{name}{indices} == {seen[state]}"
             seen[state] = (name, indices)
     # md x 2, potential x 2, train, gpr sparse + sketch, learn bootstrap, holdout, deepmd,
-    # explore
-    assert len(seen) == 64 * 2 + 2 + 1 + 8 + 64 + 8 + 8 + 8 + 64 + 64 + 512
+    # explore, spectrum fit
+    assert len(seen) == 64 * 2 + 2 + 1 + 8 + 64 + 8 + 8 + 8 + 64 + 64 + 512 + 1
 
 
 def test_the_old_collision_is_gone():
