@@ -364,3 +364,35 @@ def test_prepare_table_and_label_tables_refuse_inconsistent_input(tmp_path, ctx)
         with pytest.raises(ValueError, match=r"every table's name once"):
             label_tables(spec, ctx, store, [("/t/x", "x", "Na"), ("/t/y", "x", "Na")],
                          ShiftSpec(), tmp_path)
+
+
+def test_a_stop_request_leaves_untaken_frames_pending_and_a_rerun_labels_them(
+        tmp_path, ctx, shared_data, monkeypatch):
+    """A signal before a DFT job is taken: the rank takes no new job, the outcomes so far are
+    recorded, StopRequested is raised (the run exits 75); the rerun labels the rest."""
+    import ase.io
+
+    from engine import stop
+    from jobs.labelling import label_tables
+    from jobs.layouts.label import prepare_table
+    from schemas.shift import ShiftSpec
+
+    frames = ase.io.read(shared_data / "p6322-dev.extxyz", ":3")
+    group = "/t/label/p6322"
+    spec = LabelSpec(labeller="model", model={"shift_model": NNMR_MODEL})
+    table = dict(name="p6322", target_species="Na", numbers=frames[0].numbers,
+                 cells_a=np.array([a.cell.array for a in frames]), replica=[0, 0, 0],
+                 frame=[1, 2, 3], time_fs=None)
+    with RunStore(tmp_path / "run.h5", ctx) as store:
+        prepare_table(ctx, store, group, positions_a=np.array([a.positions for a in frames]),
+                      **table)
+        monkeypatch.setitem(stop._state, "signal", "SIGUSR1")
+        with pytest.raises(stop.StopRequested, match="in label after 0 of 3 frames"):
+            label_tables(spec, ctx, store, [(group, "p6322", "Na")], ShiftSpec(),
+                         tmp_path / "work")
+        assert store.read(f"{group}/status").tolist() == [0, 0, 0]      # still pending
+        assert store.read(f"{group}/attempts").tolist() == [0, 0, 0]
+        stop.reset()
+        again = label_tables(spec, ctx, store, [(group, "p6322", "Na")], ShiftSpec(),
+                             tmp_path / "work")
+        assert (again.n_done, again.n_labelled_now, again.n_failed) == (3, 3, 0)
