@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -38,7 +39,7 @@ def launch_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]
 
 def run_program(command: Sequence[str], cwd: str | Path, log_path: str | Path,
                 extra_env: Mapping[str, str] | None = None, timeout_s: float | None = None,
-                kill_grace_s: float = 10.0) -> int:
+                kill_grace_s: float = 10.0, stoppable: bool = False) -> int:
     """Run `command` in `cwd`, stdout and stderr appended to `log_path`; returns its exit status.
 
     Parameters
@@ -54,6 +55,11 @@ def run_program(command: Sequence[str], cwd: str | Path, log_path: str | Path,
     timeout_s
         Wall-time limit; past it the process group gets SIGTERM, then SIGKILL after
         `kill_grace_s`, and :class:`ProgramTimeout` is raised.
+    stoppable
+        When this rank is asked to stop (:mod:`engine.stop`), end the program (SIGTERM, then
+        SIGKILL after `kill_grace_s`) and raise :class:`engine.stop.StopRequested` (for long
+        programs that keep a checkpoint, e.g. ``dp train``); otherwise the program runs to its
+        end. Either way a forced exit of dynshift kills the program's process group first.
 
     Raises
     ------
@@ -61,19 +67,43 @@ def run_program(command: Sequence[str], cwd: str | Path, log_path: str | Path,
         When the program cannot be started (not found, not executable).
     ProgramTimeout
         Past `timeout_s`.
+    engine.stop.StopRequested
+        A stoppable program ended on a stop request.
     """
+    from engine import stop
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with open(log_path, "ab") as log:
         process = subprocess.Popen([str(a) for a in command], cwd=cwd, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=launch_environment(extra_env), start_new_session=True)
+        stop.track(process)
         try:
-            return process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            end_process_group(process, kill_grace_s)
-            raise ProgramTimeout(f"{command[0]}: killed after {timeout_s:g} s") from None
+            while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                step = left if not stoppable else min(STOP_POLL_S, left if left is not None
+                                                      else STOP_POLL_S)
+                try:
+                    return process.wait(timeout=step)
+                except subprocess.TimeoutExpired:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        end_process_group(process, kill_grace_s)
+                        raise ProgramTimeout(f"{command[0]}: killed after {timeout_s:g} s") \
+                            from None
+                    if stoppable and stop.requested() is not None:
+                        end_process_group(process, kill_grace_s)
+                        raise stop.StopRequested(
+                            f"while {Path(str(command[0])).name} ran in {cwd} (ended; its "
+                            "checkpoint is kept)", stop.requested()) from None
         except BaseException:  # this rank is being stopped: take the program down with it
             end_process_group(process, 0.0)
             raise
+        finally:
+            stop.untrack(process)
+
+
+STOP_POLL_S = 1.0
+"""How often a stoppable program's wait looks at the stop flag (s)."""
 
 
 def end_process_group(process: subprocess.Popen, grace_s: float) -> None:

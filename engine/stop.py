@@ -37,6 +37,18 @@ DEFAULT_GRACE_S = 120.0
 ``--signal=B:USR1@300`` leaves 300 s before the limit)."""
 
 _state = {"signal": None, "at": None, "grace_s": DEFAULT_GRACE_S, "installed": False}
+_children: set = set()
+"""Running external programs (subprocess.Popen, each in its own session) of this rank."""
+
+
+def track(process) -> None:
+    """Register a running external program: a forced exit kills its process group."""
+    _children.add(process)
+
+
+def untrack(process) -> None:
+    """Forget a program that has ended."""
+    _children.discard(process)
 
 
 class StopRequested(Exception):
@@ -48,6 +60,11 @@ class StopRequested(Exception):
 
 
 def _force_exit(reason: str) -> None:
+    for process in list(_children):  # DFT jobs, dp train: do not leave them running
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     print(f"dynshift: {reason}; exiting now (status {EXIT_RESUME}): the store is as after a "
           "kill, work since the last flushed chunk is lost; rerun to resume", file=sys.stderr,
           flush=True)

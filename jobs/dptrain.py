@@ -118,9 +118,12 @@ def _thread_env(threads: int) -> dict:
 
 
 def run_dp(args: list[str], workdir: Path, threads: int, log_name: str) -> None:
-    """Run ``dp --tf <args>`` (deepmd-kit's CLI, this interpreter) in `workdir`, logging."""
+    """Run ``dp --tf <args>`` (deepmd-kit's CLI, this interpreter) in `workdir`, logging.
+    ``dp train`` ends on a stop request (engine.stop.StopRequested; its checkpoints, every
+    ``save_freq`` steps, stay in `workdir` for ``--restart``)."""
     command = [sys.executable, "-m", "deepmd", "--tf", *args]
-    status = run_program(command, workdir, workdir / log_name, _thread_env(threads))
+    status = run_program(command, workdir, workdir / log_name, _thread_env(threads),
+                         stoppable=args[:1] == ["train"])
     if status != 0:
         tail = (workdir / log_name).read_text()[-2000:]
         raise RuntimeError(f"{' '.join(command)} failed ({status}) in {workdir}:\n{tail}")
@@ -236,7 +239,8 @@ def train_dp(spec: DpTrainingSpec, train_sets: list[list], valid_sets: list[list
     document = deepmd_input(spec, train_systems, valid_systems, seed)
     (workdir / "input.json").write_text(json.dumps(document, indent=2))
     start = time.monotonic()
-    if (workdir / "checkpoint").exists():
+    resumed = (workdir / "checkpoint").exists()
+    if resumed:
         log("potential: resuming training from the checkpoint in " + str(workdir))
         run_dp(["train", "input.json", "--restart", "model.ckpt"], workdir, threads, "train.log")
     else:
@@ -260,7 +264,8 @@ def train_dp(spec: DpTrainingSpec, train_sets: list[list], valid_sets: list[list
               "energy_rmse_mev_per_atom": errors.energy_rmse_mev_per_atom,
               "force_rmse_ev_per_a": errors.force_rmse_ev_per_a,
               "train_s": train_s, "model_file": chosen.name,
-              "model_mb": chosen.stat().st_size / 2**20, **timing}
+              "model_mb": chosen.stat().st_size / 2**20,
+              "resumed_from_checkpoint": resumed, **timing}
     return chosen, report
 
 

@@ -46,7 +46,7 @@ from ase import Atoms
 
 from engine.failure import InputError
 from engine.stages import StageInputs, StageResult
-from engine.stop import stop_point
+from engine.stop import StopRequested, stop_point
 from engine.store import RunStore
 from jobs.layouts.learn import (
     BOOTSTRAP,
@@ -133,6 +133,11 @@ def labelled_data(store: RunStore, systems, before: int, validation_fraction: fl
 
 
 # ---- the DP ensemble ---------------------------------------------------------------------------
+STOPPED_MARK = "STOPPED_ON_REQUEST"
+"""File left in a model's training folder when a requested stop ended ``dp train``: the next
+run resumes that training from deepmd-kit's checkpoint instead of starting again."""
+
+
 def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, seeds,
                    work: Path) -> list[bytes]:
     """The iteration's DP models (bytes), trained one per rank in turn, stored once each."""
@@ -161,13 +166,20 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
             try:
                 train_sets = [train for train, _ in data if train]
                 valid_sets = [valid for _, valid in data if valid]
-                # from scratch, also after a kill: the same seed gives the same model (tested);
-                # a restart from deepmd-kit's checkpoint would not
+                # from scratch after a kill: the same seed gives the same model (tested); a
+                # restart from deepmd-kit's checkpoint would not, so it is taken only after a
+                # requested stop (the folder's STOPPED_MARK), and the model records it
                 folder = work / f"iter_{iteration:03d}" / f"model_{mine}"
-                shutil.rmtree(folder, ignore_errors=True)
+                if not (folder / STOPPED_MARK).exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    ctx.log(f"learn iteration {iteration}: model {mine} resumes from the "
+                            "checkpoint of a requested stop (its numbers will differ from an "
+                            "uninterrupted training's in the last digits)")
+                (folder / STOPPED_MARK).unlink(missing_ok=True)
                 init = None
                 if reuse:
-                    folder.mkdir(parents=True)
+                    folder.mkdir(parents=True, exist_ok=True)
                     init = folder / "init.pb"
                     init.write_bytes(bytes(store.read(f"{previous}/model_{mine}")))
                 chosen, report = train_dp(
@@ -176,10 +188,29 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
                     init_model=init)
                 report.update(reused=bool(reuse), steps=dp_spec.steps)
                 outcome = (mine, chosen.read_bytes(), report, None)
+            except StopRequested as stop:  # dp train ended; its checkpoint stays
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / STOPPED_MARK).write_text(stop.signal_name or "stop")
+                outcome = (mine, None, None, stop)
             except Exception as exc:  # noqa: BLE001 - agreed below
                 outcome = (mine, None, None, f"{type(exc).__name__}: {exc}")
         gathered = ctx.comm.allgather(outcome)
-        errors = [o[3] for o in gathered if o is not None and o[3] is not None]
+        stops = [o[3] for o in gathered if o is not None and isinstance(o[3], StopRequested)]
+        errors = [o[3] for o in gathered if o is not None and isinstance(o[3], str)]
+        if stops or errors:  # keep the models this round did finish
+            with store.transaction():
+                for item in gathered:
+                    if item is not None and item[1] is not None:
+                        k, blob, report, _ = item
+                        store.put_bytes(f"{group}/model_{k}", blob, **{
+                            key: value for key, value in report.items()
+                            if isinstance(value, (int, float, bool, str))})
+                        blobs[k] = blob
+        if stops and not errors:
+            raise StopRequested(f"in learn iteration {iteration} while training DP models "
+                                f"({sum(b is not None for b in blobs)} of {spec.models} done; "
+                                "the others resume from their checkpoints)",
+                                stops[0].signal_name)
         if errors:
             raise RuntimeError(f"learn iteration {iteration}: DP training failed: {errors[0]}")
         with store.transaction():

@@ -121,3 +121,24 @@ def test_sigusr1_then_sigterm_stop_md_and_the_rerun_matches_an_uninterrupted_run
     assert a.keys() == b.keys() and a
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_a_stoppable_program_is_ended_on_a_stop_request_and_others_run_on(tmp_path, handlers):
+    """dp train is run stoppable: a request ends it (its checkpoint stays) within ~1 s; a DFT
+    job is not stoppable and runs to its end."""
+    import threading
+
+    from engine.external import run_program
+
+    def request_soon():
+        time.sleep(0.5)
+        stop._state["signal"] = "SIGTERM"
+
+    threading.Thread(target=request_soon, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(stop.StopRequested, match="while sleep ran in"):
+        run_program(["sleep", "30"], tmp_path, tmp_path / "log", stoppable=True)
+    assert time.monotonic() - start < 5
+    assert not stop._children                                  # untracked once ended
+    # not stoppable: the request does not end it
+    assert run_program(["sh", "-c", "sleep 1.5; exit 3"], tmp_path, tmp_path / "log") == 3
