@@ -197,31 +197,22 @@ def train_ensemble(spec: LearnSpec, ctx, store: RunStore, iteration: int, data, 
         gathered = ctx.comm.allgather(outcome)
         stops = [o[3] for o in gathered if o is not None and isinstance(o[3], StopRequested)]
         errors = [o[3] for o in gathered if o is not None and isinstance(o[3], str)]
-        if stops or errors:  # keep the models this round did finish
-            with store.transaction():
-                for item in gathered:
-                    if item is not None and item[1] is not None:
-                        k, blob, report, _ = item
-                        store.put_bytes(f"{group}/model_{k}", blob, **{
-                            key: value for key, value in report.items()
-                            if isinstance(value, (int, float, bool, str))})
-                        blobs[k] = blob
-        if stops and not errors:
-            raise StopRequested(f"in learn iteration {iteration} while training DP models "
-                                f"({sum(b is not None for b in blobs)} of {spec.models} done; "
-                                "the others resume from their checkpoints)",
-                                stops[0].signal_name)
         if errors:
             raise RuntimeError(f"learn iteration {iteration}: DP training failed: {errors[0]}")
-        with store.transaction():
+        with store.transaction():  # the models of this round that finished (all, unless stopped)
             for item in gathered:
-                if item is None:
+                if item is None or item[1] is None:
                     continue
                 k, blob, report, _ = item
                 numbers = {key: value for key, value in report.items()
                            if isinstance(value, (int, float, bool, str))}
                 store.put_bytes(f"{group}/model_{k}", blob, **numbers)
                 blobs[k] = blob
+        if stops:
+            raise StopRequested(f"in learn iteration {iteration} while training DP models "
+                                f"({sum(b is not None for b in blobs)} of {spec.models} done; "
+                                "the others resume from their checkpoints)",
+                                stops[0].signal_name)
     return blobs
 
 
