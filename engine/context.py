@@ -191,6 +191,20 @@ class RankContext:
         """Items rank, rank + size, ... (for few, long tasks such as MD replicas)."""
         return range(self.rank, n_items, self.size)
 
+    def on_root(self, function, *args, **kwargs):
+        """``function(*args, **kwargs)`` computed on rank 0 and its result given to every rank
+        (collective); an exception there is raised on every rank (the result is pickled)."""
+        outcome = None
+        if self.is_root:
+            try:
+                outcome = (function(*args, **kwargs), None)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                outcome = (None, exc)
+        result, error = self.comm.bcast(outcome, root=0) if self.size > 1 else outcome
+        if error is not None:
+            raise error
+        return result
+
     def log(self, message: str) -> None:
         """Print a progress line from rank 0 only, stamped with the elapsed wall time."""
         if self.is_root:

@@ -678,8 +678,7 @@ def _lorentzian_peaks(ppm: np.ndarray, intensity: np.ndarray):
 
     def curve(p, k):
         c, w, a = p[:k], p[k:2 * k], p[2 * k:]
-        return np.sum(a[:, None] * (w[:, None] / 2) / np.pi
-                      / ((w[:, None] / 2) ** 2 + (x[None] - c[:, None]) ** 2), axis=0)
+        return np.sum(a[:, None] * pseudo_voigt(x[None], c[:, None], w[:, None], 1.0), axis=0)
 
     pos, fwhm, share = first
     best = None

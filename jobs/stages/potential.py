@@ -88,19 +88,13 @@ def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
         # every rank reads: ASE's reader is collective over its own MPI world (rank 0 reads
         # and broadcasts), so a read on rank 0 alone would wait for the others forever
         frames_per_file = [read_labelled_frames(path, min_distance_a) for path in spec.frames]
-        result = None
-        if ctx.is_root:
-            workdir = Path(str(store.path) + ".potential")
-            threads = spec.train_threads or ctx.cores
-            try:
-                chosen, report = train_model(spec, frames_per_file, workdir, seed, threads,
-                                             ctx.log)
-                result = (chosen.read_bytes(), report, None)
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                result = (None, None, exc)
-        blob, report, error = ctx.comm.bcast(result, root=0)
-        if error is not None:
-            raise error
+        def train() -> tuple[bytes, dict]:
+            chosen, report = train_model(spec, frames_per_file,
+                                         Path(str(store.path) + ".potential"), seed,
+                                         spec.train_threads or ctx.cores, ctx.log)
+            return chosen.read_bytes(), report
+
+        blob, report = ctx.on_root(train)  # one dp train, on rank 0
         report = {"trained": True, **report}
     with store.transaction():
         put_model(store, blob, spec.type_map, **report)

@@ -216,17 +216,14 @@ def _fit_experiment(spec: SpectrumSpec, constants: dict, sites: dict, larmors: d
     if measured.larmor_mhz is None:  # a text file: the manifest's field gives the frequency
         options["larmor_mhz"] = larmors[mixed[0]]
     options["seed"] = seeds.integer("spectrum.fit")
-    outcome = None
-    if ctx.is_root:
+
+    def fit_measured() -> SpectrumFit:
         try:
-            outcome = (fit_spectrum(measured, predicted, **options), None)
+            return fit_spectrum(measured, predicted, **options)
         except ValueError as exc:  # a window or range the measured axis does not allow
-            outcome = (None, InputError(f"spectrum.experiment: {exc} (file {measured.source})"))
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-            outcome = (None, exc)
-    fit, error = ctx.comm.bcast(outcome, root=0)
-    if error is not None:
-        raise error
+            raise InputError(f"spectrum.experiment: {exc} (file {measured.source})") from exc
+
+    fit = ctx.on_root(fit_measured)  # the sampler is serial: rank 0 fits, every rank gets it
     put_fit(store, fit, measured, t_exp)
     return fit
 
