@@ -58,6 +58,10 @@ class StopRequested(Exception):
         self.where, self.signal_name = where, signal_name
         super().__init__(f"stopped on {signal_name or 'request'} {where}")
 
+    def __reduce__(self):
+        """Picklable with its two arguments (ranks gather their outcomes, stops included)."""
+        return type(self), (self.where, self.signal_name)
+
 
 def _force_exit(reason: str) -> None:
     for process in list(_children):  # DFT jobs, dp train: do not leave them running

@@ -81,7 +81,8 @@ def deepmd_input(spec: DpTrainingSpec, train_systems: list[str], valid_systems: 
     training = {
         "training_data": {"systems": train_systems, "batch_size": 1},
         "numb_steps": spec.steps, "seed": seeds[2], "disp_file": "lcurve.out",
-        "disp_freq": max(1, min(1000, spec.steps // 20)), "save_freq": max(1, min(5000, spec.steps)),
+        "disp_freq": max(1, min(1000, spec.steps // 20)),
+        "save_freq": min(spec.checkpoint_every_steps, spec.steps),
         "save_ckpt": "model.ckpt",
     }
     if valid_systems:

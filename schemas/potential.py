@@ -45,6 +45,9 @@ class DpTrainingSpec(Spec):
     """Learning rate at the last step."""
     decay_steps: int = Field(default=500, ge=1)
     """Steps between learning-rate decays."""
+    checkpoint_every_steps: int = Field(default=1000, ge=1)
+    """Steps between deepmd-kit checkpoints (its `save_freq`): the most training a stop at the
+    wall-time limit loses (training resumes from the last checkpoint; docs/learn.md)."""
     energy_prefactors: tuple[float, float] = (0.02, 2.0)
     """Energy loss prefactor at the start and at the end of training."""
     force_prefactors: tuple[float, float] = (1000.0, 1.0)

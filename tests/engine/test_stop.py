@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from launch import launch_env, run_command, session_pids
+from launch import (after, assert_same_rows, complete_run, ref_and_stopped, stopped_run,
+                    store_rows, term_to_ranks, usr1_to_mpirun)
 
 from engine import stop
-from engine.lock import lock_path_of
-from engine.store import store_damage
+
+NNMR = Path(__file__).resolve().parents[2] / "jobs" / "data" / "nnmr-p2-nmmo.h5"
 
 MANIFEST = """\
 stages: [md]
@@ -41,85 +41,80 @@ def test_a_signal_sets_the_flag_and_the_next_safe_point_stops(handlers):
     stop.stop_point(None, "nowhere")                       # no request: nothing happens
     os.kill(os.getpid(), signal.SIGUSR1)
     assert stop.requested() == "SIGUSR1"
-    with pytest.raises(stop.StopRequested, match="stopped on SIGUSR1 in md after"):
+    with pytest.raises(stop.StopRequested, match="stopped on SIGUSR1 in md after") as caught:
         stop.stop_point(None, "in md after round 3")
-
-
-def _start(tmp_path: Path, dynshift_bin, tag: str):
-    log = open(tmp_path / f"{tag}.log", "w")
-    proc = subprocess.Popen(["mpirun", "-n", "2", *dynshift_bin, "run", "m.yaml"], cwd=tmp_path,
-                            env=launch_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True)
-    return proc, tmp_path / f"{tag}.log"
-
-
-def _wait_for(path: Path, text: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in path.read_text():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} never appeared in {path}:\n{path.read_text()}")
-
-
-def _md_rows(store: Path) -> dict:
-    with h5py.File(store, "r") as f:
-        out = {}
-        f["md"].visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(
-            o, h5py.Dataset) else None)
-        return out
-
-
-def _stopped_run(tmp_path, dynshift_bin, tag, send) -> float:
-    proc, log = _start(tmp_path, dynshift_bin, tag)
-    _wait_for(log, "md: 2 trajectories")
-    time.sleep(3.0)                                  # some rounds in
-    sent = time.monotonic()
-    send(proc)
-    code = proc.wait(timeout=90)
-    took = time.monotonic() - sent
-    text = log.read_text()
-    assert code == stop.EXIT_RESUME, text
-    assert "stage md: stopped on SIG" in text and "resume with the same command" in text
-    assert not lock_path_of(tmp_path / "run.h5").exists()             # unlocked
-    assert store_damage(tmp_path / "run.h5") is None                   # undamaged
-    with h5py.File(tmp_path / "run.h5", "r") as f:
-        assert f["stages/md"].attrs["status"] == "stopped"
-    shown = run_command([*dynshift_bin, "show", "run.h5"], cwd=tmp_path)
-    assert "md         stopped" in shown.stdout and "frames per replica saved" in shown.stdout
-    return took
+    import pickle                           # ranks gather outcomes that may hold a stop
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert (again.where, again.signal_name, str(again)) == (
+        caught.value.where, "SIGUSR1", str(caught.value))
 
 
 def test_sigusr1_then_sigterm_stop_md_and_the_rerun_matches_an_uninterrupted_run(
         tmp_path, dynshift_bin):
-    ref, stopped = tmp_path / "ref", tmp_path / "stopped"
-    for folder in (ref, stopped):
-        folder.mkdir()
-        (folder / "m.yaml").write_text(MANIFEST)
-    done = run_command(["mpirun", "-n", "2", *dynshift_bin, "run", "m.yaml"], cwd=ref,
-                       timeout=600)
-    assert done.returncode == 0, done.stderr
-
-    # 1. SIGUSR1 to mpirun (Slurm's warning; Open MPI passes it to every rank)
-    took = _stopped_run(stopped, dynshift_bin, "first", lambda p: p.send_signal(signal.SIGUSR1))
-    assert took < 60
-    # 2. resumed, then SIGTERM to every rank (what srun delivers at the limit)
-    def terminate_ranks(proc):
-        for pid in session_pids(os.getpgid(proc.pid)):
-            if pid != proc.pid:
-                os.kill(pid, signal.SIGTERM)
-    took = _stopped_run(stopped, dynshift_bin, "second", terminate_ranks)
-    assert took < 60
-    with h5py.File(stopped / "run.h5", "r") as f:
-        saved_after_stops = f["stages/md"].attrs["stopped_at"]
-    assert "frames per replica saved" in saved_after_stops
+    ref, stopped = ref_and_stopped(tmp_path, MANIFEST)
+    complete_run(ref, dynshift_bin)
+    # 1. SIGUSR1 to mpirun; 2. resumed, then SIGTERM to every rank
+    for tag, send in (("first", usr1_to_mpirun), ("second", term_to_ranks)):
+        shown = stopped_run(stopped, dynshift_bin, tag, "md", after("md: 2 trajectories", 3.0),
+                         send)
+        assert "frames per replica saved" in shown
     # 3. the rerun completes with the uninterrupted run's numbers, bit for bit
-    again = run_command(["mpirun", "-n", "2", *dynshift_bin, "run", "m.yaml"], cwd=stopped,
-                        timeout=600)
-    assert again.returncode == 0, again.stderr
-    a, b = _md_rows(ref / "run.h5"), _md_rows(stopped / "run.h5")
-    assert a.keys() == b.keys() and a
-    for name in a:
+    complete_run(stopped, dynshift_bin)
+    assert_same_rows(store_rows(ref / "run.h5", "md"), store_rows(stopped / "run.h5", "md"))
+
+
+def test_a_stop_during_infer_and_the_rerun_matches_an_uninterrupted_run(
+        tmp_path, dynshift_bin, shared_data):
+    import ase.io
+
+    frames = ase.io.read(shared_data / "p63mcm-dev.extxyz", ":")
+    ase.io.write(tmp_path / "traj.extxyz", frames * 4)             # 1600 frames, ~15 s
+    manifest = (f"stages: [infer, analyze]\nstore: run.h5\n"
+                "systems: [{name: p63mcm, structure: 'builtin:p2-nmmo-p63mcm'}]\n"
+                f"infer: {{chunk_frames: 2, soap_kernel: dscribe, model: {NNMR},\n"
+                f"        trajectories: {{p63mcm: {tmp_path / 'traj.extxyz'}}}}}\n")
+    ref, stopped = ref_and_stopped(tmp_path, manifest)
+    complete_run(ref, dynshift_bin)
+    shown = stopped_run(stopped, dynshift_bin, "infer", "infer",
+                     after("infer p63mcm: 1600 frames", 2.0), usr1_to_mpirun)
+    assert "in infer p63mcm after round" in shown, shown
+    complete_run(stopped, dynshift_bin)
+    for group in ("infer", "analyze"):
+        assert_same_rows(store_rows(ref / "run.h5", group), store_rows(stopped / "run.h5", group))
+
+
+def test_a_stop_during_label_lets_the_running_dft_job_finish_and_the_rerun_labels_the_rest(
+        tmp_path, dynshift_bin):
+    import yaml
+    from fake_vasp.labelling import completed_runs, read_log, vasp_section
+
+    manifest = yaml.safe_load(MANIFEST)
+    manifest["stages"] = ["md", "label"]
+    manifest["md"].update(replicas=1, frames=16, chunk_frames=16)
+    manifest["label"] = {"labeller": "vasp", "work_dir": "work", "n_frames": 8,
+                         "selection": "evenly",
+                         "vasp": vasp_section(tmp_path, sleep_s=1.5, walltime_s=60.0)}
+    ref, stopped = ref_and_stopped(tmp_path, yaml.safe_dump(manifest))
+    complete_run(ref, dynshift_bin)
+    (tmp_path / "vasp.log").unlink()
+
+    def first_job_started(log: Path) -> None:
+        deadline = time.monotonic() + 180
+        while not read_log(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert read_log(tmp_path), log.read_text()
+    stopped_run(stopped, dynshift_bin, "label", "label", first_job_started, term_to_ranks)
+    ended = [fields for fields in read_log(tmp_path) if fields[0] == "end"]
+    assert ended and all(fields[3] == "ok" for fields in ended)    # left to finish, not killed
+    assert len(completed_runs(tmp_path)) < 8                           # stopped early
+    with h5py.File(stopped / "run.h5", "r") as f:
+        status = f["/label/p63mcm/status"][()]
+    assert 0 < (status == 1).sum() < 8 and (status == 0).sum() > 0     # the rest still pending
+    complete_run(stopped, dynshift_bin)
+    assert max(completed_runs(tmp_path).values()) == 1 and len(completed_runs(tmp_path)) == 8
+    a, b = store_rows(ref / "run.h5", "label"), store_rows(stopped / "run.h5", "label")
+    for name in ("p63mcm/energy_ev", "p63mcm/forces_ev_a", "p63mcm/a_iso_mhz",
+                 "p63mcm/shift_ppm", "p63mcm/status", "p63mcm/attempts"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
@@ -142,3 +137,4 @@ def test_a_stoppable_program_is_ended_on_a_stop_request_and_others_run_on(tmp_pa
     assert not stop._children                                  # untracked once ended
     # not stoppable: the request does not end it
     assert run_program(["sh", "-c", "sleep 1.5; exit 3"], tmp_path, tmp_path / "log") == 3
+
