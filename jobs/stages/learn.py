@@ -132,6 +132,24 @@ def labelled_data(store: RunStore, systems, before: int, validation_fraction: fl
     return per_system
 
 
+def screened_data(data, inputs, group: str):
+    """`data` without the labels the screen flags (jobs/label_screen.py; `checks` of the
+    manifest). Explorations span temperatures, so energies are screened only against
+    ``checks.label_reference_model``; forces, SCF and moment always. The screen's counts and
+    sentence go to the iteration's attributes (`group`)."""
+    from jobs.label_screen import screen_for_training
+
+    ctx = inputs.ctx
+    every = [a for train, valid in data for a in train + valid]
+    kept, screen = screen_for_training(every, inputs.checks, inputs.label, "learn",
+                                       lambda m: ctx.warn(m) if ctx.is_root else None,
+                                       energy_test=False)
+    inputs.store.set_attrs(group, **screen.summary())
+    kept_ids = {id(atoms) for atoms in kept}
+    return [([a for a in train if id(a) in kept_ids], [a for a in valid if id(a) in kept_ids])
+            for train, valid in data]
+
+
 # ---- the DP ensemble ---------------------------------------------------------------------------
 STOPPED_MARK = "STOPPED_ON_REQUEST"
 """File left in a model's training folder when a requested stop ended ``dp train``: the next
@@ -577,6 +595,7 @@ def run(spec: LearnSpec, inputs: StageInputs) -> LearnResult:
                 stop_reason = str(attrs["stop_reason"])
             continue  # an earlier run's last iteration (max_iterations): go on from it
         data = labelled_data(store, systems, iteration, spec.validation_fraction, seeds)
+        data = screened_data(data, inputs, it)
         every = [a for train, valid in data for a in train + valid]
         ctx.log(f"learn iteration {iteration}: {sum(len(t) for t, _ in data)} training, "
                 f"{sum(len(v) for _, v in data)} validation frames")

@@ -21,6 +21,7 @@ from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
 from jobs.dptrain import train_model
 from jobs.frame_checks import MIN_DISTANCE_A
+from jobs.label_screen import screen_for_training
 from jobs.layouts.potential import put_model
 from schemas.potential import SHIPPED_MODEL, PotentialSpec
 
@@ -67,15 +68,18 @@ class PotentialResult(StageResult):
 
 
 def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
-                  seed: int = 2022, min_distance_a: float = MIN_DISTANCE_A) -> "PotentialResult":
+                  seed: int = 2022, min_distance_a: float = MIN_DISTANCE_A, checks=None,
+                  label_spec=None) -> "PotentialResult":
     """Put a DP model into the store: the given / shipped one, or one trained on `spec.frames`.
 
     Training runs on rank 0 (deepmd-kit as a subprocess); the other ranks wait. The model bytes
     land in ``/potential/model.pb`` with the hold-out RMSE in its attributes. A labelled frame
     with a non-finite position or cell, or two atoms closer than `min_distance_a` (A), is
-    refused (InputError naming the file and frame).
+    refused (InputError naming the file and frame). The frames pass the label screen
+    (jobs/label_screen.py: `checks`, the target moment of `label_spec`'s labeller) first.
     """
     report: dict = {}
+    screened: dict = {}
     if not spec.frames:
         path = Path(spec.model) if spec.model is not None else SHIPPED_MODEL
         if not path.is_file():
@@ -88,6 +92,12 @@ def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
         # every rank reads: ASE's reader is collective over its own MPI world (rank 0 reads
         # and broadcasts), so a read on rank 0 alone would wait for the others forever
         frames_per_file = [read_labelled_frames(path, min_distance_a) for path in spec.frames]
+        kept, screen = screen_for_training(
+            [a for frames in frames_per_file for a in frames], checks, label_spec, "potential",
+            lambda message: ctx.warn(message) if ctx.is_root else None)
+        kept_ids = {id(atoms) for atoms in kept}
+        frames_per_file = [[a for a in frames if id(a) in kept_ids] for frames in frames_per_file]
+        screened = screen.summary()
         def train() -> tuple[bytes, dict]:
             chosen, report = train_model(spec, frames_per_file,
                                          Path(str(store.path) + ".potential"), seed,
@@ -102,7 +112,7 @@ def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
     numbers = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
     numbers.pop("trained", None)
     return PotentialResult(trained=bool(report.get("trained")), model_mb=len(blob) / 2**20,
-                           metrics=tuple(sorted(numbers.items())))
+                           metrics=tuple(sorted({**numbers, **screened}.items())))
 
 
 
@@ -110,4 +120,5 @@ def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
 def run(spec: PotentialSpec, inputs: StageInputs) -> PotentialResult:
     """Stage entry: the DP model of the run into ``/potential`` (spec: PotentialSpec)."""
     min_distance_a = inputs.checks.min_distance_a if inputs.checks else MIN_DISTANCE_A
-    return fit_potential(spec, inputs.ctx, inputs.store, inputs.seeds.seed, min_distance_a)
+    return fit_potential(spec, inputs.ctx, inputs.store, inputs.seeds.seed, min_distance_a,
+                         inputs.checks, inputs.label)

@@ -9,7 +9,7 @@ Store layout: docs/nnmr.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
 from jobs.frame_checks import MIN_DISTANCE_A
 from jobs.frames import read_labelled_frames
+from jobs.label_screen import screen_for_training
 from jobs.layouts.train import CV_GROUP, GROUP
 from jobs.shift import ppm_per_mhz
 from jobs.shiftmodels.metrics import regression_metrics
@@ -52,12 +53,14 @@ class TrainResult(StageResult):
     cv_rmse_ppm: float
     cv_mae_ppm: float
     cv_r2: float
+    screen: tuple = ()
+    """(name, value) pairs of the label screen (jobs/label_screen.py)."""
 
     def summary(self) -> dict:
-        """Frames, centres, folds and the cross-validation metrics."""
+        """Frames, centres, folds, the cross-validation metrics and the label screen."""
         return {"frames": self.n_frames, "centres": self.n_rows, "folds": self.folds_trained,
                 "cv_rmse_ppm": self.cv_rmse_ppm, "cv_mae_ppm": self.cv_mae_ppm,
-                "cv_r2": self.cv_r2}
+                "cv_r2": self.cv_r2, **dict(self.screen)}
 
 
 
@@ -399,8 +402,13 @@ def write_parity_png(path: Path, dft_ppm: np.ndarray, pred_ppm: np.ndarray,
 def run(spec, inputs: StageInputs) -> TrainResult:
     """Stage entry: the k-fold NN-NMR ensemble into ``/train`` (spec: TrainSpec)."""
     min_distance_a = inputs.checks.min_distance_a if inputs.checks else MIN_DISTANCE_A
-    return train_ensemble(spec, inputs.shift, inputs.seeds.seed, inputs.ctx, inputs.store,
-                          frames=load_frames(spec, inputs.store, min_distance_a))
+    ctx = inputs.ctx
+    frames, screen = screen_for_training(
+        load_frames(spec, inputs.store, min_distance_a), inputs.checks, inputs.label, "train",
+        lambda message: ctx.warn(message) if ctx.is_root else None)
+    result = train_ensemble(spec, inputs.shift, inputs.seeds.seed, ctx, inputs.store,
+                            frames=frames)
+    return replace(result, screen=tuple(screen.summary().items()))
 
 
 __all__ = ["ShiftEnsemble", "train_ensemble", "run", "TrainResult"]
