@@ -268,9 +268,10 @@ def _new_store_problems(manifest, store_path: Path) -> list[str]:
     stages = set(manifest.stages)
     problems = []
     where = f"store {store_path} does not exist yet"
-    if "label" in stages and "md" not in stages:
+    if "label" in stages and "md" not in stages and not manifest.label.frames:
         problems.append(f"stages: label chooses frames from md trajectories, but md does not "
-                        f"run and {where} (got {', '.join(manifest.stages)})")
+                        f"run, label.frames names no files, and {where} (got "
+                        f"{', '.join(manifest.stages)})")
     if "train" in stages and not manifest.train.frames and "label" not in stages:
         problems.append(f"train.frames: no labelled frames: the list is empty, the label stage "
                         f"does not run and {where}")

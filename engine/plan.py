@@ -261,6 +261,9 @@ def _stage_plan(stage: str, manifest, facts, ranks: int) -> tuple[str, float]:
                 f" fs saved); f8 positions+cell+T+E per frame", float(n_bytes))
     if stage == "label":
         spec = manifest.label
+        if spec.frames:
+            return (f"every frame of {len(spec.frames)} given file(s) (label.frames), taken on "
+                    f"demand by {ranks} rank(s) (one {spec.labeller} run each)", 0.0)
         n_bytes, per_system = 0.0, []
         for system, fact in zip(systems, facts):
             candidates = max(0, manifest.md.frames - spec.skip_saved) * manifest.md.replicas

@@ -206,6 +206,15 @@ class LabelSpec(Spec):
     """Stride in saved frames for `selection: every`."""
     skip_saved: int = Field(default=0, ge=0)
     """Saved frames to skip at the start of every replica (equilibration)."""
+    frames: list[InputPath] = []
+    """Given structures to label INSTEAD of md frames: files that ASE reads (extended XYZ,
+    POSCAR, OUTCAR, ASE .traj, ...), every frame of each. One table per file,
+    `/label/<file stem>`, labelled as md frames are (claims, retries, failure budget, resume;
+    work dirs `<work_dir>/<stem>/r000-f<frame>`), read by train as the label stage's frames.
+    The first system's `target_species` is the nucleus of their shifts. Checked before any
+    job: the files exist and are readable, each holds one composition and atom order, every
+    frame has a periodic cell of non-zero volume, finite positions and no two atoms closer than
+    `checks.min_distance_a`, the stems are unique, and the labeller knows every species."""
     labeller: Literal["vasp", "gpaw", "model"] = "vasp"
     """The labeller that computes A_iso, energy and forces of a frame: `vasp` (licensed),
     `gpaw` (open; `pip install gpaw gpaw-data`, see docs/label.md) or `model` (NOT DFT: a DP

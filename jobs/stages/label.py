@@ -55,6 +55,7 @@ from engine.context import RankContext
 from engine.failure import InputError
 from engine.stages import StageInputs
 from engine.store import RunStore
+from jobs.frame_checks import MIN_DISTANCE_A
 from jobs.labelling import LabelResult, build_labeller, label_tables, select_frames
 from jobs.layouts.label import GROUP as LABEL_ROOT, prepare_table
 from jobs.layouts.md import md_replicas, md_trajectories
@@ -124,6 +125,70 @@ def _prepare_system(spec, ctx: RankContext, store: RunStore, system) -> None:
 
 
 
+def read_given_frames(path: Path, min_distance_a: float) -> tuple[np.ndarray, np.ndarray,
+                                                                    np.ndarray]:
+    """(numbers, positions (n, m, 3), cells (n, 3, 3)) of every frame of a structure file
+    (``label.frames``), checked: readable by ASE, one composition and atom order, periodic
+    cells of non-zero volume, finite positions, no two atoms too close (InputError naming the
+    file and the frame)."""
+    import ase.io
+
+    from jobs.frame_checks import check_frames
+
+    where = f"label.frames: {path}"
+    try:
+        frames = ase.io.read(path, ":")
+    except Exception as exc:  # noqa: BLE001 - any reader failure is bad input, named
+        raise InputError(f"{where}: ASE cannot read it ({type(exc).__name__}: {exc})") from None
+    if not isinstance(frames, list):
+        frames = [frames]
+    if not frames:
+        raise InputError(f"{where}: no frames")
+    numbers = frames[0].numbers
+    for index, atoms in enumerate(frames):
+        if not np.array_equal(atoms.numbers, numbers):
+            raise InputError(f"{where}: frame {index} has another composition or atom order "
+                             f"({atoms.get_chemical_formula()}) than frame 0 "
+                             f"({frames[0].get_chemical_formula()}); one table per file holds "
+                             "one: split the file")
+        volume = abs(float(np.linalg.det(atoms.cell.array)))
+        if not all(atoms.pbc) or not np.isfinite(volume) or volume < 1e-6:
+            raise InputError(f"{where}: frame {index} has no periodic 3-d cell (pbc "
+                             f"{atoms.pbc.tolist()}, volume {volume:.3g} A^3): DFT labels "
+                             "need one")
+    positions = np.array([atoms.positions for atoms in frames])
+    cells = np.array([atoms.cell.array for atoms in frames])
+    check_frames(positions, cells, numbers, where, list(range(len(frames))), min_distance_a)
+    return np.asarray(numbers, dtype=np.int32), positions, cells
+
+
+def _prepare_file(ctx: RankContext, store: RunStore, name: str, path: Path,
+                  target_species: str, min_distance_a: float) -> None:
+    """Lay out /label/<name> with every frame of the structure file `path` (collective)."""
+    group = f"{LABEL_ROOT}/{name}"
+    if store.attrs(group).get("prepared"):
+        return
+    numbers, positions, cells = read_given_frames(path, min_distance_a)  # every rank reads
+    n_frames = len(positions)
+    prepare_table(ctx, store, group, name=name, target_species=target_species,
+                  numbers=numbers, positions_a=positions, cells_a=cells,
+                  replica=np.zeros(n_frames, dtype=int), frame=np.arange(n_frames),
+                  time_fs=np.full(n_frames, np.nan),
+                  attrs={"selection": "file", "source_file": str(path)})
+
+
+def given_tables(spec, systems) -> list[tuple[str, Path]]:
+    """(table name, file) of ``label.frames``: the file stems, which must be unique and not
+    a system's name (InputError before any work)."""
+    names = [Path(path).name.split(".")[0] or Path(path).name for path in spec.frames]
+    taken = {s.name for s in systems}
+    for name, path in zip(names, spec.frames):
+        if names.count(name) > 1 or name in taken:
+            raise InputError(f"label.frames: {path}: its table name {name!r} (the file's stem) "
+                             "is used twice (another file or a system): rename the file")
+    return list(zip(names, [Path(p) for p in spec.frames]))
+
+
 # ---- labelling one frame ------------------------------------------------------------------
 
 
@@ -145,11 +210,13 @@ def _prepare_system(spec, ctx: RankContext, store: RunStore, system) -> None:
 
 
 # ---- the stage ----------------------------------------------------------------------------
-def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -> LabelResult:
+def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec,
+                 min_distance_a: float = MIN_DISTANCE_A) -> LabelResult:
     """Label this rank's shard of the selected frames with the configured labeller.
 
     Chooses and lays out the frames of every system from /md (:func:`prepare_table`, once),
-    then labels them with :func:`label_tables` in ``spec.work_dir``.
+    or every frame of each file of ``spec.frames`` (one table per file, checked before any
+    job), then labels them with :func:`label_tables` in ``spec.work_dir``.
 
     Parameters
     ----------
@@ -178,6 +245,18 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
         For missing md trajectories, POTCARs or launch program.
     """
     labeller = build_labeller(spec, ctx, shift_spec, [s.target_species for s in systems])
+    if spec.frames:                             # given structures instead of md frames
+        target = systems[0].target_species if systems else "Na"
+        files = given_tables(spec, systems)
+        with store.transaction():
+            store.set_attrs(LABEL_ROOT, systems=[name for name, _ in files],
+                            labeller=spec.labeller)
+            for name, path in files:
+                _prepare_file(ctx, store, name, path, target, min_distance_a)
+        ctx.comm.Barrier()
+        tables = [(f"{LABEL_ROOT}/{name}", name, target) for name, _ in files]
+        return label_tables(spec, ctx, store, tables, shift_spec, Path(spec.work_dir),
+                            labeller=labeller)
     with store.transaction():  # the selection and the datasets of every system, at once
         store.set_attrs(LABEL_ROOT, systems=[s.name for s in systems], labeller=spec.labeller)
         for system in systems:
@@ -190,7 +269,9 @@ def label_frames(spec, ctx: RankContext, store: RunStore, systems, shift_spec) -
 
 def run(spec, inputs: StageInputs) -> LabelResult:
     """Stage entry: label the selected md frames of every system (spec: LabelSpec)."""
-    return label_frames(spec, inputs.ctx, inputs.store, list(inputs.systems), inputs.shift)
+    min_distance_a = inputs.checks.min_distance_a if inputs.checks else MIN_DISTANCE_A
+    return label_frames(spec, inputs.ctx, inputs.store, list(inputs.systems), inputs.shift,
+                        min_distance_a)
 
 
 # ---- reading labels back ------------------------------------------------------------------

@@ -396,3 +396,96 @@ def test_a_stop_request_leaves_untaken_frames_pending_and_a_rerun_labels_them(
         again = label_tables(spec, ctx, store, [(group, "p6322", "Na")], ShiftSpec(),
                              tmp_path / "work")
         assert (again.n_done, again.n_labelled_now, again.n_failed) == (3, 3, 0)
+
+
+def _given_files(tmp_path: Path, shared_data: Path) -> list[Path]:
+    """Two structure files of real frames: an extended XYZ of 6 frames and one VASP POSCAR."""
+    import ase.io
+
+    frames = shared_frames(shared_data, 7)
+    xyz, poscar = tmp_path / "snapshots.extxyz", tmp_path / "relaxed.vasp"
+    ase.io.write(xyz, [a.copy() for a in frames[:6]])
+    ase.io.write(poscar, frames[6], format="vasp", direct=True, sort=False)
+    return [xyz, poscar]
+
+
+def test_given_structures_are_labelled_one_table_per_file_with_retries_and_kill_9(
+        tmp_path, shared_data, dynshift_bin):
+    """label.frames: every frame of each file is labelled (a retried frame included) in
+    /label/<stem>, train reads them as labelled frames; a run killed mid-stage is rerun to the
+    same labels, no frame computed twice."""
+    files = _given_files(tmp_path, shared_data)
+    plan = {"snapshots/r000-f000002": ["exit", "ok"]}
+    _, document = _manifest(tmp_path, plan, sleep_s=0.4, frames=[str(p) for p in files])
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(document))
+    command = ["mpirun", "-n", "2", *dynshift_bin, "run", "m.yaml"]
+    run = subprocess.Popen(command, cwd=tmp_path, env=launch_env(), start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while sum(f[0] == "end" for f in read_log(tmp_path)) < 2 and time.monotonic() < deadline:
+        assert run.poll() is None, run.communicate()[0]
+        time.sleep(0.05)
+    for pid in session_pids(run.pid):                     # kill -9 mpirun and both ranks
+        os.kill(pid, signal.SIGKILL)
+    run.communicate()
+    time.sleep(1.0)                                        # running fake jobs end on their own
+    rerun = subprocess.run(command, cwd=tmp_path, env=launch_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "every frame of 2 given file(s)" in subprocess.run(
+        [*dynshift_bin, "run", "m.yaml", "--dry-run", "--ranks", "2", "--store", "new.h5"],
+        cwd=tmp_path, capture_output=True, text=True).stdout
+    import ase.io
+
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert sorted(f["label"].keys()) == ["relaxed", "snapshots"]
+        table = f["label/snapshots"]
+        assert table["status"][()].tolist() == [1] * 6
+        assert table["attempts"][()][2] == 2                           # failed once, retried
+        assert f["label/relaxed/status"][()].tolist() == [1]
+        assert f["label/snapshots"].attrs["source_file"] == str(files[0])
+        given = ase.io.read(files[0], ":")
+        for row, atoms in enumerate(given):
+            want = expected_labels(atoms.get_positions(wrap=True))
+            assert table["energy_ev"][row] == pytest.approx(want["energy_ev"], abs=1e-5)
+            np.testing.assert_allclose(table["a_iso_mhz"][row], want["a_iso_mhz"], atol=6e-4)
+    assert set(completed_runs(tmp_path).values()) == {1} and len(completed_runs(tmp_path)) == 7
+    with RunStore(tmp_path / "run.h5", RankContext.from_comm(
+            MPI.COMM_SELF, set_threads=False), mode="r") as store:
+        read = labelled_frames(store)                        # what train reads
+    assert len(read) == 7 and {a.info["system"] for a in read} == {"snapshots", "relaxed"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("mixed", "frame 1 has another composition or atom order"),
+    ("molecule", "frame 0 has no periodic 3-d cell"),
+    ("clash", "A apart (< checks.min_distance_a"),
+    ("twice", "is used twice"),
+])
+def test_bad_given_structures_exit_2_naming_the_file_before_any_job(
+        bad, message, tmp_path, shared_data, dynshift_bin):
+    import ase.io
+    from ase import Atoms
+
+    frames = shared_frames(shared_data, 2)
+    path = tmp_path / "given.extxyz"
+    if bad == "mixed":
+        ase.io.write(path, [frames[0], frames[1][1:]])
+    elif bad == "molecule":
+        ase.io.write(path, Atoms("NaCl", positions=[[0, 0, 0], [2.4, 0, 0]]))
+    elif bad == "clash":
+        clash = frames[0].copy()
+        clash.positions[1] = clash.positions[0] + 0.1
+        ase.io.write(path, clash)
+    else:
+        ase.io.write(path, frames[0])
+        (tmp_path / "other").mkdir()
+        ase.io.write(tmp_path / "other" / "given.xyz", frames[1])
+    listed = [str(path)] + ([str(tmp_path / "other" / "given.xyz")] if bad == "twice" else [])
+    _, document = _manifest(tmp_path, frames=listed)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(document))
+    done = subprocess.run(["mpirun", "-n", "2", *dynshift_bin, "run", "m.yaml"], cwd=tmp_path,
+                          env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "label.frames" in done.stderr and "given." in done.stderr and message in done.stderr
+    assert not read_log(tmp_path)                                       # no job launched
