@@ -138,6 +138,10 @@ class GpawSpec(Spec):
     magmoms: dict[Element, float] = {}
     """Initial magnetic moment per atom of each species (mu_B), e.g. `{Mn: 3}` for Mn4+; with
     a fixed moment and none given, the moment is spread evenly over the atoms."""
+    moment_tolerance: float = Field(default=0.5, gt=0)
+    """A run whose total moment is further than this (mu_B) from the requested one
+    (`fixed_magmom`, else the sum of `magmoms`) ended in another spin state: the attempt fails
+    as `wrong_spin_state` and the retry starts from other initial moments (same total)."""
     smearing_ev: float = Field(default=0.05, gt=0)
     """Fermi-Dirac width (eV)."""
     mixer_beta: float = Field(default=0.05, gt=0, le=1)

@@ -159,6 +159,7 @@ class GpawTemplate:
     ngyromag: Mapping[str, float] = field(default_factory=dict)
     ngyromag_default: float = 100.0
     gpaw: Mapping[str, object] = field(default_factory=dict)
+    moment_tolerance: float = 0.5
 
     # ---- input ----------------------------------------------------------------------------
     def initial_magmoms(self, atoms: Atoms) -> list[float]:
@@ -174,6 +175,29 @@ class GpawTemplate:
             else:
                 moments = np.full(len(atoms), self.fixed_magmom / len(atoms))
         return moments.tolist()
+
+    def requested_moment(self, atoms: Atoms) -> float | None:
+        """The total moment (mu_B) the run must end with: the fixed one, else the sum of the
+        initial moments when any is given; None when nothing is requested."""
+        if self.fixed_magmom is not None:
+            return float(self.fixed_magmom)
+        moments = self.initial_magmoms(atoms)
+        return float(sum(moments)) if any(moments) else None
+
+    def start_moments(self, atoms: Atoms, restarts: int) -> list[float]:
+        """The initial moments of a run after `restarts` runs that ended in another spin state:
+        the requested ones first; then the moments of the magnetic atoms drawn anew (seeded by
+        the restart number, +-50 %) and scaled back to the same total, so the SCF starts from
+        another point of the spin landscape."""
+        moments = np.asarray(self.initial_magmoms(atoms), dtype=float)
+        if restarts <= 0 or not np.any(moments):
+            return moments.tolist()
+        total = moments.sum()
+        rng = np.random.default_rng(1000 + restarts)
+        varied = moments * rng.uniform(0.5, 1.5, size=len(moments))
+        if abs(varied.sum()) > 1e-12:
+            varied *= total / varied.sum()
+        return varied.tolist()
 
     def calculator_parameters(self) -> dict:
         """The GPAW keywords of a frame: defaults of this template, then `gpaw` overrides."""
@@ -205,13 +229,23 @@ class GpawTemplate:
         document = {
             "title": title, "numbers": atoms.numbers.tolist(),
             "positions_a": atoms.positions.tolist(), "cell_a": np.asarray(atoms.cell).tolist(),
-            "pbc": [bool(p) for p in atoms.pbc], "magmoms": self.initial_magmoms(atoms),
+            "pbc": [bool(p) for p in atoms.pbc],
+            "magmoms": self.start_moments(atoms, len(list(
+                work_dir.glob("attempt-*-wrong_spin_state")))),
             "calculator": self.calculator_parameters(), "txt": TEXT_LOG,
         }
         (work_dir / INPUT_FILE).write_text(json.dumps(document, indent=1))
         (work_dir / SCRIPT_FILE).write_text(RUN_SCRIPT)
 
     # ---- output ---------------------------------------------------------------------------
+    def _check_spin_state(self, path: Path, atoms: Atoms, magmom: float) -> None:
+        requested = self.requested_moment(atoms)
+        if requested is not None and abs(magmom - requested) > self.moment_tolerance:
+            raise LabelError("wrong_spin_state", f"{path}: total moment {magmom:.3f} mu_B, "
+                                                 f"requested {requested:g} (tolerance "
+                                                 f"{self.moment_tolerance:g}): another spin "
+                                                 "state; the retry starts from other moments")
+
     def ngyromag_of(self, atoms: Atoms) -> np.ndarray:
         """NGYROMAG (MHz/T) per atom: `ngyromag[species]`, else `ngyromag_default`."""
         return np.array([float(self.ngyromag.get(s, self.ngyromag_default))
@@ -256,6 +290,7 @@ class GpawTemplate:
             energy = float(result["energy_ev"])
             forces = np.asarray(result["forces_ev_a"], dtype=float).reshape(len(atoms), 3)
             magmom = float(result["magnetic_moment"])
+            self._check_spin_state(path, atoms, magmom)
             a_iso = np.asarray(result["a_iso_ev_per_g"], dtype=float).reshape(len(atoms))
             a_tot = vasp_fermi_contact_mhz(a_iso, magmom, self.ngyromag_of(atoms))
         except (KeyError, TypeError, ValueError) as exc:
@@ -290,7 +325,8 @@ class GpawLabeller(TemplateLabeller):
             mixer_beta=spec.mixer_beta, mixer_nmaxold=spec.mixer_nmaxold,
             mixer_weight=spec.mixer_weight, energy_tol_ev=spec.energy_tol_ev,
             density_tol=spec.density_tol, maxiter=spec.maxiter, ngyromag=dict(spec.ngyromag),
-            ngyromag_default=gyromagnetic_factor, gpaw=dict(spec.gpaw))
+            ngyromag_default=gyromagnetic_factor, gpaw=dict(spec.gpaw),
+            moment_tolerance=spec.moment_tolerance)
         env = {**DEFAULT_ENV, **dict(spec.env)}
         profile = GpawProfile(expand_command(spec.command, cores, rank, spec.python),
                               spec.walltime_s, spec.kill_grace_s, env)

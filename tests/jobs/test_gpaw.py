@@ -333,3 +333,35 @@ def test_two_ranks_6_frames_one_failure_kill_9_and_rerun(tmp_path, dynshift_bin)
     assert set(done.values()) == {1}  # none computed twice
     failed = [f for f in read_runs(tmp_path) if f[1] == "h2/r000-f000001" and f[0] == "end"]
     assert [f[3] for f in failed] == ["exit", "ok"]  # failed, retried, labelled
+
+
+def test_another_spin_state_fails_the_attempt_and_the_retry_starts_elsewhere(tmp_path):
+    """A run ending 2 mu_B off the requested moment is `wrong_spin_state`; the next input of
+    that frame starts from other moments with the same total."""
+    frame = pair_frames(1)[0]
+    labeller = _labeller(tmp_path)                    # fixed total 2, H starting at 1 each
+    template = labeller.template
+    work = tmp_path / "w"
+    result = {"numbers": frame.numbers.tolist(), "positions_a": frame.positions.tolist(),
+              "converged": True, "energy_ev": -1.0, "forces_ev_a": [[0.0] * 3] * 2,
+              "a_iso_ev_per_g": [1e-3, 1e-3]}
+    work.mkdir()
+    for moment, broken in ((2.0001, False), (0.0, True), (2.6, True)):
+        (work / RESULT_FILE).write_text(json.dumps({**result, "magnetic_moment": moment}))
+        if broken:
+            with pytest.raises(LabelError, match="requested 2 .* another spin state") as error:
+                template.read_results(work, frame)
+            assert error.value.reason == "wrong_spin_state"
+        else:
+            assert template.read_results(work, frame).info["magnetic_moment_s"] == moment
+    template.write_input(work, frame, "t")
+    first = json.loads((work / "gpaw-input.json").read_text())["magmoms"]
+    assert first == [1.0, 1.0]
+    (work / "attempt-1-wrong_spin_state").mkdir()      # what the label loop keeps of a failure
+    template.write_input(work, frame, "t")
+    second = json.loads((work / "gpaw-input.json").read_text())["magmoms"]
+    assert second != first and sum(second) == pytest.approx(2.0)
+    free = _labeller(tmp_path / "free", fixed_magmom=None).template
+    assert free.requested_moment(frame) == 2.0            # the sum of the initial moments
+    assert _labeller(tmp_path / "none", fixed_magmom=None, magmoms={}).template \
+        .requested_moment(frame) is None
