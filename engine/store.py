@@ -398,6 +398,16 @@ class RunStore:
         return {name: self.attrs(f"/stages/{name}").get("status")
                 for name in self.keys("/stages")}
 
+    def stage_summary(self, stage: str) -> dict:
+        """The summary a completed stage recorded (its StageResult.summary()), or {}."""
+        summary = self.attrs(f"/stages/{stage}").get("summary", {}) if self.exists(
+            f"/stages/{stage}") else {}
+        if isinstance(summary, (bytes, str)):
+            import json
+
+            summary = json.loads(summary)
+        return dict(summary) if isinstance(summary, dict) else {}
+
     def mark_stage(self, stage: str, status: str, **attrs) -> None:
         """Record a stage's status and results (collective, a transaction)."""
         with self.transaction():

@@ -107,6 +107,10 @@ class ReportData:
         self._keys: dict[str, list[str]] = {}
         self.stage_status = store.stage_statuses()
         """Stage name -> its recorded status (engine.store)."""
+        self.label_screens = {name: store.stage_summary(name)["label_screen"]
+                              for name in ("potential", "train")
+                              if "label_screen" in store.stage_summary(name)}
+        """Stage -> the sentence of its label screen (jobs/label_screen.py), where it ran."""
         self._remember_group(store, analyze_path())
         for name in store.keys(analyze_path()):
             self._remember_group(store, analyze_path(name))
@@ -557,6 +561,10 @@ def _summary(store, systems, figures, parity) -> str:
             lines += ["", f"Note: no framework drift correction for {', '.join(drifting)} "
                       "(the infer stage wrote no framework_drift_a)."]
     lines += _spectrum_lines(store)
+    screens = getattr(store, "label_screens", {})
+    if screens:
+        lines += ["", "## Labels screened before training (jobs/label_screen.py)", ""]
+        lines += [f"- {stage}: {sentence}" for stage, sentence in screens.items()]
     if getattr(store, "campaign", None):
         lines += ["", "## Learn campaign (concurrent learning, docs/learn.md)", ""]
         lines += [f"- {line}" for line in store.campaign]

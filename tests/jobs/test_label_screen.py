@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,30 @@ def test_a_broken_label_ends_the_potential_stage_with_exit_2_before_training(
     assert done.returncode == 2, done.stdout + done.stderr
     assert "frames.extxyz frame 3" in done.stderr and "frames.extxyz frame 11" in done.stderr
     assert not (tmp_path / "dynshift.h5.potential").exists()       # no training started
+
+
+def test_the_train_stage_drops_the_broken_shared_frames_and_show_and_report_name_them(
+        shared, tmp_path, dynshift_bin):
+    """41 real P6_322 frames (20-60) through train (GPR) and report with the shipped DP as the
+    screen's reference: frames 31 and 52 (11 and 32 of the file) are dropped and named."""
+    import ase.io
+
+    ase.io.write(tmp_path / "p6322-part.extxyz", shared["p6322"][20:61])
+    (tmp_path / "m.yaml").write_text(
+        "stages: [train, report]\nseed: 3\n"
+        "systems: [{name: p6322, structure: 'builtin:p2-nmmo-p6322'}]\n"
+        "train: {model: gpr, frames: [p6322-part.extxyz], soap_n_max: 3, soap_l_max: 2,\n"
+        "        folds: 3, gpr: {zeta: [6], regularisation: [1e-3], n_sparse: [60],\n"
+        "        soap_r_cut_a: [4.0]}}\n"
+        f"checks: {{label_reference_model: {Path(SHIPPED_DP).resolve()}}}\n")
+    done = subprocess.run([*dynshift_bin, "run", "m.yaml", "--store", "s.h5"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 of 41 frames flagged and dropped" in done.stderr
+    shown = subprocess.run([*dynshift_bin, "show", "s.h5"], cwd=tmp_path, capture_output=True,
+                           text=True).stdout
+    assert '"labels_dropped": 2' in shown and "p6322-part.extxyz frame 11" in shown
+    summary = next(tmp_path.rglob("summary.md")).read_text()
+    assert "## Labels screened before training" in summary
+    assert "p6322-part.extxyz frame 11" in summary and "p6322-part.extxyz frame 32" in summary
+    assert "\"frames\": 39" in shown                         # trained without them
