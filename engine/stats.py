@@ -368,3 +368,79 @@ def loglog_slope(lag_fs, msd_a2, window_fs: tuple[float, float]) -> float:
     if inside.sum() < 2:
         return float("nan")
     return float(np.polyfit(np.log(lag[inside]), np.log(msd[inside]), 1)[0])
+
+
+BOLTZMANN_EV_K = 8.617333262e-5
+"""Boltzmann's constant (eV/K)."""
+
+
+@dataclass(frozen=True)
+class ArrheniusFit:
+    """k(T) = prefactor * exp(-activation_ev / (k_B T)), fitted to ln k over 1/T.
+
+    Errors are the fit's standard errors; with given point errors they are scaled up by
+    sqrt(reduced chi^2) when the points scatter more than their errors say (never down); with
+    none, from the residuals. With two temperatures and no point errors there is none (NaN).
+    """
+
+    activation_ev: float
+    activation_err_ev: float
+    ln_prefactor: float
+    ln_prefactor_err: float
+    covariance: tuple[tuple[float, float], tuple[float, float]]
+    """Covariance of (ln prefactor, activation_ev)."""
+    n_points: int
+    chi2_reduced: float
+    """Reduced chi^2 of the weighted fit (NaN without point errors or degrees of freedom)."""
+    temperatures_k: tuple[float, ...]
+
+    def at(self, temperature_k: float) -> tuple[float, float]:
+        """(k, its standard error) at `temperature_k` from the fit, with the parameters'
+        covariance (an extrapolation outside the fitted temperatures: say so where used)."""
+        x = -1.0 / (BOLTZMANN_EV_K * temperature_k)
+        ln_k = self.ln_prefactor + self.activation_ev * x
+        cov = np.asarray(self.covariance)
+        var = cov[0, 0] + 2 * x * cov[0, 1] + x * x * cov[1, 1]
+        value = float(np.exp(ln_k))
+        return value, value * float(np.sqrt(var)) if np.isfinite(var) else float("nan")
+
+
+def arrhenius_fit(temperature_k, values, errors=None) -> ArrheniusFit:
+    """Fit ln k = ln A - E_a / (k_B T) to positive `values` at `temperature_k` (>= 2 points;
+    `errors`: standard errors of the values, weights 1 / (err / k)^2)."""
+    t = np.asarray(temperature_k, dtype=float)
+    k = np.asarray(values, dtype=float)
+    keep = np.isfinite(t) & np.isfinite(k) & (k > 0) & (t > 0)
+    if errors is not None:
+        e = np.asarray(errors, dtype=float)
+        keep &= np.isfinite(e) & (e > 0)
+    t, k = t[keep], k[keep]
+    if len(t) < 2 or len(np.unique(t)) < 2:
+        raise ValueError(f"an Arrhenius fit needs positive values at two or more temperatures "
+                         f"(got {len(t)} usable of {len(keep)})")
+    x = -1.0 / (BOLTZMANN_EV_K * t)
+    design = np.column_stack([np.ones_like(x), x])
+    y = np.log(k)
+    dof = len(t) - 2
+    if errors is not None:
+        sigma = e[keep] / k
+        w = 1.0 / sigma ** 2
+        normal = design.T @ (design * w[:, None])
+        cov = np.linalg.inv(normal)
+        params = cov @ (design.T @ (w * y))
+        chi2 = float(np.sum(w * (y - design @ params) ** 2) / dof) if dof > 0 else float("nan")
+        if np.isfinite(chi2) and chi2 > 1.0:
+            cov = cov * chi2
+    else:
+        params, *_ = np.linalg.lstsq(design, y, rcond=None)
+        chi2 = float("nan")
+        if dof > 0:
+            s2 = float(np.sum((y - design @ params) ** 2) / dof)
+            cov = s2 * np.linalg.inv(design.T @ design)
+        else:
+            cov = np.full((2, 2), np.nan)
+    return ArrheniusFit(float(params[1]), float(np.sqrt(cov[1, 1])), float(params[0]),
+                        float(np.sqrt(cov[0, 0])),
+                        ((float(cov[0, 0]), float(cov[0, 1])), (float(cov[1, 0]),
+                                                                float(cov[1, 1]))),
+                        len(t), chi2, tuple(float(v) for v in t))

@@ -68,8 +68,26 @@ class Manifest(Spec):
     checks: ChecksSpec = ChecksSpec()
     """Frame sanity checks (all stages)."""
 
+    def _expand_temperatures(self) -> None:
+        """`md.temperatures_k`: each system without its own temperature becomes one system per
+        temperature, `<name>-<T>K` with base `<name>` (idempotent: an expanded manifest
+        expands to itself)."""
+        if not self.md.temperatures_k:
+            return
+        expanded = []
+        for system in self.systems:
+            if system.temperature_k is not None:
+                expanded.append(system)
+                continue
+            for temperature in self.md.temperatures_k:
+                expanded.append(system.model_copy(update={
+                    "name": f"{system.name}-{temperature:g}K", "temperature_k": temperature,
+                    "base": system.name}))
+        self.__dict__["systems"] = expanded
+
     @model_validator(mode="after")
     def _check(self) -> "Manifest":
+        self._expand_temperatures()           # first: every check sees the systems that run
         problems = _cross_section_problems(self)
         if problems:
             raise SpecError(*problems)
@@ -96,6 +114,10 @@ def _cross_section_problems(manifest: Manifest) -> list[tuple[str, str]]:
                                    f"{', '.join(manifest.stages)})"))
     names = [s.name for s in manifest.systems]
     for index, system in enumerate(manifest.systems):
+        if system.name == "arrhenius":
+            problems.append((f"systems.{index}.name", "'arrhenius' is the analyze stage's "
+                                                      "group of Arrhenius fits: rename the "
+                                                      "system"))
         if names.index(system.name) != index:
             problems.append((f"systems.{index}.name", f"system names must be unique (got "
                                                       f"{system.name!r} twice)"))

@@ -1,7 +1,7 @@
 """The md stage: NVT DPMD replicas of every system, distributed over ranks."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -14,7 +14,14 @@ class MdSpec(Spec):
     replicas: int = Field(default=1, ge=1)
     """Independent replicas (different seeds) per system."""
     temperature_k: float = Field(default=300.0, gt=0)
-    """Thermostat temperature (K)."""
+    """Thermostat temperature (K) of every system without its own `temperature_k`."""
+    temperatures_k: list[Annotated[float, Field(gt=0)]] = []
+    """Run every system (without its own `temperature_k`) at each of these temperatures (K):
+    system `p6322` becomes `p6322-300K`, `p6322-600K`, ... (base `p6322`), each with
+    `md.replicas` replicas, run as systems x temperatures x replicas over the ranks; label,
+    infer and analyze treat each as a system (name them so in `infer.trajectories` and
+    `spectrum.experiment.systems`), and analyze fits the Arrhenius law of D and the hop rate
+    over the temperatures of each base. Empty: `temperature_k` only."""
     timestep_fs: float = Field(default=1.0, gt=0)
     """Integration time step (fs)."""
     thermostat: Literal["langevin", "nose-hoover-chain"] = "nose-hoover-chain"

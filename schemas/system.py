@@ -37,6 +37,17 @@ class SystemSpec(Spec):
     """Repetitions of the structure along a, b, c (for large-cell studies)."""
     target_species: Element = "Na"
     """Chemical symbol of the observed nucleus (the SOAP centres and shifts)."""
+    temperature_k: float | None = Field(default=None, gt=0)
+    """md temperature of this system (K); default `md.temperature_k`. Set for every system by
+    `md.temperatures_k`, which runs each system at each of its temperatures."""
+    base: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """The system this one is a temperature of (set by `md.temperatures_k`: `p6322-450K` has
+    base `p6322`); Arrhenius fits group the systems of one base. Default: its own name."""
+
+    @property
+    def base_name(self) -> str:
+        """The base system's name (its own when it is not a temperature of another)."""
+        return self.base or self.name
 
     @field_validator("structure")
     @classmethod

@@ -14,6 +14,14 @@ from engine.store import RunStore
 
 GROUP = "/analyze"
 """The store group this stage owns: ``/analyze/<system>`` (layout: docs/analyze.md)."""
+ARRHENIUS = "arrhenius"
+"""``/analyze/arrhenius/<base>``: the Arrhenius fits over a system's md temperatures (a name
+no system may take)."""
+
+
+def arrhenius_path(base: str) -> str:
+    """Store group of the Arrhenius fits of base system `base`."""
+    return f"{GROUP}/{ARRHENIUS}/{base}"
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from engine.stats import (
 )
 from engine.store import RunStore
 from jobs.hops import HopCounter, HopStatistics, finish_hops
-from jobs.layouts.analyze import GROUP as ANALYZE_GROUP
+from jobs.layouts.analyze import GROUP as ANALYZE_GROUP, arrhenius_path
 from jobs.layouts.infer import system_group as infer_group
 from jobs.layouts.md import md_trajectories, thermostat_text
 from jobs.sites import SiteSet, assign_sites, find_sites, nearest_site_spacing_a
@@ -247,6 +247,7 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
                     diffusive=bool(diffusion is not None and diffusion.diffusive),
                     converged=converged, verdict=verdict,
                     hops_per_nucleus=dynamics.mean_hops if dynamics is not None else float("nan"),
+                    **escape_rate(dynamics),
                     time_span_fs=float(np.ptp(timeline.time)) if timeline.is_md else float("nan"),
                     ranks=ctx.size)
     store.flush()
@@ -254,6 +255,22 @@ def analyze_system(spec: AnalyzeSpec, system: SystemSpec, ctx: RankContext, stor
                           class_mean, d_cm2_s, diffusion))
     return SystemAnalysis(overall.mean, mean_stderr, sites.class_names, occupation,
                           class_mean, d_cm2_s, converged, verdict)
+
+
+def escape_rate(dynamics: HopStatistics | None) -> dict:
+    """The rate at which a nucleus leaves its site class (1/ps): every hop between classes over
+    the time committed to classes, with its counting error sqrt(hops) / time (hops are not
+    independent: the Arrhenius fit scales this up when the temperatures scatter more)."""
+    nan = float("nan")
+    if dynamics is None:
+        return {"escape_rate_per_ps": nan, "escape_rate_err_per_ps": nan}
+    counts = np.asarray(dynamics.hop_counts, dtype=float)
+    hops = float(counts.sum() - np.trace(counts))
+    time_ps = float(np.sum(dynamics.class_time_fs)) / 1000.0
+    if time_ps <= 0:
+        return {"escape_rate_per_ps": nan, "escape_rate_err_per_ps": nan}
+    return {"escape_rate_per_ps": hops / time_ps,
+            "escape_rate_err_per_ps": max(np.sqrt(hops), 1.0) / time_ps}
 
 
 @dataclass
@@ -679,6 +696,8 @@ class AnalyzeResult(StageResult):
 
     systems: tuple = ()
     """(name, mean_shift_ppm, stderr_ppm or None, d_cm2_s or None, converged) per system."""
+    arrhenius: tuple = ()
+    """(name, value) headline numbers of the Arrhenius fits (md.temperatures_k)."""
 
     def summary(self) -> dict:
         """``<system>_mean_shift_ppm``, ``<system>_stderr_ppm`` (converged systems only),
@@ -691,7 +710,7 @@ class AnalyzeResult(StageResult):
             out[f"{name}_converged"] = bool(converged)
             if d_cm2_s is not None:
                 out[f"{name}_d_cm2_s"] = float(f"{d_cm2_s:.4g}")
-        return out
+        return {**out, **dict(self.arrhenius)}
 
 
 def analyze_systems(spec: AnalyzeSpec, systems: list[SystemSpec], ctx: RankContext,
@@ -716,7 +735,64 @@ def analyze_systems(spec: AnalyzeSpec, systems: list[SystemSpec], ctx: RankConte
                   if np.isfinite(result.mean_shift_stderr_ppm) else None)
         rows.append((system.name, float(result.mean_shift_ppm), stderr, d_cm2_s,
                      result.converged))
-    return AnalyzeResult(tuple(rows))
+    arrhenius = {}
+    for base, members in _temperature_series(systems).items():
+        with store.transaction():
+            arrhenius.update(_put_arrhenius(ctx, store, base, members))
+    return AnalyzeResult(tuple(rows), tuple(arrhenius.items()))
+
+
+def _temperature_series(systems) -> dict[str, list]:
+    """Per base system, its systems at two or more md temperatures (md.temperatures_k)."""
+    series: dict[str, list] = {}
+    for system in systems:
+        if system.temperature_k is not None:
+            series.setdefault(system.base_name, []).append(system)
+    return {base: members for base, members in series.items()
+            if len({m.temperature_k for m in members}) >= 2}
+
+
+def _put_arrhenius(ctx: RankContext, store: RunStore, base: str, members) -> dict:
+    """Arrhenius fits over the temperatures of `base`: the escape rate (every temperature with
+    hops) and D (the diffusive ones only), into /analyze/arrhenius/<base>; headline numbers."""
+    from engine.stats import arrhenius_fit
+
+    temperatures = np.array([m.temperature_k for m in members], dtype=float)
+    attrs = [store.attrs(f"{ANALYZE_GROUP}/{m.name}") for m in members]
+    rate = np.array([a.get("escape_rate_per_ps", np.nan) for a in attrs], dtype=float)
+    rate_err = np.array([a.get("escape_rate_err_per_ps", np.nan) for a in attrs], dtype=float)
+    d = np.array([a.get("d_cm2_s", np.nan) for a in attrs], dtype=float)
+    group = arrhenius_path(base)
+    store.put(f"{group}/temperature_k", temperatures, unit="K")
+    store.put(f"{group}/escape_rate_per_ps", rate, unit="1/ps")
+    store.put(f"{group}/escape_rate_err_per_ps", rate_err, unit="1/ps")
+    store.put(f"{group}/d_cm2_s", d, unit="cm2/s", doc="NaN where not diffusive")
+    out, words = {}, []
+    for key, values, errors, unit in (("hop", rate, rate_err, "1/ps"), ("d", d, None, "cm2/s")):
+        try:
+            fit = arrhenius_fit(temperatures, values, errors)
+        except ValueError as exc:
+            store.set_attrs(group, **{f"{key}_fit": f"none: {exc}"})
+            words.append(f"{key}: no fit ({exc})")
+            continue
+        at_300, err_300 = fit.at(300.0)
+        extrapolated = 300.0 < min(fit.temperatures_k) or 300.0 > max(fit.temperatures_k)
+        store.set_attrs(group, **{
+            f"{key}_fit": "ok", f"{key}_activation_ev": fit.activation_ev,
+            f"{key}_activation_err_ev": fit.activation_err_ev,
+            f"{key}_ln_prefactor": fit.ln_prefactor, f"{key}_ln_prefactor_err":
+                fit.ln_prefactor_err, f"{key}_points": fit.n_points,
+            f"{key}_chi2_reduced": fit.chi2_reduced, f"{key}_at_300k": at_300,
+            f"{key}_at_300k_err": err_300, f"{key}_300k_extrapolated": extrapolated,
+            f"{key}_unit": unit})
+        out[f"{base}_{key}_activation_ev"] = float(f"{fit.activation_ev:.4g}")
+        out[f"{base}_{key}_at_300k"] = float(f"{at_300:.4g}")
+        words.append(f"{key}: E_a {fit.activation_ev:.3f} +- {fit.activation_err_ev:.3f} eV "
+                     f"over {fit.n_points} temperatures, {at_300:.3g} +- {err_300:.2g} {unit} at "
+                     f"300 K{' (extrapolated)' if extrapolated else ''}")
+    ctx.log(f"analyze {base}: Arrhenius over {len(members)} md temperatures: "
+            + "; ".join(words))
+    return out
 
 
 def model_deviation_summary(ctx: RankContext, store: RunStore, system: str) -> dict:

@@ -113,11 +113,12 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
     seeds = SeedStreams(seed)
     tasks = md_tasks(systems, spec.replicas)
     structures = [build_structure(s, base_dir) for s in systems]
+    specs = [system_md_spec(spec, s) for s in systems]  # each system at its temperature
     interval_fs = spec.save_every_steps * spec.timestep_fs
     extra_models = [Path(p) for p in (spec.deviation_models if deviation_models is None
                                       else deviation_models)]
     with store.transaction():  # every group, dataset and attribute of the stage, at once
-        _declare_replicas(store, spec, systems, structures, tasks, seeds, interval_fs,
+        _declare_replicas(store, specs, systems, structures, tasks, seeds, interval_fs,
                           extra_models)
     saved = {t.group: int(store.read_shared(f"{t.group}/resume_saved")[0]) for t in tasks}
     mine = [tasks[i] for i in ctx.round_robin(len(tasks))]
@@ -126,7 +127,7 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
           else stored_model_file(store, model_fallback)) as model_path:
         calculator = dp_calculator(model_path)  # one model load per rank
         ensemble = _deviation_ensemble(model_path, extra_models, structures)
-    trajectories = _open_trajectories(spec, store, mine, structures, calculator, seeds, saved,
+    trajectories = _open_trajectories(specs, store, mine, structures, calculator, seeds, saved,
                                       ensemble)
     # equilibration counts as its length in frames, so that the ETA holds from the start
     equilibration_frames = spec.equilibration_steps // spec.save_every_steps
@@ -156,7 +157,8 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
             if start == 0:
                 trajectory.run(spec.equilibration_steps)
                 progress.update(equilibration_frames)
-            _run_chunk(trajectory, task, start, end, spec, store, progress, checks, ensemble)
+            _run_chunk(trajectory, task, start, end, specs[task.system_index], store, progress,
+                       checks, ensemble)
             saved[task.group] = end
         # rows and resume state only (no metadata: a kill here cannot damage the store)
         store.flush()
@@ -173,8 +175,18 @@ def run_replicas(spec: MdSpec, systems, ctx: RankContext, store: RunStore, seed:
                     save_interval_fs=interval_fs)
 
 
-def _declare_replicas(store: RunStore, spec: MdSpec, systems, structures, tasks: list[MdTask],
-                      seeds: SeedStreams, interval_fs: float, extra_models: list[Path]) -> None:
+def system_md_spec(spec: MdSpec, system) -> MdSpec:
+    """The md settings of one system: `spec` at the system's own temperature when it has one
+    (``systems[].temperature_k``, or ``md.temperatures_k`` expanded), else `spec`."""
+    temperature = getattr(system, "temperature_k", None)
+    if temperature is None or temperature == spec.temperature_k:
+        return spec
+    return spec.model_copy(update={"temperature_k": float(temperature)})
+
+
+def _declare_replicas(store: RunStore, specs: list[MdSpec], systems, structures,
+                      tasks: list[MdTask], seeds: SeedStreams, interval_fs: float,
+                      extra_models: list[Path]) -> None:
     """Every system's group and every replica's datasets and attributes (collective: the same
     calls in the same order on every rank; the caller holds the store transaction)."""
     for i, system in enumerate(systems):
@@ -182,6 +194,7 @@ def _declare_replicas(store: RunStore, spec: MdSpec, systems, structures, tasks:
         store.set_attrs(system_group(system.name), structure=system.structure,
                         supercell=list(system.supercell), n_atoms=len(structures[i]))
     for task in tasks:  # collective: same order everywhere
+        spec = specs[task.system_index]
         n_atoms = len(structures[task.system_index])
         create_datasets(store, task, n_atoms, spec)
         _check_compatible(store, task, spec, n_atoms)
@@ -200,13 +213,14 @@ def _declare_replicas(store: RunStore, spec: MdSpec, systems, structures, tasks:
                             trust_hi_ev_a=spec.trust_hi_ev_a)
 
 
-def _open_trajectories(spec: MdSpec, store: RunStore, mine: list[MdTask], structures,
+def _open_trajectories(specs: list[MdSpec], store: RunStore, mine: list[MdTask], structures,
                        calculator, seeds: SeedStreams, saved: dict,
                        ensemble) -> dict[str, Trajectory]:
     """This rank's replicas as trajectories, by group: new, or restored from their last saved
     frame; saved frames without force deviations get theirs (independent writes)."""
     trajectories: dict[str, Trajectory] = {}
     for task in mine:
+        spec = specs[task.system_index]
         trajectory = Trajectory(structures[task.system_index], calculator, spec,
                                 seeds.rng("md.velocities", task.system_index, task.replica),
                                 seeds.rng("md.thermostat", task.system_index, task.replica))

@@ -197,14 +197,32 @@ def position_sigma_ppm(site: SiteExchange, systematic_ppm: float) -> float | Non
     return float(np.hypot(stat, systematic))
 
 
+def components_at(systems, temperature_k: float) -> list[str]:
+    """The fit's components: one system per base (``md.temperatures_k`` makes several), the
+    one whose md temperature is nearest the measurement's; other systems as they are."""
+    chosen: dict[str, object] = {}
+    for system in systems:
+        base = system.base_name
+        best = chosen.get(base)
+        if best is None or (system.temperature_k is not None and best.temperature_k is not None
+                            and abs(system.temperature_k - temperature_k)
+                            < abs(best.temperature_k - temperature_k)):
+            chosen[base] = system
+    return [system.name for system in chosen.values()]
+
+
 def _fit_experiment(spec: SpectrumSpec, constants: dict, sites: dict, larmors: dict,
-                    freq: np.ndarray, seeds: SeedStreams, ctx, store: RunStore) -> SpectrumFit:
+                    freq: np.ndarray, seeds: SeedStreams, ctx, store: RunStore,
+                    systems=()) -> SpectrumFit:
     """Fit the manifest's measured spectrum with the systems' lines at its temperature (rank 0
     fits, every rank gets the fit) and write it to the store."""
     experiment = spec.experiment
     measured = read_spectrum(experiment.file)
-    mixed = experiment.systems or list(sites)
     t_exp = experiment.temperature_k or constants["temperature_k"]
+    mixed = experiment.systems or components_at(systems, t_exp) or list(sites)
+    if not experiment.systems and len(mixed) < len(sites):
+        ctx.log(f"spectrum fit: components {', '.join(mixed)} (of each system's md "
+                f"temperatures, the nearest to the measurement's {t_exp:g} K)")
     predicted = {}
     for name in mixed:
         site, scale = sites[name], _curie_weiss(constants, t_exp)
@@ -264,7 +282,8 @@ def run_spectra(spec: SpectrumSpec, systems, shift, ctx, store: RunStore,
                 f"{len(temperatures)} temperature(s)")
     result = SpectrumResult(tuple(sites))
     if spec.experiment is not None:
-        fit = _fit_experiment(spec, constants, sites, larmors, freq, seeds, ctx, store)
+        fit = _fit_experiment(spec, constants, sites, larmors, freq, seeds, ctx, store,
+                              systems)
         for line in fit_lines(fit_record(store)):
             ctx.log(f"spectrum fit: {line}")
         result = SpectrumResult(tuple(sites), tuple(
