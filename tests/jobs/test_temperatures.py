@@ -62,3 +62,15 @@ def test_two_temperatures_run_over_two_ranks_and_analyze_fits_arrhenius(tmp_path
         assert "d_fit" in fits.attrs
     shown = run_command([*dynshift_bin, "show", "run.h5"], cwd=tmp_path).stdout
     assert "p6322-500K_mean_shift_ppm" in shown and "p6322-1000K_mean_shift_ppm" in shown
+
+
+def test_the_spectrum_fit_takes_per_base_the_md_temperature_nearest_the_measurement():
+    from jobs.stages.spectrum import components_at
+
+    manifest = parse_manifest(MANIFEST.replace("temperatures_k: [500, 1000]",
+                                               "temperatures_k: [300, 450, 600]").replace(
+        "systems: [", "systems: [{name: other, structure: 'builtin:p2-nmmo-p63mcm'}, "))
+    assert components_at(manifest.systems, 320.0) == ["other-300K", "p6322-300K"]
+    assert components_at(manifest.systems, 560.0) == ["other-600K", "p6322-600K"]
+    plain = parse_manifest(MANIFEST.replace("md: {temperatures_k: [500, 1000], ", "md: {"))
+    assert components_at(plain.systems, 320.0) == ["p6322"]
