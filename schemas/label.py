@@ -2,6 +2,7 @@
 budget."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal, Union
@@ -161,6 +162,14 @@ class GpawSpec(Spec):
     """Nuclear gamma/2pi (MHz/T) per species, VASP's NGYROMAG: the couplings are converted to
     VASP's A_tot with it. Species not listed get the shift section's `gyromagnetic_factor`
     (100 in the lin2022-nmmo preset), so A and the A -> shift conversion use one convention."""
+    calibration: dict[Element, tuple[float, float]] = {}
+    """Per species, `[slope, intercept_mhz]` of a linear map from this setting's A_tot to a
+    reference functional's, fitted on frames labelled by both
+    (benchmarks/bench_gpaw_calibration.py): the stored coupling is
+    `(A_tot - intercept_mhz) / slope` (the raw one stays in the frame's result.json). The
+    shipped P2-NMMO setting maps PBE to VASP SCAN for Na (fitted on OUTCAR.p63mcm-2:
+    docs/label.md); species not listed are stored as computed. Valid only for the chemistry and
+    setting it was fitted on."""
     gpaw: dict[NonEmptyText, GpawValue] = {}
     """Further GPAW keywords, or overrides of the ones above (e.g. `{nbands: "120%",
     eigensolver: {name: etdm-lcao}}`); written to gpaw-input.json as given."""
@@ -179,6 +188,11 @@ class GpawSpec(Spec):
         if not any("{script}" in arg for arg in self.command):
             problems.append(("command", "no argument holds {script} (the run script), e.g. "
                                         "[mpirun, -np, '{cores}', '{python}', '{script}']"))
+        for species, (slope, intercept) in self.calibration.items():
+            if not (math.isfinite(slope) and slope > 0 and math.isfinite(intercept)):
+                problems.append((f"calibration.{species}", f"[slope, intercept_mhz] with a "
+                                                           f"finite slope > 0 (got "
+                                                           f"[{slope}, {intercept}])"))
         if problems:
             raise SpecError(*problems)
         return self

@@ -160,6 +160,7 @@ class GpawTemplate:
     ngyromag_default: float = 100.0
     gpaw: Mapping[str, object] = field(default_factory=dict)
     moment_tolerance: float = 0.5
+    calibration: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     # ---- input ----------------------------------------------------------------------------
     def initial_magmoms(self, atoms: Atoms) -> list[float]:
@@ -238,6 +239,16 @@ class GpawTemplate:
         (work_dir / SCRIPT_FILE).write_text(RUN_SCRIPT)
 
     # ---- output ---------------------------------------------------------------------------
+    def calibrated(self, atoms: Atoms, a_tot_mhz: np.ndarray) -> np.ndarray:
+        """A_tot mapped to the reference functional for the species of `calibration`:
+        (A - intercept) / slope; other species unchanged."""
+        out = np.array(a_tot_mhz, dtype=float)
+        symbols = np.array(atoms.get_chemical_symbols())
+        for species, (slope, intercept) in self.calibration.items():
+            rows = symbols == species
+            out[rows] = (out[rows] - intercept) / slope
+        return out
+
     def _check_spin_state(self, path: Path, atoms: Atoms, magmom: float) -> None:
         requested = self.requested_moment(atoms)
         if requested is not None and abs(magmom - requested) > self.moment_tolerance:
@@ -298,6 +309,7 @@ class GpawTemplate:
         if not (math.isfinite(energy) and np.isfinite(forces).all()
                 and np.isfinite(a_tot).all()):
             raise LabelError("bad_result", f"{path}: non-finite energy, forces or couplings")
+        a_tot = self.calibrated(atoms, a_tot)
         labelled = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=True)
         labelled.arrays[FERMI_CONTACT_KEY] = a_tot
         labelled.calc = SinglePointCalculator(labelled, energy=energy, forces=forces)
@@ -326,7 +338,8 @@ class GpawLabeller(TemplateLabeller):
             mixer_weight=spec.mixer_weight, energy_tol_ev=spec.energy_tol_ev,
             density_tol=spec.density_tol, maxiter=spec.maxiter, ngyromag=dict(spec.ngyromag),
             ngyromag_default=gyromagnetic_factor, gpaw=dict(spec.gpaw),
-            moment_tolerance=spec.moment_tolerance)
+            moment_tolerance=spec.moment_tolerance,
+            calibration={k: (float(v[0]), float(v[1])) for k, v in spec.calibration.items()})
         env = {**DEFAULT_ENV, **dict(spec.env)}
         profile = GpawProfile(expand_command(spec.command, cores, rank, spec.python),
                               spec.walltime_s, spec.kill_grace_s, env)

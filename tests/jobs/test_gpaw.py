@@ -365,3 +365,25 @@ def test_another_spin_state_fails_the_attempt_and_the_retry_starts_elsewhere(tmp
     assert free.requested_moment(frame) == 2.0            # the sum of the initial moments
     assert _labeller(tmp_path / "none", fixed_magmom=None, magmoms={}).template \
         .requested_moment(frame) is None
+
+
+def test_a_calibration_maps_the_couplings_of_its_species_only(tmp_path):
+    """label.gpaw.calibration: (A - intercept) / slope for the listed species (here H), the
+    raw result untouched; a slope <= 0 is refused naming the field."""
+    from schemas.label import GpawSpec
+
+    frame = pair_frames(1)[0]
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / RESULT_FILE).write_text(json.dumps({
+        "numbers": frame.numbers.tolist(), "positions_a": frame.positions.tolist(),
+        "converged": True, "energy_ev": -1.0, "forces_ev_a": [[0.0] * 3] * 2,
+        "a_iso_ev_per_g": [1e-3, 2e-3], "magnetic_moment": 2.0}))
+    raw = _labeller(tmp_path).template.read_results(work, frame).arrays["fermi_contact_mhz"]
+    mapped = _labeller(tmp_path / "c", calibration={"H": [2.0, 1.0]}).template.read_results(
+        work, frame).arrays["fermi_contact_mhz"]
+    np.testing.assert_allclose(mapped, (raw - 1.0) / 2.0)
+    assert _labeller(tmp_path / "o", calibration={"Na": [2.0, 1.0]}).template.read_results(
+        work, frame).arrays["fermi_contact_mhz"].tolist() == raw.tolist()
+    with pytest.raises(ValueError, match=r"calibration.Na: \[slope, intercept_mhz\]"):
+        GpawSpec(calibration={"Na": [0.0, 1.0]})
