@@ -31,10 +31,12 @@ Commands (run under ``nice``; the machine has 2 shared cores)::
         --settings pbeU4 --frames OUTCAR.p6322-8:0,p63mcm-dev.extxyz:17
     nice -n 10 .venv/bin/python benchmarks/bench_gpaw_calibration.py run \\
         --settings r2scan-pw400-iter3 --frames OUTCAR.p63mcm-2:0
-    .venv/bin/python benchmarks/bench_gpaw_calibration.py summary --table /work/gpaw-cal/table.md
+    .venv/bin/python benchmarks/bench_gpaw_calibration.py summary --table /work/gpaw-cal/table.md \\
+        --calibrate-on OUTCAR.p63mcm-2:0
 
 ``summary`` prints a markdown table (per setting: each frame, then all its frames pooled) and
-the commands that made the runs; ``--table`` also writes it to a file.
+notes; ``--table`` also writes it to a file; ``--calibrate-on FRAME`` adds the Na shift errors
+that an affine map of the Na couplings, fitted on FRAME alone, leaves on the other frames.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ SETTING_RE = re.compile(r"^(?P<xc>pbe|r2scan|scan)(?:U(?P<u>\d+(?:\.\d+)?))?"
                         r"(?P<options>(?:-[a-z]+[a-z0-9.]*)*)$")
 OPTION_RE = re.compile(r"^(?P<key>pw|h|b|iter)(?P<value>[a-z0-9.]+)$")
 ITER_RE = re.compile(r"^iter:\s+(\d+)\s+(\d\d):(\d\d):(\d\d)")
-HUBBARD_RE = re.compile(r"Hubbard: \{U: [-\d.]+")
+HUBBARD_RE = re.compile(r"Hubbard: \{U: ([-\d.]+),\s+# eV\s+l: (\d)")
 MAXRSS_RE = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
 
 
@@ -86,12 +88,15 @@ def shipped_gpaw_section() -> dict:
 
 def setting_section(name: str, walltime_s: float) -> dict:
     """The `label.gpaw` section of a named setting: the shipped one with its changes, launched
-    as one process (``{python} {script}``, under /usr/bin/time for the peak memory)."""
+    as one process (``{python} {script}``, under /usr/bin/time for the peak memory). Its
+    ``calibration`` (a map of the Na couplings, if any) is left out: the study compares GPAW's
+    own couplings (summary --calibrate-on evaluates such a map)."""
     match = SETTING_RE.match(name)
     if match is None:
         raise SystemExit(f"setting {name!r}: expected <pbe|r2scan|scan>[U<eV>][-pw<ecut>]"
                          "[-h<A>][-b<basis>][-iter<N>]")
-    section = shipped_gpaw_section()
+    section = {key: value for key, value in shipped_gpaw_section().items()
+               if key in GpawSpec.model_fields and key != "calibration"}
     timer = ["/usr/bin/time", "-v", "-o", "time.txt"] if shutil.which("time") else []
     section["command"] = [*timer, "{python}", "{script}"]
     section["walltime_s"] = walltime_s
@@ -188,7 +193,7 @@ def scf_log_figures(work_dir: Path) -> dict:
     return {
         "scf_iterations": len(stamps) or None,
         "s_per_scf_iteration": float(np.median(steps)) if len(steps) else None,
-        "hubbard": sorted(set(m.group(0) + " eV" for m in HUBBARD_RE.finditer(text))),
+        "hubbard": sorted({f"U = {m[1]} eV on l = {m[2]}" for m in HUBBARD_RE.finditer(text)}),
         "memory_estimate": " ".join(estimate.groups()) if estimate else None,
     }
 
@@ -224,11 +229,13 @@ def coupling_comparison(reference, labelled) -> dict:
 
 
 def na_shift_errors(vasp_na: np.ndarray, gpaw_na: np.ndarray) -> dict:
-    """RMSE and mean error (GPAW - VASP) of the Na shifts, eq. 1 on both sides (ppm)."""
+    """RMSE, mean error (bias, GPAW - VASP) and the RMSE left once the bias is removed (the
+    scatter: standard deviation of the errors) of the Na shifts, eq. 1 on both sides (ppm)."""
     spec = ShiftSpec()
     difference = shift_ppm(gpaw_na, spec) - shift_ppm(vasp_na, spec)
     return {"na_shift_rmse_ppm": float(np.sqrt(np.mean(difference ** 2))),
-            "na_shift_bias_ppm": float(difference.mean())}
+            "na_shift_bias_ppm": float(difference.mean()),
+            "na_shift_sd_ppm": float(difference.std())}
 
 
 def measure_run(setting: str, frame: str, args, cache: dict) -> dict:
@@ -290,6 +297,9 @@ def load_records(out: Path) -> list[dict]:
         record = json.loads(path.read_text())
         record.update(scf_log_figures(path.parent))
         record["peak_memory_mib"] = peak_memory_mib(path.parent)
+        if "couplings_mhz" in record:
+            na = record["couplings_mhz"]["Na"]
+            record.update(na_shift_errors(np.asarray(na["vasp"]), np.asarray(na["gpaw"])))
         records.append(record)
     return records
 
@@ -321,26 +331,35 @@ def table_row(setting: str, frame: str, figures: dict) -> str:
     na = figures.get("Na", {})
     cells += [number(na.get("slope"), 3), number(na.get("intercept"), 2),
               number(na.get("r2"), 3), number(figures.get("na_shift_rmse_ppm"), 0),
-              number(figures.get("na_shift_bias_ppm"), 0)]
+              number(figures.get("na_shift_bias_ppm"), 0),
+              number(figures.get("na_shift_sd_ppm"), 0)]
     for s in ("Mg", "Mn"):
         fit = figures.get(s, {})
         cells += [number(fit.get("slope"), 2), number(fit.get("r2"), 3)]
-    cells.append(figures.get("failure") or "ok")
+    status = figures.get("failure") or "ok"
+    if "did not converge within" in status:
+        status = "unconverged: " + status.split("within ")[1]
+    cells.append(status)
     return "| " + " | ".join(cells) + " |"
 
 
 TABLE_HEADER = (
     "| setting | frame | SCF iter | s/iter | wall (s) | M (mu_B) | Na slope | Na intercept "
-    "(MHz) | Na R2 | Na shift RMSE (ppm) | Na shift bias (ppm) | Mg slope | Mg R2 | Mn slope "
-    "| Mn R2 | status |\n" + "| --- " * 16 + "|")
+    "(MHz) | Na R2 | Na shift RMSE (ppm) | Na shift bias (ppm) | Na shift SD (ppm) | Mg slope "
+    "| Mg R2 | Mn slope | Mn R2 | status |\n" + "| --- " * 17 + "|")
+
+
+def setting_order(name: str) -> tuple:
+    """Sort key of setting names: LCAO before options (pw, ...), then xc, then U."""
+    match = SETTING_RE.match(name)
+    return (match["options"], match["xc"] != "pbe", match["xc"], float(match["u"] or 0))
 
 
 def summary_table(records: list[dict]) -> str:
     """The markdown table: per setting its frames, then (two or more frames) all pooled."""
     lines = [TABLE_HEADER]
-    settings = list(dict.fromkeys(r["setting"] for r in records))
-    for setting in settings:
-        mine = [r for r in records if r["setting"] == setting]
+    for setting in sorted({r["setting"] for r in records}, key=setting_order):
+        mine = sorted((r for r in records if r["setting"] == setting), key=lambda r: r["frame"])
         for record in mine:
             lines.append(table_row(setting, record["frame"], record))
         usable = [r for r in mine if "couplings_mhz" in r and not r.get("failure")]
@@ -359,7 +378,8 @@ def summary_notes(records: list[dict]) -> str:
     notes = [
         f"GPAW A_tot (project labeller, serial) vs VASP SCAN A_tot; slope/intercept/R2 of a "
         f"linear fit per species; Na shifts by eq. 1 on both sides "
-        f"({ppm_per_mhz(ShiftSpec()):.2f} ppm/MHz); bias = mean(GPAW - VASP); s/iter = median "
+        f"({ppm_per_mhz(ShiftSpec()):.2f} ppm/MHz); bias = mean(GPAW - VASP), SD = the "
+        "RMSE left once the bias is removed; s/iter = median "
         "seconds between SCF iterations in GPAW's log; wall = the run script's wall time.",
         "Hubbard U lines in GPAW's logs: " + ("; ".join(hubbard) if hubbard else "none"),
     ]
@@ -370,12 +390,66 @@ def summary_notes(records: list[dict]) -> str:
     return "\n\n".join(notes)
 
 
+def mapped_na_errors(records: list[dict], fit_frame: str) -> str:
+    """A second table: per setting, the affine map VASP = (GPAW - b) / a of the Na couplings
+    fitted on `fit_frame` alone, and the Na shift errors it leaves on each other frame and on
+    them pooled (the held-out check of a calibration such as the manifest's)."""
+    lines = [f"Na couplings mapped to VASP's scale by an affine map fitted on {fit_frame} "
+             "alone:", "",
+             "| setting | map (a, b MHz) | frame | Na shift RMSE (ppm) | bias (ppm) | SD (ppm) |",
+             "| --- " * 6 + "|"]
+    usable = [r for r in records if "couplings_mhz" in r and not r.get("failure")]
+    for setting in sorted({r["setting"] for r in usable}, key=setting_order):
+        mine = sorted((r for r in usable if r["setting"] == setting), key=lambda r: r["frame"])
+        fitted = [r for r in mine if r["frame"] == fit_frame]
+        others = [r for r in mine if r["frame"] != fit_frame]
+        if not fitted or not others:
+            continue
+        fit = fitted[0]["Na"]
+        a, b = fit["slope"], fit["intercept"]
+        vasp_all, mapped_all = [], []
+        for record in others:
+            na = record["couplings_mhz"]["Na"]
+            vasp, mapped = np.asarray(na["vasp"]), (np.asarray(na["gpaw"]) - b) / a
+            vasp_all.append(vasp)
+            mapped_all.append(mapped)
+            errors = na_shift_errors(vasp, mapped)
+            lines.append(mapped_row(setting, a, b, record["frame"], errors))
+        if len(others) > 1:
+            errors = na_shift_errors(np.concatenate(vasp_all), np.concatenate(mapped_all))
+            lines.append(mapped_row(setting, a, b, f"pooled ({len(others)} frames)", errors))
+    return "\n".join(lines)
+
+
+def mapped_row(setting: str, a: float, b: float, frame: str, errors: dict) -> str:
+    """One markdown row of the mapped-couplings table."""
+    return (f"| {setting} | {a:.4f}, {b:+.4f} | {frame} | "
+            f"{number(errors['na_shift_rmse_ppm'], 0)} | {number(errors['na_shift_bias_ppm'], 0)}"
+            f" | {number(errors['na_shift_sd_ppm'], 0)} |")
+
+
+def run_commands(records: list[dict], out: Path) -> str:
+    """The commands that make (or, resumed, read back) every record: one per setting."""
+    script = "benchmarks/bench_gpaw_calibration.py"
+    lines = ["Commands (from the repository root; each run serial, one thread):", "", "```"]
+    for setting in sorted({r["setting"] for r in records}, key=setting_order):
+        frames = sorted(r["frame"] for r in records if r["setting"] == setting)
+        lines.append(f"nice -n 10 .venv/bin/python {script} run --out {out} \\\n"
+                     f"    --settings {setting} --frames {','.join(frames)}")
+    lines += [f".venv/bin/python {script} summary --out {out} --calibrate-on "
+              "OUTCAR.p63mcm-2:0 --table table.md", "```"]
+    return "\n".join(lines)
+
+
 def summarise(args) -> None:
     """Print (and with --table write) the markdown table and notes of every record."""
     records = load_records(args.out)
     if not records:
         raise SystemExit(f"{args.out}: no records ({RECORD_FILE}) yet")
     text = summary_table(records) + "\n\n" + summary_notes(records) + "\n"
+    if args.calibrate_on:
+        text += "\n" + mapped_na_errors(records, args.calibrate_on) + "\n"
+    text += "\n" + run_commands(records, args.out) + "\n"
     print(text)
     if args.table:
         Path(args.table).write_text(text)
@@ -391,6 +465,8 @@ def parse_arguments(argv=None):
     run.add_argument("--walltime", type=float, default=3600.0, help="per run (s)")
     summary = sub.add_parser("summary", help="markdown table of the records under --out")
     summary.add_argument("--table", help="also write the table to this file")
+    summary.add_argument("--calibrate-on", metavar="FRAME",
+                         help="also: Na errors left by an affine map fitted on this frame")
     for p in (run, summary):
         p.add_argument("--out", type=Path, default=DEFAULT_OUT)
         p.add_argument("--data", type=Path, default=DEFAULT_DATA)
