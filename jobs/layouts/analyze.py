@@ -24,6 +24,12 @@ def arrhenius_path(base: str) -> str:
     return f"{GROUP}/{ARRHENIUS}/{base}"
 
 
+def arrhenius_bases(store: RunStore) -> list[str]:
+    """The base systems the store holds Arrhenius fits of."""
+    group = f"{GROUP}/{ARRHENIUS}"
+    return store.keys(group) if store.exists(group) else []
+
+
 @dataclass(frozen=True)
 class SiteExchange:
     """What a line shape needs from one analysed system: its site classes, their mean shifts,

@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.stages import StageInputs, StageResult
 from engine.store import RunStore
-from jobs.layouts.analyze import path as analyze_path
+from jobs.layouts.analyze import arrhenius_bases, arrhenius_path, path as analyze_path
 from jobs.layouts.spectrum import fit_lines, fit_record, path as spectrum_path
 from jobs.layouts.train import cv_path
 from schemas.report import ReportSpec
@@ -112,6 +112,12 @@ class ReportData:
                               if "label_screen" in store.stage_summary(name)}
         """Stage -> the sentence of its label screen (jobs/label_screen.py), where it ran."""
         self._remember_group(store, analyze_path())
+        self.arrhenius = {}
+        """Base system -> (arrays, attrs) of its Arrhenius fits (md.temperatures_k)."""
+        for base in arrhenius_bases(store):
+            group = arrhenius_path(base)
+            self.arrhenius[base] = ({key: store.read(f"{group}/{key}")
+                                     for key in store.keys(group)}, store.attrs(group))
         for name in store.keys(analyze_path()):
             self._remember_group(store, analyze_path(name))
             for sub in ANALYZE_SUBGROUPS:
@@ -192,6 +198,10 @@ def render_report(store: ReportData, out_dir: Path, spec: ReportSpec) -> Path:
         if md:
             figures.append(("Na in-plane mean squared displacement", _msd(store, md, out_dir,
                                                                           spec)))
+    arrhenius = getattr(store, "arrhenius", {})
+    if arrhenius:
+        figures.append(("Arrhenius plot: escape rate and D over the md temperatures",
+                        _arrhenius(arrhenius, out_dir, spec)))
     spectra = [n for n in store.keys(spectrum_path()) if n != "fit"
                and store.exists(spectrum_path(n, "intensity"))]
     if spectra:
@@ -332,6 +342,46 @@ def _running(store, systems, out_dir, spec) -> str:
         ax.set_title(f"{name} (grey: each Na)", fontsize=10)
         ax.legend(fontsize=7, frameon=False)
     return _save_figure(fig, out_dir / "running_average.png", spec)
+
+
+def _arrhenius(fits: dict, out_dir, spec) -> str:
+    """ln(escape rate) and ln(D) against 1000/T per base system, with their fits."""
+    import matplotlib.pyplot as plt
+
+    from engine.stats import BOLTZMANN_EV_K
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8))
+    for base, (arrays, attrs) in fits.items():
+        t = np.asarray(arrays["temperature_k"], dtype=float)
+        for ax, key, values, errors in (
+                (axes[0], "hop", arrays["escape_rate_per_ps"],
+                 arrays["escape_rate_err_per_ps"]),
+                (axes[1], "d", arrays["d_cm2_s"], None)):
+            values = np.asarray(values, dtype=float)
+            ok = np.isfinite(values) & (values > 0)
+            if not np.any(ok):
+                continue
+            yerr = None if errors is None else np.asarray(errors, dtype=float)[ok]
+            line = ax.errorbar(1000.0 / t[ok], values[ok], yerr=yerr, fmt="o", ms=4,
+                               label=base)
+            if attrs.get(f"{key}_fit") == "ok":
+                grid = np.linspace(min(t.min(), 300.0), t.max(), 50)
+                fitted = np.exp(attrs[f"{key}_ln_prefactor"]
+                                - attrs[f"{key}_activation_ev"] / (BOLTZMANN_EV_K * grid))
+                ax.plot(1000.0 / grid, fitted, "--", color=line[0].get_color(),
+                        label=f"{base}: E_a {attrs[f'{key}_activation_ev']:.2f} +- "
+                              f"{attrs[f'{key}_activation_err_ev']:.2f} eV")
+    for ax, label in zip(axes, ("escape rate (1/ps)", "D (cm2/s)")):
+        if not ax.lines and not ax.collections:
+            ax.text(0.5, 0.5, "no temperature with a value\n(D: none diffusive)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            ax.set_ylabel(label)
+            continue
+        ax.set_yscale("log")
+        ax.set_xlabel("1000 / T (1/K); dashed: Arrhenius fit (to 300 K)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, frameon=False)
+    return _save_figure(fig, out_dir / "arrhenius.png", spec)
 
 
 def _msd(store, systems, out_dir, spec) -> str:
@@ -561,6 +611,7 @@ def _summary(store, systems, figures, parity) -> str:
             lines += ["", f"Note: no framework drift correction for {', '.join(drifting)} "
                       "(the infer stage wrote no framework_drift_a)."]
     lines += _spectrum_lines(store)
+    lines += _arrhenius_lines(getattr(store, "arrhenius", {}))
     screens = getattr(store, "label_screens", {})
     if screens:
         lines += ["", "## Labels screened before training (jobs/label_screen.py)", ""]
@@ -577,6 +628,25 @@ def _summary(store, systems, figures, parity) -> str:
         lines += ["", "## Figures", ""]
         lines += [f"- {title}: ![{title}]({path})" for title, path in figures]
     return "\n".join(lines) + "\n"
+
+
+def _arrhenius_lines(fits: dict) -> list[str]:
+    """The Arrhenius fits in words: per base, E_a and the 300 K value with errors, or why none."""
+    if not fits:
+        return []
+    lines = ["", "## Over temperature (Arrhenius fits, docs/analyze.md)", ""]
+    for base, (arrays, attrs) in fits.items():
+        temps = ", ".join(f"{t:g}" for t in arrays["temperature_k"])
+        for key, what, unit in (("hop", "escape rate", "1/ps"), ("d", "D", "cm2/s")):
+            if attrs.get(f"{key}_fit") != "ok":
+                lines.append(f"- {base} {what} ({temps} K): {attrs.get(f'{key}_fit', 'none')}")
+                continue
+            where = " (extrapolated)" if attrs.get(f"{key}_300k_extrapolated") else ""
+            lines.append(f"- {base} {what} ({temps} K): E_a {attrs[f'{key}_activation_ev']:.3f} "
+                         f"+- {attrs[f'{key}_activation_err_ev']:.3f} eV, at 300 K "
+                         f"{attrs[f'{key}_at_300k']:.3g} +- {attrs[f'{key}_at_300k_err']:.2g} "
+                         f"{unit}{where}")
+    return lines
 
 
 def _convergence(store, systems) -> list[str]:

@@ -12,7 +12,7 @@ from schemas import parse_manifest
 from schemas.manifest import ManifestError
 
 MANIFEST = """\
-stages: [md, infer, analyze]
+stages: [md, infer, analyze, report]
 store: run.h5
 seed: 7
 systems: [{name: p6322, structure: 'builtin:p2-nmmo-p6322'}]
@@ -60,6 +60,10 @@ def test_two_temperatures_run_over_two_ranks_and_analyze_fits_arrhenius(tmp_path
         else:
             assert str(fits.attrs["hop_fit"]).startswith("none: an Arrhenius fit needs")
         assert "d_fit" in fits.attrs
+    summary = next(tmp_path.rglob("summary.md")).read_text()
+    assert "## Over temperature (Arrhenius fits" in summary
+    assert "- p6322 escape rate (500, 1000 K):" in summary and "- p6322 D (500, 1000 K):" in summary
+    assert "arrhenius.png" in summary and next(tmp_path.rglob("arrhenius.png")).stat().st_size
     shown = run_command([*dynshift_bin, "show", "run.h5"], cwd=tmp_path).stdout
     assert "p6322-500K_mean_shift_ppm" in shown and "p6322-1000K_mean_shift_ppm" in shown
 
