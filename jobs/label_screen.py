@@ -237,14 +237,19 @@ def labeller_moment(label_spec) -> float | None:
     return None
 
 
-def screen_for_training(frames, checks, label_spec, stage: str, warn, *,
+def screen_for_training(groups: list[list], checks, label_spec, stage: str, ctx, *,
                         energy_test: bool = True, reference_model: Path | None = None
-                        ) -> tuple[list, LabelScreen]:
-    """:func:`screen_labels` then :func:`apply_screen` with the manifest's sections (`checks`
-    None: the defaults): the frames to train on, and the screen for the stage's record."""
+                        ) -> tuple[list[list], LabelScreen]:
+    """:func:`screen_labels` over every frame of `groups` (lists of frames: per file, per
+    training / validation set), then :func:`apply_screen` with the manifest's sections
+    (`checks` None: the defaults; warnings from rank 0 of `ctx`): the groups with only the
+    frames to train on, in order, and the screen for the stage's record."""
     from schemas.checks import ChecksSpec
 
     checks = checks if checks is not None else ChecksSpec()
+    frames = [atoms for group in groups for atoms in group]
     screen = screen_labels(frames, checks, expected_moment=labeller_moment(label_spec),
                            reference_model=reference_model, energy_test=energy_test)
-    return apply_screen(frames, screen, stage, warn), screen
+    kept = {id(atoms) for atoms in apply_screen(
+        frames, screen, stage, lambda message: ctx.warn(message) if ctx.is_root else None)}
+    return [[atoms for atoms in group if id(atoms) in kept] for group in groups], screen

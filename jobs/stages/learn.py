@@ -139,15 +139,11 @@ def screened_data(data, inputs, group: str):
     sentence go to the iteration's attributes (`group`)."""
     from jobs.label_screen import screen_for_training
 
-    ctx = inputs.ctx
-    every = [a for train, valid in data for a in train + valid]
-    kept, screen = screen_for_training(every, inputs.checks, inputs.label, "learn",
-                                       lambda m: ctx.warn(m) if ctx.is_root else None,
+    sets = [frames for pair in data for frames in pair]       # train, valid of each system
+    kept, screen = screen_for_training(sets, inputs.checks, inputs.label, "learn", inputs.ctx,
                                        energy_test=False)
     inputs.store.set_attrs(group, **screen.summary())
-    kept_ids = {id(atoms) for atoms in kept}
-    return [([a for a in train if id(a) in kept_ids], [a for a in valid if id(a) in kept_ids])
-            for train, valid in data]
+    return list(zip(kept[0::2], kept[1::2]))
 
 
 # ---- the DP ensemble ---------------------------------------------------------------------------

@@ -92,11 +92,8 @@ def fit_potential(spec: PotentialSpec, ctx: RankContext, store: RunStore,
         # every rank reads: ASE's reader is collective over its own MPI world (rank 0 reads
         # and broadcasts), so a read on rank 0 alone would wait for the others forever
         frames_per_file = [read_labelled_frames(path, min_distance_a) for path in spec.frames]
-        kept, screen = screen_for_training(
-            [a for frames in frames_per_file for a in frames], checks, label_spec, "potential",
-            lambda message: ctx.warn(message) if ctx.is_root else None)
-        kept_ids = {id(atoms) for atoms in kept}
-        frames_per_file = [[a for a in frames if id(a) in kept_ids] for frames in frames_per_file]
+        frames_per_file, screen = screen_for_training(frames_per_file, checks, label_spec,
+                                                      "potential", ctx)
         screened = screen.summary()
         def train() -> tuple[bytes, dict]:
             chosen, report = train_model(spec, frames_per_file,

@@ -403,9 +403,8 @@ def run(spec, inputs: StageInputs) -> TrainResult:
     """Stage entry: the k-fold NN-NMR ensemble into ``/train`` (spec: TrainSpec)."""
     min_distance_a = inputs.checks.min_distance_a if inputs.checks else MIN_DISTANCE_A
     ctx = inputs.ctx
-    frames, screen = screen_for_training(
-        load_frames(spec, inputs.store, min_distance_a), inputs.checks, inputs.label, "train",
-        lambda message: ctx.warn(message) if ctx.is_root else None)
+    (frames,), screen = screen_for_training([load_frames(spec, inputs.store, min_distance_a)],
+                                            inputs.checks, inputs.label, "train", ctx)
     result = train_ensemble(spec, inputs.shift, inputs.seeds.seed, ctx, inputs.store,
                             frames=frames)
     return replace(result, screen=tuple(screen.summary().items()))
