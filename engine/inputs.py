@@ -146,6 +146,9 @@ def input_problems(manifest, store: Path | None = None) -> list[str]:
             except ValueError as exc:
                 problem = f"spectrum.experiment.file: {exc}"
         problems.append(problem)
+    if "label" in stages:
+        problems += [_exists(Path(path), f"label.frames.{index}")
+                     for index, path in enumerate(manifest.label.frames)]
     if vasp.potcar_dir is not None:
         problems.append(_exists(Path(vasp.potcar_dir), "label.vasp.potcar_dir", "folder"))
     oracle = manifest.label.model

@@ -461,6 +461,7 @@ def test_given_structures_are_labelled_one_table_per_file_with_retries_and_kill_
     ("molecule", "frame 0 has no periodic 3-d cell"),
     ("clash", "A apart (< checks.min_distance_a"),
     ("twice", "is used twice"),
+    ("missing", "given.extxyz not found"),
 ])
 def test_bad_given_structures_exit_2_naming_the_file_before_any_job(
         bad, message, tmp_path, shared_data, dynshift_bin):
@@ -477,7 +478,7 @@ def test_bad_given_structures_exit_2_naming_the_file_before_any_job(
         clash = frames[0].copy()
         clash.positions[1] = clash.positions[0] + 0.1
         ase.io.write(path, clash)
-    else:
+    elif bad == "twice":
         ase.io.write(path, frames[0])
         (tmp_path / "other").mkdir()
         ase.io.write(tmp_path / "other" / "given.xyz", frames[1])
